@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="tokenprune",
+    version="0.1.0",
+    description="Training-free visual token pruning for OpenCLIP Vision Transformers, "
+                "with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The repo keeps its kernels in the top-level kernels/ folder, but they install as
+    # tokenprune.kernels: a top-level `kernels` module would shadow Hugging Face's `kernels`.
+    packages=["tokenprune", "tokenprune.kernels"],
+    package_dir={"tokenprune": "tokenprune", "tokenprune.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
+        # ResidualAttentionBlock with batch_first and VisionTransformer.transformer.resblocks;
+        # 4.x may move them, so stay below it until checked.
+        "open_clip_torch>=2.23,<4",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark"],
+    },
+)

@@ -1,0 +1,62 @@
+"""The pruning configuration: every parameter is validated here, once, when the config is made."""
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+SCORE_NORMS = ("none", "minmax")
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _require_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how.
+
+    k_anchors: patches chosen by the CLS token's attention (>= 1).
+    top_m: further patches kept by score (>= 0); the block keeps 1 + k_anchors + top_m tokens.
+    alpha: weight of importance against diversity in the score, in [0, 1].
+    score_norm: "none" (the seed's formula) or "minmax" (rescale I and D to [0, 1] first).
+    layer: index of the block in `visual.transformer.resblocks` that is replaced; negative
+        values count from the end (-1, the default, is the last block).
+    backend: "auto" (Triton on CUDA tensors when Triton is installed, else the reference),
+        "triton" (error where it cannot run) or "reference" (PyTorch).
+    """
+
+    k_anchors: int = 10
+    top_m: int = 50
+    alpha: float = 0.5
+    score_norm: str = "none"
+    layer: int = -1
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _require_int("k_anchors", self.k_anchors, 1)
+        _require_int("top_m", self.top_m, 0)
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, Real)
+                or not math.isfinite(self.alpha) or not 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be a finite number in [0, 1], got {self.alpha!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, Integral):
+            raise ValueError(f"layer must be an integer block index (negative counts from the end), "
+                             f"got {self.layer!r}")
+        _require_choice("score_norm", self.score_norm, SCORE_NORMS)
+        _require_choice("backend", self.backend, BACKENDS)
+        # Plain Python numbers from here on, whatever numeric type was passed in.
+        object.__setattr__(self, "k_anchors", int(self.k_anchors))
+        object.__setattr__(self, "top_m", int(self.top_m))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "layer", int(self.layer))
+
+    @property
+    def kept_patches(self):
+        return self.k_anchors + self.top_m

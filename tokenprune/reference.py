@@ -1,0 +1,74 @@
+"""The PyTorch reference selection: SPEC.md in code. Every backend is tested against this.
+
+Shapes: B images, T = 1 + N tokens (CLS first), C channels, H heads of size d = C / H.
+"""
+import torch
+
+EPS_COS = 1e-8
+EPS_MINMAX = 1e-12
+
+
+def top_indices(values, count):
+    """Indices of the `count` largest entries along the last dim, ties to the lower index.
+
+    A stable descending sort keeps equal values in index order; NaN sorts first.
+    """
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def minmax(values, candidate):
+    """Rescale `values` to [0, 1] over the entries where `candidate` is True."""
+    lo = values.masked_fill(~candidate, float("inf")).amin(dim=-1, keepdim=True)
+    hi = values.masked_fill(~candidate, float("-inf")).amax(dim=-1, keepdim=True)
+    return (values - lo) / (hi - lo + EPS_MINMAX)
+
+
+def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none"):
+    """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending.
+
+    x: block input (B, T, C), the residual stream before ln_1.
+    qkv: in_proj(ln_1(x)), (B, T, 3C), laid out as nn.MultiheadAttention packs it.
+    """
+    B, T, C = x.shape
+    N = T - 1
+    if k_anchors + top_m > N:
+        raise ValueError(f"k_anchors + top_m must be <= the {N} patch tokens, "
+                         f"got {k_anchors} + {top_m}")
+    d = C // num_heads
+
+    # Step 0: head-averaged attention P (B, T, T), rows are queries, softmax over all T keys.
+    q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+    P = logits.softmax(dim=-1).mean(dim=1)
+
+    # Step 1: anchors S, the k patches the CLS token attends to most (CLS itself never).
+    anchors = top_indices(P[:, 0, 1:], k_anchors) + 1                      # (B, k), in 1..N
+    patches = torch.arange(1, T, device=x.device)
+    is_anchor = (patches[None, :, None] == anchors[:, None, :]).any(dim=-1)  # (B, N)
+
+    # Step 2: importance I_i = mean over anchors j of P[i, j], for every patch i.
+    to_anchors = P[:, 1:, :].gather(2, anchors[:, None, :].expand(B, N, k_anchors))
+    importance = to_anchors.mean(dim=-1)                                   # (B, N)
+
+    # Step 3: diversity D_i = 1 - max over anchors of cos(X_i, X_j), on the residual stream.
+    xf = x.float()
+    unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(EPS_COS)
+    anchor_unit = unit.gather(1, anchors[:, :, None].expand(B, k_anchors, C))
+    cos = unit[:, 1:] @ anchor_unit.transpose(1, 2)                        # (B, N, k)
+    diversity = 1 - cos.amax(dim=-1)                                       # (B, N)
+
+    # Step 4: score the candidates R (patches that are not anchors), keep the top m.
+    candidate = ~is_anchor
+    if score_norm == "minmax":
+        importance = minmax(importance, candidate)
+        diversity = minmax(diversity, candidate)
+    score = alpha * importance + (1 - alpha) * diversity
+    # Anchors must never be picked again, whatever the scores (NaN and -inf included):
+    # order by score, then move the anchors behind every candidate with a second stable sort.
+    by_score = top_indices(score, N)
+    by_score = by_score.gather(1, torch.sort(is_anchor.gather(1, by_score).to(torch.uint8),
+                                             dim=-1, stable=True).indices)
+    chosen = by_score[:, :top_m] + 1                                       # (B, m)
+
+    # Step 5: anchors and chosen candidates, in ascending (spatial) order.
+    return torch.cat([anchors, chosen], dim=1).sort(dim=-1).values
