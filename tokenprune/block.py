@@ -32,6 +32,7 @@ class PrunedResidualAttentionBlock(nn.Module):
         self.config = config if config is not None else PruneConfig()
         self.last_keep_idx = None
         self._warned_noop = False
+        self.train(block.training)  # a new Module starts in training mode; keep the block's
 
     def restore(self):
         """The original block, in this block's train/eval mode."""

@@ -1,0 +1,106 @@
+"""The reference selection against SPEC.md's worked example and an independent brute force."""
+import math
+
+import pytest
+import torch
+
+from tokenprune.reference import select_reference
+
+
+def worked_example_inputs():
+    # SPEC.md: one head, d = 1, ln_1 and in_proj taken as identities, so Q = K = X.
+    x = torch.tensor([0.0, 1.0, 2.0, 0.0, -1.0]).view(1, 5, 1)
+    return x, x.repeat(1, 1, 3)
+
+
+@pytest.mark.parametrize("score_norm, expected", [("none", [1, 4]), ("minmax", [1, 3])])
+def test_worked_example(score_norm, expected):
+    x, qkv = worked_example_inputs()
+    keep = select_reference(x, qkv, num_heads=1, k_anchors=1, top_m=1, alpha=0.5, score_norm=score_norm)
+    assert keep.tolist() == [expected]
+    assert keep.dtype == torch.int64
+
+
+def brute_force(x, qkv, H, k, m, alpha, score_norm):
+    """SPEC.md with plain Python loops over images, heads, rows and keys, in float64."""
+    B, T, C = x.shape
+    d = C // H
+    out = []
+    for b in range(B):
+        q = [[qkv[b, i, h * d:(h + 1) * d].double() for h in range(H)] for i in range(T)]
+        kk = [[qkv[b, i, C + h * d:C + (h + 1) * d].double() for h in range(H)] for i in range(T)]
+        P = [[0.0] * T for _ in range(T)]
+        for h in range(H):
+            for i in range(T):
+                logits = [float(q[i][h] @ kk[j][h]) / math.sqrt(d) for j in range(T)]
+                top = max(logits)
+                e = [math.exp(v - top) for v in logits]
+                for j in range(T):
+                    P[i][j] += e[j] / sum(e) / H
+        anchors = sorted(range(1, T), key=lambda i: (-P[0][i], i))[:k]
+        xs = x[b].double()
+
+        def cos(i, j):
+            return float(xs[i] @ xs[j]) / (max(float(xs[i].norm()), 1e-8) * max(float(xs[j].norm()), 1e-8))
+
+        cand = [i for i in range(1, T) if i not in anchors]
+        imp = {i: sum(P[i][j] for j in anchors) / k for i in cand}
+        div = {i: 1 - max(cos(i, j) for j in anchors) for i in cand}
+        if score_norm == "minmax":
+            for v in (imp, div):
+                lo, hi = min(v.values()), max(v.values())
+                for i in v:
+                    v[i] = (v[i] - lo) / (hi - lo + 1e-12)
+        score = {i: alpha * imp[i] + (1 - alpha) * div[i] for i in cand}
+        chosen = sorted(cand, key=lambda i: (-score[i], i))[:m]
+        out.append(sorted(anchors + chosen))
+    return out
+
+
+@pytest.mark.parametrize("B, T, H, d, k, m, alpha, score_norm", [
+    (2, 17, 2, 8, 3, 5, 0.5, "none"),
+    (1, 10, 1, 4, 1, 0, 0.0, "minmax"),     # m = 0: anchors only
+    (3, 12, 3, 4, 4, 7, 1.0, "none"),       # k + m = N: everything kept
+    (2, 26, 4, 6, 5, 9, 0.3, "minmax"),
+    (1, 50, 2, 16, 10, 20, 0.7, "none"),
+])
+def test_matches_brute_force(B, T, H, d, k, m, alpha, score_norm):
+    gen = torch.Generator().manual_seed(T * 31 + k)
+    x = torch.randn(B, T, H * d, generator=gen)
+    qkv = torch.randn(B, T, 3 * H * d, generator=gen)
+    keep = select_reference(x, qkv, H, k, m, alpha, score_norm)
+    assert keep.tolist() == brute_force(x, qkv, H, k, m, alpha, score_norm)
+
+
+def test_ties_go_to_the_lower_index():
+    # Identical tokens: every attention and every score ties, so the lowest indices win.
+    x = torch.ones(2, 9, 4)
+    qkv = torch.ones(2, 9, 12)
+    assert select_reference(x, qkv, 2, 2, 3, 0.5).tolist() == [[1, 2, 3, 4, 5]] * 2
+
+
+def test_half_precision_input_accumulates_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 16, generator=gen)
+    qkv = torch.randn(2, 30, 48, generator=gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = select_reference(x.to(dtype), qkv.to(dtype), 2, 4, 8, 0.5)
+        assert low.tolist() == select_reference(x.to(dtype).float(), qkv.to(dtype).float(), 2, 4, 8, 0.5).tolist()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_gives_valid_distinct_indices(bad):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 20, 8, generator=gen)
+    qkv = torch.randn(2, 20, 24, generator=gen)
+    x[0, 3] = bad
+    qkv[1, :5] = bad
+    keep = select_reference(x, qkv, 2, 3, 6, 0.5, "minmax")
+    assert keep.shape == (2, 9)
+    assert ((keep >= 1) & (keep <= 19)).all()
+    assert all(len(set(row)) == 9 for row in keep.tolist())
+
+
+def test_more_kept_than_patches_is_an_error():
+    with pytest.raises(ValueError, match="k_anchors \\+ top_m"):
+        select_reference(torch.randn(1, 5, 4), torch.randn(1, 5, 12), 1, 2, 3, 0.5)
