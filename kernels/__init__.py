@@ -1,0 +1,60 @@
+"""Fused Triton kernels for the token selection of SPEC.md, one operation per file.
+
+    cls_anchors   step 1     CLS attention row (head mean) and its top-k patches (2 kernels)
+    importance    step 2     I: one online-softmax pass over all T keys per head
+    diversity     step 3     D: cosine against the k anchor rows of X
+    select_topm   steps 4-5  score, top-m candidates, ascending keep_idx
+    gather_rows   the kept rows of x and qkv, CLS first
+
+Six launches, no host synchronisation. Extra memory: O(B * T) rows, plus the CLS logits
+(B, H, T) float32 (9.5 MB at B=256, T=577, H=16); never anything of size T x T.
+"""
+from .cls_anchors import cls_anchors
+from .diversity import diversity
+from .gather_rows import gather_rows
+from .importance import importance
+from .select_topm import select_topm
+
+__all__ = ["select_and_gather", "selection_scores"]
+
+
+def _unit_last_stride(t):
+    # The kernels take row strides; only the channel dim must be contiguous.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def selection_scores(x, qkv, num_heads, k_anchors):
+    """The intermediates, for tests and debugging: a dict of float32 (B, T) rows `cls_attn`,
+    `importance`, `diversity` (row 0, CLS, unused), `anchor_mask` (B, T) int8 and
+    `anchor_idx` (B, k) int32 ascending."""
+    x, qkv = _unit_last_stride(x), _unit_last_stride(qkv)
+    cls_attn, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors)
+    return dict(cls_attn=cls_attn, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
+                importance=importance(qkv, num_heads, anchor_mask, k_anchors),
+                diversity=diversity(x, anchor_idx))
+
+
+def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
+    """(keep_idx (B, k+m) int64 ascending, x_kept (B, 1+k+m, C), qkv_kept (B, 1+k+m, 3C)).
+
+    x: block input (B, T, C); qkv: in_proj(ln_1(x)) (B, T, 3C), packed like
+    nn.MultiheadAttention. Same dtype (float32/float16/bfloat16); views are fine as long as
+    the last dim has unit stride. Requires 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= T - 1
+    (the block never asks for more), score_norm in {"none", "minmax"}.
+    """
+    B, T, C = x.shape
+    if qkv.shape != (B, T, 3 * C) or qkv.dtype != x.dtype or C % num_heads:
+        raise ValueError(f"select_and_gather needs x (B, T, C) and qkv (B, T, 3C) of one dtype "
+                         f"with C divisible by num_heads={num_heads}, got x {tuple(x.shape)} "
+                         f"{x.dtype}, qkv {tuple(qkv.shape)} {qkv.dtype}")
+    if not (1 <= k_anchors and 0 <= top_m and k_anchors + top_m <= T - 1):
+        raise ValueError(f"need 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= {T - 1} patch "
+                         f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
+    if score_norm not in ("none", "minmax"):
+        raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
+    x, qkv = _unit_last_stride(x), _unit_last_stride(qkv)
+    s = selection_scores(x, qkv, num_heads, k_anchors)
+    keep_idx = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
+                           alpha, score_norm)
+    x_kept, qkv_kept = gather_rows(x, qkv, keep_idx)
+    return keep_idx, x_kept, qkv_kept
