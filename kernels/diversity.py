@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .importance import dot_f32, use_ieee_dot
+from .importance import dot_f32, dot_mode
 
 EPS_COS = 1e-8
 
@@ -21,7 +21,7 @@ def _diversity_kernel(
     T, C, K_ANCHORS,
     stride_x_b, stride_x_t,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
-    IEEE: tl.constexpr, EPS: tl.constexpr,
+    DOT: tl.constexpr, EPS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,7 +50,7 @@ def _diversity_kernel(
                          mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             xa_t = tl.load(x_ptr + anchors[None, :] * stride_x_t + c0 + cc[:, None],
                            mask=c_ok[:, None] & slot_ok[None, :], other=0.0)
-            gram += dot_f32(xq, xa_t, IEEE)
+            gram += dot_f32(xq, xa_t, DOT)
             xa = xa_t.to(tl.float32)
             anchor_sq += tl.sum(xa * xa, axis=0)
         norm_a = tl.maximum(tl.sqrt_rn(anchor_sq), EPS)
@@ -72,6 +72,6 @@ def diversity(x, anchor_idx):
         T, C, k_anchors,
         x.stride(0), x.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_A=max(16, min(32, triton.next_power_of_2(k_anchors))),
-        BLOCK_C=64, IEEE=use_ieee_dot(x.dtype), EPS=EPS_COS, num_warps=4, num_stages=2,
+        BLOCK_C=64, DOT=dot_mode(x.dtype), EPS=EPS_COS, num_warps=4, num_stages=2,
     )
     return out

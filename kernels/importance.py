@@ -14,27 +14,27 @@ import triton.language as tl
 
 
 @triton.jit
-def dot_f32(a, b, IEEE: tl.constexpr):
-    """a @ b accumulated in float32.
+def dot_f32(a, b, MODE: tl.constexpr):
+    """a @ b accumulated in float32, MODE from `dot_mode`.
 
-    IEEE (float32 inputs): exact fp32 products (no TF32), so that GPU selections match the
-    reference. Otherwise (fp16/bf16 inputs): tensor cores; their products are exact in the
-    float32 accumulator anyway.
+    "ieee" (float32 inputs): exact fp32 products, no TF32, so GPU selections match the reference.
+    "mma" (fp16/bf16 inputs): tensor cores; the products are exact in the float32 accumulator.
+    "interpreter" (TRITON_INTERPRET=1): a broadcast product and sum. The interpreter's tl.dot is
+    numpy's matmul, whose BLAS kernels round rows differently (identical tokens would get
+    different scores, breaking SPEC's tie rule), and which multiplies bf16 as raw integer bits.
     """
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if MODE == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
+    elif MODE == "interpreter":
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     else:
         return tl.dot(a, b)
 
 
-def use_ieee_dot(dtype):
-    """The IEEE flag of `dot_f32` for inputs of `dtype`.
-
-    Also True for bfloat16 under TRITON_INTERPRET=1: the interpreter (triton 3.8) multiplies the
-    raw bf16 bits as integers; bf16 -> fp32 is exact, so the upcast dot gives the same sums.
-    """
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return dtype == torch.float32 or (interpreting and dtype == torch.bfloat16)
+def dot_mode(dtype):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter"
+    return "ieee" if dtype == torch.float32 else "mma"
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _importance_kernel(
     qkv_ptr, anchor_mask_ptr, importance_ptr,
     T, C, HEAD_DIM, NUM_HEADS, K_ANCHORS, scale,
     stride_qkv_b, stride_qkv_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)  # int64: b * stride overflows int32 at large batches
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,7 +65,7 @@ def _importance_kernel(
             # K^T tile (BLOCK_D, BLOCK_N), read straight from the packed qkv rows.
             k_t = tl.load(qkv_ptr + cols[None, :] * stride_qkv_t + C + h * HEAD_DIM + dd[:, None],
                           mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            s = dot_f32(q, k_t, IEEE) * scale
+            s = dot_f32(q, k_t, DOT) * scale
             s = tl.where(col_ok[None, :], s, float("-inf"))
             is_anchor = tl.load(anchor_mask_ptr + cols, mask=col_ok, other=0) != 0
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -108,6 +108,6 @@ def importance(qkv, num_heads, anchor_mask, k_anchors, config=None):
         T, C, head_dim, num_heads, k_anchors, head_dim ** -0.5,
         qkv.stride(0), qkv.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IEEE=use_ieee_dot(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT=dot_mode(qkv.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out

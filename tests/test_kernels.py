@@ -1,0 +1,224 @@
+"""The Triton selection kernels against the PyTorch reference (SPEC.md).
+
+On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton). On a GPU machine, `TOKENPRUNE_TEST_DEVICE=cuda pytest
+tests/test_kernels.py` runs the same tests compiled on the GPU, with float16/bfloat16 added.
+"""
+import os
+
+DEVICE = os.environ.get("TOKENPRUNE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    # Triton decides interpreted-or-compiled when a kernel is decorated, so this must come
+    # before the first import of tokenprune.kernels.
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from tokenprune.kernels import select_and_gather, selection_scores  # noqa: E402
+from tokenprune.kernels.select_topm import select_topm  # noqa: E402
+from tokenprune.reference import select_reference  # noqa: E402
+from tokenprune.selection import gather_kept  # noqa: E402
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+ALL_SCORINGS = [(alpha, norm) for norm in ("none", "minmax") for alpha in (0.0, 0.5, 1.0)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_can_run():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("TOKENPRUNE_TEST_DEVICE=cuda but no CUDA device")
+    if DEVICE == "cpu":
+        from tokenprune.kernels.topk import top_count_mask
+        if not type(top_count_mask).__name__.startswith("Interpreted"):
+            pytest.skip("tokenprune.kernels was imported before TRITON_INTERPRET=1 was set "
+                        "(run this file on its own, or set TRITON_INTERPRET=1 in the environment)")
+
+
+def make_inputs(B, T, C, dtype=torch.float32, seed=0):
+    """Random normal block input x (B, T, C) and packed qkv (B, T, 3C): tie-free in float32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g)
+    qkv = torch.randn(B, T, 3 * C, generator=g)
+    return x.to(DEVICE, dtype), qkv.to(DEVICE, dtype)
+
+
+def reference_scores(x, qkv, num_heads, anchors):
+    """SPEC steps 0-3 in float32 for given anchors (B, k): CLS row, I and D over all T tokens."""
+    B, T, C = x.shape
+    d = C // num_heads
+    q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
+    P = (torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5).softmax(dim=-1).mean(dim=1)
+    anchors = anchors.long()
+    importance = P.gather(2, anchors[:, None, :].expand(B, T, -1)).mean(dim=-1)
+    xf = x.float()
+    unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    cos = unit @ unit.gather(1, anchors[..., None].expand(-1, -1, C)).transpose(1, 2)
+    return P[:, 0], importance, 1 - cos.amax(dim=-1)
+
+
+def assert_same_idx(got, want):
+    if not torch.equal(got, want):
+        rows = (got != want).any(dim=-1).nonzero().flatten().tolist()
+        b = rows[0]
+        raise AssertionError(f"keep_idx differs in images {rows}; image {b}:\n"
+                             f"  kernel    {got[b].tolist()}\n  reference {want[b].tolist()}")
+
+
+def check_selection(x, qkv, H, k, m, alpha, norm):
+    """keep_idx equal to the reference; x_kept/qkv_kept exactly the CLS + kept input rows."""
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm)
+    want = select_reference(x, qkv, H, k, m, alpha, norm)
+    assert keep_idx.dtype == torch.int64 and keep_idx.shape == (x.shape[0], k + m)
+    assert_same_idx(keep_idx, want)
+    x_want, qkv_want = gather_kept(x, qkv, want)
+    assert x_kept.is_contiguous() and qkv_kept.is_contiguous()
+    assert x_kept.dtype == x.dtype and qkv_kept.dtype == qkv.dtype
+    assert torch.equal(x_kept, x_want) and torch.equal(qkv_kept, qkv_want)
+    return keep_idx
+
+
+# (B, T, C, H, k, m, alpha, score_norm): which code path each shape exercises.
+SHAPES = [
+    # T below every block size (BLOCK_M/N = 32 in fp32, 64 CLS keys), H=1, k=1, m=0, d=64.
+    (2, 17, 64, 1, 1, 0, 0.5, "none"),
+    # T=50 (ViT-B/32 at 224): non-power-of-two, one partial key block after a full one.
+    (2, 50, 128, 2, 4, 12, 0.5, "minmax"),
+    # d=80 (ViT-H/14 head size): BLOCK_D=128 padded with masks; k+m = N-1; T = 64 + 1.
+    (1, 65, 160, 2, 3, 60, 1.0, "none"),
+    # d=128, B=1, C=256 (several 64-channel chunks in the diversity pass).
+    (1, 37, 256, 2, 5, 10, 0.0, "minmax"),
+    # T=145 (12x12+1): several query and key blocks; k=33 > BLOCK_A=32: two anchor chunks.
+    (3, 145, 96, 3, 33, 40, 0.5, "none"),
+    # T=1025 (32x32+1): BLOCK_T=2048 rows in the per-image kernels, many key blocks.
+    (1, 1025, 64, 1, 8, 100, 0.5, "minmax"),
+]
+
+
+@pytest.mark.parametrize("B,T,C,H,k,m,alpha,norm", SHAPES)
+def test_matches_reference(B, T, C, H, k, m, alpha, norm):
+    x, qkv = make_inputs(B, T, C)
+    check_selection(x, qkv, H, k, m, alpha, norm)
+    # Steps 4-5 for every alpha and score_norm on the same I and D (cheap: no new attention).
+    s = selection_scores(x, qkv, H, k)
+    for alpha, norm in ALL_SCORINGS:
+        got = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k, m, alpha, norm)
+        assert_same_idx(got, select_reference(x, qkv, H, k, m, alpha, norm))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
+@pytest.mark.parametrize("B,T,C,H,k", [(2, 50, 128, 2, 4), (1, 65, 160, 2, 3)])
+def test_scores_match_reference(B, T, C, H, k, dtype):
+    """CLS row, I and D against SPEC's formulas on the same (possibly fp16/bf16) inputs.
+
+    The kernels' low-precision products are exact in float32, so only the summation order and
+    exp differ from the float32 reference: the same tolerance holds for every dtype.
+    """
+    x, qkv = make_inputs(B, T, C, dtype)
+    s = selection_scores(x, qkv, H, k)
+    cls_row, imp, div = reference_scores(x, qkv, H, s["anchor_idx"])
+    tol = dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s["cls_attn"], cls_row, **tol)
+    torch.testing.assert_close(s["importance"][:, 1:], imp[:, 1:], **tol)
+    torch.testing.assert_close(s["diversity"][:, 1:], div[:, 1:], **tol)
+    # The anchors are the top-k of the kernel's own CLS row, listed in ascending order.
+    want = torch.sort(s["cls_attn"][:, 1:], dim=-1, descending=True, stable=True).indices[:, :k] + 1
+    assert torch.equal(s["anchor_idx"].long(), want.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_selection(dtype):
+    """fp16/bf16 inputs: the reference upcasts the same inputs, so near-ties may flip only
+    through float32 rounding; at least 95% of the kept indices must agree."""
+    B, T, C, H, k, m = 2, 50, 128, 2, 4, 12
+    x, qkv = make_inputs(B, T, C, dtype)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, "none")
+    want = select_reference(x, qkv, H, k, m, 0.5, "none")
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(keep_idx.tolist(), want.tolist()))
+    assert overlap >= 0.95 * want.numel(), (keep_idx, want)
+    x_want, qkv_want = gather_kept(x, qkv, keep_idx)
+    assert torch.equal(x_kept, x_want) and torch.equal(qkv_kept, qkv_want)
+
+
+@pytest.mark.parametrize("norm", ["none", "minmax"])
+def test_ties_pick_the_lower_index(norm):
+    """Exact ties everywhere: tokens drawn from three distinct rows (so equal tokens get equal
+    scores bit for bit), and one image where every token is the same."""
+    B, T, C, H, k, m = 3, 50, 64, 2, 5, 11
+    g = torch.Generator().manual_seed(1)
+    x_rows, qkv_rows = torch.randn(B, 3, C, generator=g), torch.randn(B, 3, 3 * C, generator=g)
+    which = torch.randint(0, 3, (B, T), generator=g)
+    which[2] = 0
+    x = x_rows.gather(1, which[..., None].expand(-1, -1, C)).to(DEVICE)
+    qkv = qkv_rows.gather(1, which[..., None].expand(-1, -1, 3 * C)).to(DEVICE)
+    keep_idx = check_selection(x, qkv, H, k, m, 0.5, norm)
+    assert keep_idx[2].tolist() == list(range(1, k + m + 1))
+
+
+def test_worked_example():
+    """SPEC.md's hand-checked example: one head, d=1, Q = K = X."""
+    x = torch.tensor([0.0, 1.0, 2.0, 0.0, -1.0], device=DEVICE).view(1, 5, 1)
+    qkv = x.repeat(1, 1, 3)
+    assert select_and_gather(x, qkv, 1, 1, 1, 0.5, "none")[0].tolist() == [[1, 4]]
+    assert select_and_gather(x, qkv, 1, 1, 1, 0.5, "minmax")[0].tolist() == [[1, 3]]
+
+
+def test_strided_views():
+    """The block's (T, B, C) layout transposed, and qkv as a slice of a wider buffer: the
+    kernels read them through their strides."""
+    B, T, C, H = 2, 50, 64, 2
+    x_tbc, wide = make_inputs(T, B, C)[0], make_inputs(B, T, 4 * C, seed=1)[0]
+    x, qkv = x_tbc.transpose(0, 1), wide[..., C:]
+    assert not x.is_contiguous() and not qkv.is_contiguous()
+    check_selection(x, qkv, H, 3, 9, 0.5, "minmax")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("norm", ["none", "minmax"])
+def test_non_finite_input_keeps_indices_in_range(bad, norm):
+    B, T, C, H, k, m = 3, 50, 64, 2, 4, 20
+    x, qkv = make_inputs(B, T, C)
+    x[0, 7], qkv[0, 7] = bad, bad          # one bad token
+    qkv[1, 0, :C] = bad                    # a bad CLS query
+    x[2], qkv[2] = bad, bad                # a whole bad image
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, norm)
+    for row in keep_idx.tolist():
+        assert all(1 <= i <= T - 1 for i in row), row
+        assert row == sorted(set(row)) and len(row) == k + m, row  # ascending, no duplicates
+    assert x_kept.shape == (B, 1 + k + m, C)
+
+
+def test_rejects_bad_arguments():
+    x, qkv = make_inputs(1, 17, 64)
+    with pytest.raises(ValueError, match="k_anchors"):
+        select_and_gather(x, qkv, 1, 10, 7, 0.5, "none")  # k + m = 17 > N = 16
+    with pytest.raises(ValueError, match="score_norm"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "zscore")
+
+
+def test_block_matches_reference_backend():
+    """The pruned OpenCLIP block gives the same output with backend='triton' as 'reference'."""
+    open_clip = pytest.importorskip("open_clip")
+    from tokenprune import PruneConfig, PrunedResidualAttentionBlock
+
+    torch.manual_seed(0)
+    vit = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=4, width=128, layers=2, heads=2, mlp_ratio=2,
+        output_dim=64).to(DEVICE).eval()
+    block = vit.transformer.resblocks[-1]
+    x = torch.randn(2, 65, 128, device=DEVICE)
+    if not block.attn.batch_first:
+        x = x.transpose(0, 1)
+    outs = {}
+    for backend in ("reference", "triton"):
+        pruned = PrunedResidualAttentionBlock(block, PruneConfig(k_anchors=4, top_m=12,
+                                                                 backend=backend))
+        with torch.no_grad():
+            outs[backend] = pruned(x)
+        outs[backend + "_idx"] = pruned.last_keep_idx
+    assert torch.equal(outs["triton_idx"], outs["reference_idx"])
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=0)
