@@ -130,15 +130,15 @@ def test_scores_match_reference(B, T, C, H, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_selection(dtype):
-    """fp16/bf16 inputs: the reference upcasts the same inputs, so near-ties may flip only
-    through float32 rounding; at least 95% of the kept indices must agree."""
-    B, T, C, H, k, m = 2, 50, 128, 2, 4, 12
+@pytest.mark.parametrize("B,T,C,H,k,m,alpha,norm", SHAPES if DEVICE == "cuda" else SHAPES[1:2])
+def test_low_precision_selection(B, T, C, H, k, m, alpha, norm, dtype):
+    """fp16/bf16 inputs: the reference upcasts the same inputs, so a near-tie may flip only
+    through float32 rounding; at most 5% of the kept indices (or one) may differ."""
     x, qkv = make_inputs(B, T, C, dtype)
-    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, "none")
-    want = select_reference(x, qkv, H, k, m, 0.5, "none")
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm)
+    want = select_reference(x, qkv, H, k, m, alpha, norm)
     overlap = sum(len(set(a) & set(b)) for a, b in zip(keep_idx.tolist(), want.tolist()))
-    assert overlap >= 0.95 * want.numel(), (keep_idx, want)
+    assert want.numel() - overlap <= max(1, 0.05 * want.numel()), (keep_idx, want)
     x_want, qkv_want = gather_kept(x, qkv, keep_idx)
     assert torch.equal(x_kept, x_want) and torch.equal(qkv_kept, qkv_want)
 
@@ -221,4 +221,7 @@ def test_block_matches_reference_backend():
             outs[backend] = pruned(x)
         outs[backend + "_idx"] = pruned.last_keep_idx
     assert torch.equal(outs["triton_idx"], outs["reference_idx"])
-    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=0)
+    # Same kept rows, so the same computation after the selection: bit-identical on the CPU;
+    # on the GPU leave room for cuBLAS/SDPA picking other algorithms between the two calls.
+    exact = dict(rtol=0, atol=0) if DEVICE == "cpu" else {}
+    torch.testing.assert_close(outs["triton"], outs["reference"], **exact)
