@@ -9,6 +9,8 @@
 Six launches, no host synchronisation. Extra memory: O(B * T) rows, plus the CLS logits
 (B, H, T) float32 (9.5 MB at B=256, T=577, H=16); never anything of size T x T.
 """
+import torch
+
 from .cls_anchors import cls_anchors
 from .diversity import diversity
 from .gather_rows import gather_rows
@@ -18,16 +20,23 @@ from .select_topm import select_topm
 __all__ = ["select_and_gather", "selection_scores"]
 
 
-def _unit_last_stride(t):
-    # The kernels take row strides; only the channel dim must be contiguous.
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _kernel_layout(t):
+    """t itself when the kernels can read it through its strides, else a contiguous copy.
+
+    The kernels need a unit channel stride, and they index the tokens of one image with int32
+    offsets (the image offset is int64): (T - 1) * stride(1) + row length must fit in int32.
+    Only exotic views (say (T, B, 3C) transposed at a batch in the thousands) get copied.
+    """
+    B, T, n = t.shape
+    fits = (T - 1) * t.stride(1) + n < 2 ** 31
+    return t if t.stride(-1) == 1 and fits else t.contiguous()
 
 
 def selection_scores(x, qkv, num_heads, k_anchors):
     """The intermediates, for tests and debugging: a dict of float32 (B, T) rows `cls_attn`,
     `importance`, `diversity` (row 0, CLS, unused), `anchor_mask` (B, T) int8 and
     `anchor_idx` (B, k) int32 ascending."""
-    x, qkv = _unit_last_stride(x), _unit_last_stride(qkv)
+    x, qkv = _kernel_layout(x), _kernel_layout(qkv)
     cls_attn, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors)
     return dict(cls_attn=cls_attn, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
                 importance=importance(qkv, num_heads, anchor_mask, k_anchors),
@@ -41,6 +50,8 @@ def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
     nn.MultiheadAttention. Same dtype (float32/float16/bfloat16); views are fine as long as
     the last dim has unit stride. Requires 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= T - 1
     (the block never asks for more), score_norm in {"none", "minmax"}.
+    Autograd: keep_idx carries no gradient; when x or qkv requires grad, the kept rows are
+    gathered with torch (differentiable) instead of the copy kernel.
     """
     B, T, C = x.shape
     if qkv.shape != (B, T, 3 * C) or qkv.dtype != x.dtype or C % num_heads:
@@ -52,9 +63,15 @@ def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
                          f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
     if score_norm not in ("none", "minmax"):
         raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
-    x, qkv = _unit_last_stride(x), _unit_last_stride(qkv)
+    x, qkv = _kernel_layout(x), _kernel_layout(qkv)
     s = selection_scores(x, qkv, num_heads, k_anchors)
     keep_idx = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
                            alpha, score_norm)
+    if torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad):
+        # The kernels have no backward; the selection itself is not differentiable (as in the
+        # reference), but the kept rows must be, so that training through the block works.
+        rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx], dim=1)[..., None]
+        return (keep_idx, x.gather(1, rows.expand(-1, -1, C)),
+                qkv.gather(1, rows.expand(-1, -1, 3 * C)))
     x_kept, qkv_kept = gather_rows(x, qkv, keep_idx)
     return keep_idx, x_kept, qkv_kept

@@ -192,6 +192,19 @@ def test_non_finite_input_keeps_indices_in_range(bad, norm):
     assert x_kept.shape == (B, 1 + k + m, C)
 
 
+def test_gradients_reach_the_kept_rows():
+    """With inputs that require grad, x_kept/qkv_kept are differentiable gathers."""
+    x, qkv = make_inputs(1, 17, 64)
+    x.requires_grad_(True)
+    qkv.requires_grad_(True)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, 1, 2, 3, 0.5, "none")
+    assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none"))
+    (x_kept.sum() + qkv_kept.sum()).backward()
+    rows = [0] + keep_idx[0].tolist()
+    assert x.grad[0, rows].eq(1).all() and x.grad.sum() == len(rows) * 64
+    assert qkv.grad[0, rows].eq(1).all() and qkv.grad.sum() == len(rows) * 3 * 64
+
+
 def test_rejects_bad_arguments():
     x, qkv = make_inputs(1, 17, 64)
     with pytest.raises(ValueError, match="k_anchors"):
