@@ -18,7 +18,17 @@ setup(
         # 4.x may move them, so stay below it until checked.
         "open_clip_torch>=2.23,<4",
         "triton; platform_system == 'Linux'",
+        # The command line (tokenprune/cli.py, evaluate.py): `tokenprune eval` is CLIP_benchmark's
+        # own parser, datasets and metrics with the pruning hooked in (tested with 1.6.2).
+        "clip-benchmark>=1.6,<2",
+        # clip-benchmark 1.6.2 imports requests (its datasets/*.py) without declaring it.
+        "requests",
+        # tokenprune visualize draws its figure with PIL.
+        "pillow",
     ],
+    # The sample picture of `tokenprune visualize` with no arguments (the offline first-run demo).
+    package_data={"tokenprune": ["assets/*.png"]},
+    entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
     },

@@ -1,0 +1,234 @@
+"""`tokenprune visualize`: draw an image with its anchor, kept and pruned patches.
+
+Two panels: the model's input (after OpenCLIP's resize and crop) and the same picture with the
+pruned patches dimmed, the anchors outlined in orange and the other kept patches in cyan.
+With no arguments it draws the built-in sample picture with a random-weight ViT-B-16, offline.
+"""
+import os
+import sys
+import warnings
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from .cli import CLIError, check_model, loading_errors, prune_config
+from .patch import UnsupportedModelError, pruned_block, replace_last_block
+from .reference import top_indices
+
+PANEL = 448        # the panels are scaled up by an integer factor to about this size
+MARGIN = 16
+HEADER = 92
+FOOTER = 30
+DIM = 0.28         # pruned patches keep this fraction of their brightness...
+DESATURATE = 0.5   # ...after this much of their colour is taken out
+ANCHOR_RGB = (255, 136, 0)
+KEPT_RGB = (0, 200, 255)
+PRUNED_RGB = (40, 40, 46)
+TEXT_RGB = (34, 34, 40)
+MUTED_RGB = (96, 96, 104)
+
+
+def sample_image_path():
+    return str(resources.files("tokenprune").joinpath("assets", "sample.png"))
+
+
+# ----- which tokens are kept ---------------------------------------------------------------
+
+def anchor_indices(block, x, k_anchors):
+    """SPEC steps 0-1 for block input x (B, T, C): the k patches the CLS token attends to most,
+    as indices into the T tokens (B, k). The block keeps only the union with the scored ones."""
+    attn = block.attn
+    B, T, C = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, _ = qkv.float().view(B, T, 3, heads, C // heads).unbind(dim=2)
+    cls_row = torch.einsum("bhd,bjhd->bhj", q[:, 0], k) * (C // heads) ** -0.5
+    cls_attn = cls_row.softmax(dim=-1).mean(dim=1)                       # (B, T)
+    return top_indices(cls_attn[:, 1:], min(k_anchors, T - 1)) + 1
+
+
+@torch.no_grad()
+def kept_tokens(model, pixels):
+    """Run the pruned model on pixels (1, 3, H, W); (keep_idx, anchors), token indices >= 1.
+
+    keep_idx is every patch when the block had nothing to prune."""
+    block = pruned_block(model)
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    try:
+        model.encode_image(pixels)
+    finally:
+        handle.remove()
+    x = captured["x"] if block.attn.batch_first else captured["x"].transpose(0, 1)
+    anchors = anchor_indices(block, x, block.config.k_anchors)[0]
+    if block.last_keep_idx is None:
+        keep = torch.arange(1, x.shape[1], device=x.device)
+    else:
+        keep = block.last_keep_idx[0]
+    return keep.cpu().tolist(), anchors.cpu().tolist()
+
+
+def display_image(preprocess, pixels):
+    """The model's input as an RGB uint8 array: the preprocessing's Normalize undone."""
+    image = pixels[0].float().cpu()
+    for step in getattr(preprocess, "transforms", []):
+        if type(step).__name__ == "Normalize":
+            mean = torch.as_tensor(step.mean, dtype=torch.float32)[:, None, None]
+            std = torch.as_tensor(step.std, dtype=torch.float32)[:, None, None]
+            image = image * std + mean
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+# ----- drawing -----------------------------------------------------------------------------
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def layout(height, width):
+    """Where render() puts things: scale, the two panel boxes (x0, y0, x1, y1), image size."""
+    scale = max(1, PANEL // max(height, width))
+    pw, ph = width * scale, height * scale
+    original = (MARGIN, HEADER, MARGIN + pw, HEADER + ph)
+    kept = (2 * MARGIN + pw, HEADER, 2 * MARGIN + 2 * pw, HEADER + ph)
+    size = (3 * MARGIN + 2 * pw, HEADER + ph + FOOTER)
+    return {"scale": scale, "original": original, "kept": kept, "size": size}
+
+
+def patch_box(token, grid, patch, scale, origin):
+    """Pixel box (x0, y0, x1, y1) of token index `token` (>= 1, raster order) in a panel."""
+    row, col = divmod(token - 1, grid[1])
+    x0 = origin[0] + col * patch[1] * scale
+    y0 = origin[1] + row * patch[0] * scale
+    return (x0, y0, x0 + patch[1] * scale - 1, y0 + patch[0] * scale - 1)
+
+
+def render(image, grid, keep_idx, anchors, title, subtitle):
+    """The figure: `image` (H, W, 3) uint8, the patch grid (rows, cols), kept and anchor token
+    indices (>= 1). Returns (PIL image, layout(H, W))."""
+    height, width = image.shape[:2]
+    patch = (height // grid[0], width // grid[1])
+    geo = layout(height, width)
+    scale = geo["scale"]
+    canvas = Image.new("RGB", geo["size"], (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    big = Image.fromarray(image).resize((width * scale, height * scale), Image.NEAREST)
+    canvas.paste(big, geo["original"][:2])
+
+    kept = set(keep_idx)
+    anchors = [a for a in anchors if a in kept]
+    pixels = np.asarray(big).astype(np.float32)
+    gray = pixels.mean(axis=2, keepdims=True)
+    dimmed = ((1 - DESATURATE) * pixels + DESATURATE * gray) * DIM
+    mask = np.zeros(pixels.shape[:2], dtype=bool)  # True where the patch is pruned
+    for token in range(1, grid[0] * grid[1] + 1):
+        if token not in kept:
+            x0, y0, x1, y1 = patch_box(token, grid, patch, scale, (0, 0))
+            mask[y0:y1 + 1, x0:x1 + 1] = True
+    pruned_view = np.where(mask[..., None], dimmed, pixels).round().astype(np.uint8)
+    canvas.paste(Image.fromarray(pruned_view), geo["kept"][:2])
+
+    line = max(1, scale * min(patch) // 16)
+    origin = geo["kept"][:2]
+    for token in sorted(kept - set(anchors)):
+        draw.rectangle(patch_box(token, grid, patch, scale, origin), outline=KEPT_RGB, width=line)
+    for token in anchors:  # drawn last, on top of their kept neighbours
+        draw.rectangle(patch_box(token, grid, patch, scale, origin), outline=ANCHOR_RGB,
+                       width=line + 1)
+
+    # Header: title, subtitle, legend. Footer: what each panel is.
+    draw.text((MARGIN, 10), title, fill=TEXT_RGB, font=_font(18))
+    draw.text((MARGIN, 36), subtitle, fill=MUTED_RGB, font=_font(14))
+    x, y, font = MARGIN, 64, _font(14)
+    n_patches = grid[0] * grid[1]
+    for colour, fill, label in ((ANCHOR_RGB, None, f"anchor ({len(anchors)})"),
+                                (KEPT_RGB, None, f"kept by score ({len(kept) - len(anchors)})"),
+                                (PRUNED_RGB, PRUNED_RGB, f"pruned ({n_patches - len(kept)})")):
+        draw.rectangle((x, y, x + 14, y + 14), outline=colour, fill=fill, width=3)
+        draw.text((x + 20, y), label, fill=TEXT_RGB, font=font)
+        x += 28 + int(draw.textlength(label, font=font)) + 12
+    foot_y = geo["original"][3] + 8
+    draw.text((geo["original"][0], foot_y),
+              f"input: {width}x{height} px, {grid[0]}x{grid[1]} patches of {patch[0]} px",
+              fill=MUTED_RGB, font=font)
+    draw.text((geo["kept"][0], foot_y),
+              f"after pruning: {len(kept)} of {n_patches} patches kept",
+              fill=MUTED_RGB, font=font)
+    return canvas, geo
+
+
+# ----- the command ------------------------------------------------------------------------
+
+def run_visualize(args):
+    config = prune_config(args)
+    image_path = args.image or sample_image_path()
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--image {image_path}: cannot read it as an image ({err})") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    import open_clip
+    from open_clip.factory import parse_model_name
+    check_model(args.model, args.pretrained, pruning=True)
+    random_weights = not args.pretrained and parse_model_name(args.model)[0] is None
+    if random_weights:
+        print(f"tokenprune: note: no --pretrained given, so {args.model} has random weights: the "
+              "picture shows how the selection works, not what a trained CLIP looks at. For "
+              "trained weights add --pretrained openai (downloads once) or --pretrained "
+              "/path/to/checkpoint.bin", file=sys.stderr)
+    with loading_errors(args.model, args.pretrained, random_weights_noted=random_weights):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            args.model, pretrained=args.pretrained or None, cache_dir=args.model_cache_dir,
+            device=device)
+    model.eval()
+    try:
+        replace_last_block(model, config=config)
+    except UnsupportedModelError as err:
+        raise CLIError(f"{args.model}: {err}") from None
+    except ValueError as err:
+        raise CLIError(f"--{err}") from None
+
+    pixels = preprocess(image).unsqueeze(0).to(device)
+    visual = model.visual
+    grid = tuple(visual.grid_size)
+    n_patches = grid[0] * grid[1]
+    if config.kept_patches >= n_patches:
+        print(f"tokenprune: warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} "
+              f"patches: nothing to prune, every patch is kept", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
+        try:
+            keep_idx, anchors = kept_tokens(model, pixels)
+        except RuntimeError as err:  # e.g. --backend triton on a machine without it
+            raise CLIError(f"--backend {config.backend}: {err}") from None
+
+    blocks = len(visual.transformer.resblocks)
+    tokens_before, tokens_after = n_patches + 1, len(keep_idx) + 1
+    weights = "random weights" if random_weights else (args.pretrained or "weights from the folder")
+    title = (f"tokenprune  |  {args.model} ({os.path.basename(weights)})  |  pruned at block "
+             f"{config.layer % blocks + 1} of {blocks}")
+    subtitle = (f"k_anchors={config.k_anchors}, top_m={config.top_m}, alpha={config.alpha:g}, "
+                f"score_norm={config.score_norm}  |  tokens {tokens_before} -> {tokens_after}")
+    figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
+                         subtitle)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        figure.save(args.out)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from None
+    print(f"{args.model}: {tokens_before} -> {tokens_after} tokens after block "
+          f"{config.layer % blocks + 1} of {blocks} (CLS + {len(anchors)} anchors + "
+          f"{tokens_after - 1 - len(anchors)} kept by score; {n_patches + 1 - tokens_after} "
+          f"pruned) on {'the built-in sample image' if args.image is None else image_path}")
+    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
+    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
+            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after}
