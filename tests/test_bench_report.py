@@ -1,0 +1,175 @@
+"""bench/report.py on synthetic pytest-benchmark JSON, and the fairness of bench/hook_baseline.py
+(the seed's hook-based selection must select exactly what the SPEC reference selects)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+from tokenprune import select_reference
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"tokenprune_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load_bench_module("report")
+hook_baseline = load_bench_module("hook_baseline")
+
+
+def bench_entry(median, **extra):
+    info = dict(device="Test CPU (2 threads)", device_type="cpu", dtype="float32",
+                peak_mem_bytes=None, peak_mem_total_bytes=None, torch_threads=2)
+    info.update(extra)
+    return {"name": f"test[{extra['provider']}]", "group": None, "extra_info": info,
+            "stats": {"median": median, "min": median, "max": median, "mean": median,
+                      "rounds": 3}}
+
+
+def e2e(provider, median, layer=None, m=None, peak=100 * 2 ** 20, model="ViT-B-16", batch=16, **kw):
+    choice = None if layer is None else ("last" if layer == 11 else "middle")
+    return bench_entry(median, kind="e2e", provider=provider, model=model, tokens=197, depth=12,
+                       batch=batch, layer=layer, layer_choice=choice, k=None if m is None else 10,
+                       m=m, kept_tokens=197 if m is None else 11 + m,
+                       backend=None if m is None else "reference", peak_mem_bytes=peak, **kw)
+
+
+def selection(provider, median, tokens=577, batch=16, **kw):
+    return bench_entry(median, kind="selection", provider=provider, shape=f"T{tokens}",
+                       tokens=tokens, channels=1024, heads=16, batch=batch, k=10, m=50,
+                       kept_tokens=61, backend=None, peak_mem_bytes=2 ** 20, **kw)
+
+
+def write_run(path, benchmarks, device="Test CPU (2 threads)"):
+    for bench in benchmarks:
+        bench["extra_info"]["device"] = device
+    path.write_text(json.dumps({
+        "machine_info": {"tokenprune_bench": {"versions": {"torch": "9.9"}}},
+        "datetime": "2030-01-02T03:04:05+00:00", "version": "5.3.1", "benchmarks": benchmarks}))
+    return path
+
+
+def table_row(markdown, *cells):
+    """The one table line of `markdown` that contains all `cells` as whole cells."""
+    hits = [line for line in markdown.splitlines() if line.startswith("|")
+            and all(f"| {cell} |" in line for cell in cells)]
+    assert len(hits) == 1, (cells, hits)
+    return [cell.strip() for cell in hits[0].strip("|").split("|")]
+
+
+@pytest.fixture
+def cpu_run(tmp_path):
+    # unpatched 2.0 s per batch of 16 (8 images/s); last block 1.6 s (1.25x);
+    # layer 6 at m=50 1.6 s too: 1.25x, under the 1.45x target; layer 6 at m=20 1.0 s (2x).
+    return write_run(tmp_path / "cpu.json", [
+        e2e("unpatched", 2.0),
+        e2e("pruned", 1.6, layer=11, m=50, peak=80 * 2 ** 20),
+        e2e("pruned", 1.6, layer=6, m=50, peak=60 * 2 ** 20),
+        e2e("pruned", 1.0, layer=6, m=20, peak=50 * 2 ** 20),
+        selection("hook", 0.30),
+        selection("reference", 0.12),
+        selection("qkv", 0.02),
+    ])
+
+
+def test_e2e_rows_carry_images_per_second_and_speedup(cpu_run):
+    rows = report.add_comparisons(report.read_rows(cpu_run))
+    page = report.render(rows, report.evaluate_targets(rows))
+    unpatched = table_row(page, "unpatched")
+    assert unpatched[6:9] == ["8.00", "1.00x", "100.0"]
+    fast = table_row(page, "layer 6", "31")  # m=20: 1 + 10 + 20 kept tokens
+    assert fast[6:9] == ["16.00", "2.00x", "50.0"]
+    last = table_row(page, "last block (11)")
+    assert last[6:8] == ["10.00", "1.25x"]
+
+
+def test_selection_speedup_is_over_the_hook_baseline(cpu_run):
+    rows = report.add_comparisons(report.read_rows(cpu_run))
+    page = report.render(rows, [])
+    # reference: 0.30 / 0.12 = 2.5x; without the 0.02 s of in_proj: 0.30 / 0.10 = 3x.
+    assert table_row(page, "T577", "reference")[6:9] == ["120.00", "2.50x", "3.00x"]
+    assert table_row(page, "hook")[6:9] == ["300.00", "1.00x", "-"]
+
+
+def test_targets_say_met_or_missed_from_the_numbers(cpu_run):
+    rows = report.add_comparisons(report.read_rows(cpu_run))
+    status = {(t["target"].split(": ", 1)[1], t["status"]): t["measured"]
+              for t in report.evaluate_targets(rows)}
+    assert status[("pruned at the last block, images/s vs unpatched", "met")] == pytest.approx(1.25)
+    assert status[("pruned at layer 6, images/s vs unpatched", "missed")] == pytest.approx(1.25)
+    # No GPU run given: the GPU targets are listed as not measured, not silently dropped.
+    assert ("Triton selection vs the hook baseline at T=577, B=256", "not measured") in status
+
+
+def test_gpu_targets_and_one_section_per_run(cpu_run, tmp_path):
+    gpu = write_run(tmp_path / "gpu.json", [
+        e2e("unpatched", 0.10, batch=256, dtype="float16", device_type="cuda"),
+        e2e("pruned", 0.08, layer=11, m=50, batch=256, dtype="float16", device_type="cuda",
+            peak=120 * 2 ** 20),
+        selection("hook", 0.50, batch=256, dtype="float16", device_type="cuda"),
+        selection("triton", 0.02, batch=256, dtype="float16", device_type="cuda"),
+    ], device="Test GPU")
+    out, png = tmp_path / "RESULTS.md", tmp_path / "speedup.png"
+    assert report.main([str(cpu_run), str(gpu), "--out", str(out), "--plot", str(png)]) == 0
+    page = out.read_text()
+    assert "## Test CPU (2 threads): float32" in page and "## Test GPU: float16" in page
+    targets = {t["target"]: t for t in report.evaluate_targets(
+        report.add_comparisons(report.read_rows(cpu_run) + report.read_rows(gpu)))}
+    triton = targets["GPU, float16: Triton selection vs the hook baseline at T=577, B=256"]
+    assert (triton["status"], triton["measured"]) == ("met", pytest.approx(25.0))
+    memory = targets["GPU, float16, k=10, m=50: pruned peak memory / unpatched peak memory"]
+    assert (memory["status"], memory["measured"]) == ("missed", pytest.approx(1.2))
+    # The CPU run's unpatched row is not the GPU rows' baseline, nor the other way round.
+    assert table_row(page, "last block (11)", "256")[6:8] == ["3,200", "1.25x"]
+    if importlib.util.find_spec("matplotlib"):
+        assert png.stat().st_size > 10_000 and "](speedup.png)" in page
+    else:  # CI installs no matplotlib: the page is still written, without the plot
+        assert not png.exists() and "speedup.png" not in page
+
+
+def tiny_vit(dtype=torch.float64):
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=4,
+                             mlp_ratio=2.0, output_dim=16).to(dtype).eval()
+
+
+@pytest.mark.parametrize("score_norm", ["none", "minmax"])
+def test_hook_baseline_selects_like_the_reference_inside_a_model(score_norm):
+    # T = 1 + (32 / 8)^2 = 17 tokens; k=3, m=5 leaves 8 candidates unchosen.
+    model = tiny_vit()
+    block = model.transformer.resblocks[-1]
+    selector = hook_baseline.HookSelector(block)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        model(images)
+        x = selector.x
+        assert x.shape == (3, 17, 64) and selector.attn.shape == (3, 17, 17)
+        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+        expected = select_reference(x, qkv, 4, 3, 5, 0.3, score_norm)
+        got = hook_baseline.select_from_attention(selector.attn, x, 3, 5, 0.3, score_norm)
+    assert torch.equal(got, expected)
+    selector.remove()
+    with torch.no_grad():
+        model(images)
+    assert selector.x is x  # removed hooks capture nothing more
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hook_baseline_call_matches_the_reference_and_gathers_cls_first(dtype):
+    block = tiny_vit(dtype).transformer.resblocks[0]
+    x = torch.randn(4, 50, 64, dtype=dtype)
+    with torch.no_grad():
+        keep_idx, x_kept = hook_baseline.HookSelector(block)(x, 4, 12, 0.5)
+        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+        expected = select_reference(x, qkv, 4, 4, 12, 0.5)
+    assert torch.equal(keep_idx, expected)
+    assert torch.equal(x_kept[:, 0], x[:, 0])
+    assert torch.equal(x_kept[:, 1:], x.gather(1, expected[..., None].expand(-1, -1, 64)))
