@@ -6,8 +6,6 @@ a of the anchor columns, rescaled like l; at the end sum_{j anchor} P_h[i, j] = 
 matrix never leaves registers, one (BLOCK_M, BLOCK_N) tile at a time.
 Output: I, (B, T) float32 (row 0, the CLS token, is computed but never used).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +29,13 @@ def dot_f32(a, b, MODE: tl.constexpr):
         return tl.dot(a, b)
 
 
+# Triton fixes interpreted-or-compiled when a function is decorated (TRITON_INTERPRET=1 then).
+_INTERPRETED = type(dot_f32).__name__ == "InterpretedFunction"
+
+
 def dot_mode(dtype):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """The MODE of `dot_f32` for inputs of `dtype`."""
+    if _INTERPRETED:
         return "interpreter"
     return "ieee" if dtype == torch.float32 else "mma"
 
