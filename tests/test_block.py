@@ -107,3 +107,13 @@ def test_masks_and_cross_attention_are_refused():
         pruned(x, attn_mask=torch.zeros(T, T))
     with pytest.raises(TypeError, match="CustomResidualAttentionBlock"):
         PrunedResidualAttentionBlock(CustomResidualAttentionBlock(C, HEADS))
+
+
+def test_backend_choice(monkeypatch):
+    from tokenprune.selection import resolve_backend
+    cpu = torch.zeros(1)
+    assert resolve_backend("auto", cpu) == "reference"  # auto never interprets Triton on the CPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pruned = PrunedResidualAttentionBlock(make_block(), PruneConfig(k_anchors=2, top_m=2, backend="triton"))
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: the tensors are on cpu"):
+        pruned(torch.randn(1, T, C))

@@ -1,27 +1,14 @@
 """The Triton selection kernels against the PyTorch reference (SPEC.md).
 
-On a CPU machine the kernels run in Triton's interpreter (TRITON_INTERPRET=1). On a GPU
-machine, `TOKENPRUNE_TEST_DEVICE=cuda pytest tests/test_kernels.py` runs the same tests compiled
-on the GPU, with float16/bfloat16 added.
-
-Triton picks interpreted-or-compiled when a function is decorated, its own tl.sum & co. included,
-i.e. when triton is first imported. Run alone, this file sets TRITON_INTERPRET=1 before that. In
-a whole-suite run an earlier test file may already have imported triton (open_clip -> torch
-._dynamo imports it); then the kernels cannot run in this process, and
-test_kernels_in_fresh_interpreter reruns this file in a subprocess instead.
+On a CPU machine the kernels run in Triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported. On a GPU machine,
+`TOKENPRUNE_TEST_DEVICE=cuda pytest tests/test_kernels.py` runs the same tests compiled on the
+GPU, with float16/bfloat16 added.
 """
-import os
-import subprocess
-import sys
+import pytest
+import torch
 
-DEVICE = os.environ.get("TOKENPRUNE_TEST_DEVICE", "cpu")
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported, if it is not yet
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from conftest import DEVICE
 
 triton = pytest.importorskip("triton")
 
@@ -31,39 +18,17 @@ from tokenprune.kernels.topk import top_count_mask  # noqa: E402
 from tokenprune.reference import select_reference  # noqa: E402
 from tokenprune.selection import gather_kept  # noqa: E402
 
-# The decorations are done: give the environment back (tests after this file must not see a
-# CPU-capable backend="triton"); the fixture below sets it again while these tests run.
-if _INTERPRET_BEFORE is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-INTERPRETED = all(type(f).__name__ == "InterpretedFunction"
-                  for f in (triton.language.sum, top_count_mask))
-NEEDS_FRESH_PROCESS = DEVICE == "cpu" and not INTERPRETED
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 ALL_SCORINGS = [(alpha, norm) for norm in ("none", "minmax") for alpha in (0.0, 0.5, 1.0)]
+if DEVICE == "cpu" and type(top_count_mask).__name__ != "InterpretedFunction":
+    raise RuntimeError("the kernels were compiled, not interpreted: triton was imported before "
+                       "tests/conftest.py set TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)
-def _kernels_can_run(request, monkeypatch):
+def _kernels_can_run():
     if DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("TOKENPRUNE_TEST_DEVICE=cuda but no CUDA device")
-    if request.node.name == "test_kernels_in_fresh_interpreter":
-        return
-    if NEEDS_FRESH_PROCESS:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1: "
-                    "test_kernels_in_fresh_interpreter runs these tests in a subprocess")
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # tokenprune.selection checks it per call
-
-
-@pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="the kernels run in this process")
-def test_kernels_in_fresh_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", TOKENPRUNE_TEST_DEVICE="cpu")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
 
 
 def make_inputs(B, T, C, dtype=torch.float32, seed=0):
