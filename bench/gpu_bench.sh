@@ -28,5 +28,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 
 mkdir -p "$(dirname "$out")"
 export TOKENPRUNE_BENCH_DEVICE=cuda
+export HF_HUB_OFFLINE=1  # no network there; the models are built with pretrained=None anyway
 timeout "${TOKENPRUNE_BENCH_TIMEOUT:-540}" "$python" -m pytest bench/ --benchmark-only \
     --benchmark-json="$out" -rs -p no:cacheprovider 2>&1 | tee "${out%.json}.log"

@@ -54,7 +54,7 @@ def read_rows(path):
     rows = []
     for bench in data["benchmarks"]:
         row = dict(bench["extra_info"], name=bench["name"], median_s=bench["stats"]["median"],
-                   rounds=bench["stats"]["rounds"], source=Path(path).name,
+                   rounds=bench["stats"]["rounds"], source=str(path),
                    date=data.get("datetime", "?"), versions=machine.get("versions", {}),
                    timer=bench.get("options", {}).get("timer"), commit=commit)
         row["images_per_s"] = row["batch"] / row["median_s"]
