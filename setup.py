@@ -30,6 +30,6 @@ setup(
     package_data={"tokenprune": ["assets/*.png"]},
     entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "matplotlib"],  # matplotlib: bench/report.py's plot
     },
 )

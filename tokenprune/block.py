@@ -61,6 +61,7 @@ class PrunedResidualAttentionBlock(nn.Module):
         attn = self.attn
         qkv = F.linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
         keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, attn.num_heads, cfg)
+        del qkv  # the full (B, T, 3C) projection must not stay alive through the MLP
         self.last_keep_idx = keep_idx
 
         B, n, C = x_kept.shape
