@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a lent H100/H200 without network (see bench/RESULTS.md):
+#   1. the kernel tests compiled on CUDA (float32, float16, bfloat16),
+#   2. bench/gpu_kernels.py: correctness at ViT-L/14-336 shapes, kernels vs reference timing,
+#      the memory-bandwidth floor,
+#   3. bench/gpu_bench.sh: the pytest-benchmark set (selection and end to end) in float16.
+# Usage: bash bench/gpu_check.sh OUTDIR   (logs and JSON land in OUTDIR)
+# Offline set-up: the wheels in .whl/ (open_clip_torch and what it needs beyond the machine's
+# image) go to /tmp/site; tokenprune runs from this checkout, with tokenprune.kernels linked to
+# kernels/ as setup.py's package_dir maps it.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: bench/gpu_check.sh OUTDIR}")
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON=python3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+ln -sfn ../kernels tokenprune/kernels
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton, open_clip; print('torch', torch.__version__, 'triton', triton.__version__, 'open_clip', open_clip.__version__)"
+} 2>&1 | tee "$out/env.log"
+
+echo "== 1. kernel tests on CUDA"
+TOKENPRUNE_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/test_kernels.py -q -p no:cacheprovider \
+    2>&1 | tee "$out/gpu_tests.log" | tail -25
+echo "== 2. kernels vs reference"
+timeout 120 python3 bench/gpu_kernels.py --out "$out" 2>&1 | tee "$out/gpu_kernels.log" | tail -40
+echo "== 3. benchmarks"
+TOKENPRUNE_BENCH_TIMEOUT=${TOKENPRUNE_BENCH_TIMEOUT:-270} bash bench/gpu_bench.sh "$out/gpu.json" \
+    > /dev/null 2>&1
+tail -60 "$out/gpu.log"
