@@ -39,7 +39,7 @@ def selection_scores(x, qkv, num_heads, k_anchors):
     x, qkv = _kernel_layout(x), _kernel_layout(qkv)
     cls_attn, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors)
     return dict(cls_attn=cls_attn, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
-                importance=importance(qkv, num_heads, anchor_mask, k_anchors),
+                importance=importance(qkv, num_heads, anchor_idx),
                 diversity=diversity(x, anchor_idx))
 
 
