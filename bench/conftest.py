@@ -35,7 +35,7 @@ TOP_M = 50  # the pruning of every case that is not part of the kept-token sweep
 
 # Timing: rounds of one call each, median reported. On the CPU the untimed memory measurement
 # that precedes the rounds is the warm-up.
-ROUNDS, WARMUP_ROUNDS = (10, 2) if ON_CUDA else (3, 0)
+ROUNDS, WARMUP_ROUNDS = (10, 2) if ON_CUDA else (5, 1)
 
 # Selection alone: (label, T, C, H) of ViT-B/16 at 224 px, ViT-L/14 at 224 and at 336.
 SELECTION_SHAPES = [("ViT-B-16@224", 197, 768, 12), ("ViT-L-14@224", 257, 1024, 16),

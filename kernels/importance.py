@@ -98,12 +98,12 @@ def launch_config(dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the online-softmax pass.
 
     float32: exact fp32 dots run on FMA units, not tensor cores: small tiles, or registers
-    spill. fp16/bf16: the fastest of five configurations timed by bench/gpu_kernels.py on an
-    H200 at ViT-L/14-336 shapes (bench/results/gpu_kernels_h200_run1.md).
+    spill. fp16/bf16: the fastest of the configurations timed by bench/gpu_kernels.py on an
+    H200 at ViT-L/14-336 shapes (bench/results/gpu_kernels_h200_run2.md).
     """
     if dtype == torch.float32:
         return 32, 32, 8, 2
-    return 64, 64, 4, 3
+    return 128, 64, 4, 3
 
 
 def importance(qkv, num_heads, anchor_idx, config=None):
