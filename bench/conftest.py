@@ -33,8 +33,8 @@ DTYPE = torch.float16 if ON_CUDA else torch.float32
 K_ANCHORS = 10
 TOP_M = 50  # the pruning of every case that is not part of the kept-token sweep
 
-# Timing: rounds of one call each, median reported. On the CPU the untimed memory measurement
-# that precedes the rounds is the warm-up.
+# Timing: rounds of one call each, median reported, after warm-up rounds (and the untimed
+# memory measurement, which runs first).
 ROUNDS, WARMUP_ROUNDS = (10, 2) if ON_CUDA else (5, 1)
 
 # Selection alone: (label, T, C, H) of ViT-B/16 at 224 px, ViT-L/14 at 224 and at 336.
