@@ -99,7 +99,7 @@ def launch_config(dtype):
 
     float32: exact fp32 dots run on FMA units, not tensor cores: small tiles, or registers
     spill. fp16/bf16: the fastest of the configurations timed by bench/gpu_kernels.py on an
-    H200 at ViT-L/14-336 shapes (bench/results/gpu_kernels_h200_run2.md).
+    H200 at ViT-L/14-336 shapes (bench/results/gpu_kernels_h200.md).
     """
     if dtype == torch.float32:
         return 32, 32, 8, 2
