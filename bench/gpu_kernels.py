@@ -13,18 +13,15 @@
 3. The memory floor: the bytes of Q, K and X read once, over the bandwidth of a large
    device-to-device copy measured here (read + write bytes counted).
 Prints a markdown table at the end (and writes it, with a JSON, under --out).
-Self-contained: needs torch and triton only (not open_clip, not an installed tokenprune).
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 SMOKE = "--cpu-smoke" in sys.argv
@@ -34,35 +31,10 @@ if SMOKE:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+import tokenprune.kernels as K  # noqa: E402  (bench/gpu_check.sh sets up the import path)
+from tokenprune.reference import select_reference  # noqa: E402
+from tokenprune.selection import gather_kept  # noqa: E402
 
-
-def load_tokenprune():
-    """tokenprune.kernels and the reference, from an install or straight from this checkout
-    (without tokenprune/__init__.py, which needs open_clip)."""
-    try:
-        import tokenprune.kernels as kernels
-        from tokenprune.reference import select_reference
-        from tokenprune.selection import gather_kept
-        return kernels, select_reference, gather_kept
-    except ImportError:
-        for name in [n for n in sys.modules if n == "tokenprune" or n.startswith("tokenprune.")]:
-            del sys.modules[name]
-    package = types.ModuleType("tokenprune")
-    package.__path__ = [str(ROOT / "tokenprune")]
-    sys.modules["tokenprune"] = package
-    spec = importlib.util.spec_from_file_location(
-        "tokenprune.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["tokenprune.kernels"] = kernels
-    spec.loader.exec_module(kernels)
-    from tokenprune.reference import select_reference
-    from tokenprune.selection import gather_kept
-    return kernels, select_reference, gather_kept
-
-
-K, select_reference, gather_kept = load_tokenprune()
 DEVICE = "cpu" if SMOKE else "cuda"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 K_ANCHORS, TOP_M = 10, 50

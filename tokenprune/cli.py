@@ -17,15 +17,15 @@ import os
 import sys
 import types
 from contextlib import contextmanager
+from dataclasses import asdict
 from unittest import mock
 
 from .config import BACKENDS, SCORE_NORMS, PruneConfig
 
 PROG = "tokenprune"
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
-# The seed's defaults (k_anchors 10, top_m 50, alpha 0.5) and ours, shared by eval and visualize.
-PRUNING_DEFAULTS = {"k_anchors": 10, "top_m": 50, "alpha": 0.5, "score_norm": "none",
-                    "layer": -1, "backend": "auto"}
+# The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50, alpha 0.5, and ours).
+PRUNING_DEFAULTS = asdict(PruneConfig())
 
 
 class CLIError(Exception):
