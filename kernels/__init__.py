@@ -17,7 +17,7 @@ from .gather_rows import gather_rows
 from .importance import importance
 from .select_topm import select_topm
 
-__all__ = ["select_and_gather", "selection_scores"]
+__all__ = ["select_and_gather", "select_tokens", "selection_scores"]
 
 
 def _kernel_layout(t):
@@ -43,15 +43,13 @@ def selection_scores(x, qkv, num_heads, k_anchors):
                 diversity=diversity(x, anchor_idx))
 
 
-def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
-    """(keep_idx (B, k+m) int64 ascending, x_kept (B, 1+k+m, C), qkv_kept (B, 1+k+m, 3C)).
+def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
+    """keep_idx (B, k+m) int64, ascending: the kept patch indices into the T tokens.
 
     x: block input (B, T, C); qkv: in_proj(ln_1(x)) (B, T, 3C), packed like
     nn.MultiheadAttention. Same dtype (float32/float16/bfloat16); views are fine as long as
     the last dim has unit stride. Requires 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= T - 1
     (the block never asks for more), score_norm in {"none", "minmax"}.
-    Autograd: keep_idx carries no gradient; when x or qkv requires grad, the kept rows are
-    gathered with torch (differentiable) instead of the copy kernel.
     """
     B, T, C = x.shape
     if qkv.shape != (B, T, 3 * C) or qkv.dtype != x.dtype or C % num_heads:
@@ -63,15 +61,14 @@ def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
                          f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
     if score_norm not in ("none", "minmax"):
         raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
-    x, qkv = _kernel_layout(x), _kernel_layout(qkv)
     s = selection_scores(x, qkv, num_heads, k_anchors)
-    keep_idx = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
-                           alpha, score_norm)
-    if torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad):
-        # The kernels have no backward; the selection itself is not differentiable (as in the
-        # reference), but the kept rows must be, so that training through the block works.
-        rows = torch.cat([keep_idx.new_zeros(B, 1), keep_idx], dim=1)[..., None]
-        return (keep_idx, x.gather(1, rows.expand(-1, -1, C)),
-                qkv.gather(1, rows.expand(-1, -1, 3 * C)))
-    x_kept, qkv_kept = gather_rows(x, qkv, keep_idx)
-    return keep_idx, x_kept, qkv_kept
+    return select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
+                       alpha, score_norm)
+
+
+def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
+    """(keep_idx, x_kept (B, 1+k+m, C), qkv_kept (B, 1+k+m, 3C)): `select_tokens`, then the
+    CLS + kept rows copied contiguously. The copy has no backward: where gradients must reach
+    the kept rows, gather them with torch instead (tokenprune.selection does)."""
+    keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm)
+    return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx))

@@ -186,11 +186,15 @@ def test_non_finite_input_keeps_indices_in_range(bad, norm):
 
 
 def test_gradients_reach_the_kept_rows():
-    """With inputs that require grad, x_kept/qkv_kept are differentiable gathers."""
+    """backend="triton" with inputs that require grad: the kernels select, and the kept rows
+    are differentiable gathers (the kernels' row copy has no backward)."""
+    from tokenprune import PruneConfig
+    from tokenprune.selection import select_and_gather as dispatch
     x, qkv = make_inputs(1, 17, 64)
     x.requires_grad_(True)
     qkv.requires_grad_(True)
-    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, 1, 2, 3, 0.5, "none")
+    config = PruneConfig(k_anchors=2, top_m=3, alpha=0.5, backend="triton")
+    keep_idx, x_kept, qkv_kept = dispatch(x, qkv, 1, config)
     assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none"))
     (x_kept.sum() + qkv_kept.sum()).backward()
     rows = [0] + keep_idx[0].tolist()

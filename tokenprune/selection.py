@@ -2,6 +2,7 @@
 import importlib.util
 import os
 
+import torch
 import torch.nn.functional as F
 
 from .reference import select_reference
@@ -38,10 +39,13 @@ def gather_kept(x, qkv, keep_idx):
 
 def select_and_gather(x, qkv, num_heads, config):
     """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its packed qkv (B, T, 3C)."""
+    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm)
     if resolve_backend(config.backend, x) == "triton":
-        from .kernels import select_and_gather as triton_select_and_gather
-        return triton_select_and_gather(x, qkv, num_heads, config.k_anchors, config.top_m,
-                                        config.alpha, config.score_norm)
-    keep_idx = select_reference(x, qkv, num_heads, config.k_anchors, config.top_m,
-                                config.alpha, config.score_norm)
+        from . import kernels
+        if not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)):
+            return kernels.select_and_gather(*args)
+        # Training: the kernels' row copy has no backward, so gather the kept rows with torch.
+        keep_idx = kernels.select_tokens(*args)
+    else:
+        keep_idx = select_reference(*args)
     return (keep_idx, *gather_kept(x, qkv, keep_idx))
