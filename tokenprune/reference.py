@@ -23,26 +23,39 @@ def minmax(values, candidate):
     return (values - lo) / (hi - lo + EPS_MINMAX)
 
 
+def head_mean_attention(qkv, num_heads):
+    """Step 0: P (B, T, T), the head-averaged attention; rows are queries, softmax over all T keys."""
+    B, T, C3 = qkv.shape
+    d = C3 // 3 // num_heads
+    q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def anchor_indices(P, k_anchors):
+    """Step 1: the k patches the CLS token attends to most (CLS itself never), (B, k) in 1..N."""
+    return top_indices(P[:, 0, 1:], k_anchors) + 1
+
+
 def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none"):
     """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending.
 
     x: block input (B, T, C), the residual stream before ln_1.
     qkv: in_proj(ln_1(x)), (B, T, 3C), laid out as nn.MultiheadAttention packs it.
     """
+    return select_from_attention(head_mean_attention(qkv, num_heads), x, k_anchors, top_m,
+                                 alpha, score_norm)
+
+
+def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none"):
+    """Steps 1-5 on the head-averaged attention P (B, T, T) of step 0 and block input x."""
+    P = P.float()
     B, T, C = x.shape
     N = T - 1
     if k_anchors + top_m > N:
         raise ValueError(f"k_anchors + top_m must be <= the {N} patch tokens, "
                          f"got {k_anchors} + {top_m}")
-    d = C // num_heads
-
-    # Step 0: head-averaged attention P (B, T, T), rows are queries, softmax over all T keys.
-    q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
-    logits = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
-    P = logits.softmax(dim=-1).mean(dim=1)
-
-    # Step 1: anchors S, the k patches the CLS token attends to most (CLS itself never).
-    anchors = top_indices(P[:, 0, 1:], k_anchors) + 1                      # (B, k), in 1..N
+    anchors = anchor_indices(P, k_anchors)                                 # step 1, (B, k)
     patches = torch.arange(1, T, device=x.device)
     is_anchor = (patches[None, :, None] == anchors[:, None, :]).any(dim=-1)  # (B, N)
 

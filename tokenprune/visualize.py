@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .cli import CLIError, check_model, loading_errors, prune_config
 from .patch import UnsupportedModelError, pruned_block, replace_last_block
-from .reference import top_indices
+from .reference import anchor_indices, head_mean_attention
 
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
 MARGIN = 16
@@ -37,17 +37,12 @@ def sample_image_path():
 
 # ----- which tokens are kept ---------------------------------------------------------------
 
-def anchor_indices(block, x, k_anchors):
-    """SPEC steps 0-1 for block input x (B, T, C): the k patches the CLS token attends to most,
-    as indices into the T tokens (B, k). The block keeps only the union with the scored ones."""
+def anchors_of(block, x, k_anchors):
+    """The anchors (B, k) the block chose for its input x (B, T, C): SPEC steps 0-1, from the
+    reference. The block keeps only the union with the scored patches."""
     attn = block.attn
-    B, T, C = x.shape
-    heads = attn.num_heads
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, _ = qkv.float().view(B, T, 3, heads, C // heads).unbind(dim=2)
-    cls_row = torch.einsum("bhd,bjhd->bhj", q[:, 0], k) * (C // heads) ** -0.5
-    cls_attn = cls_row.softmax(dim=-1).mean(dim=1)                       # (B, T)
-    return top_indices(cls_attn[:, 1:], min(k_anchors, T - 1)) + 1
+    return anchor_indices(head_mean_attention(qkv, attn.num_heads), min(k_anchors, x.shape[1] - 1))
 
 
 @torch.no_grad()
@@ -63,7 +58,7 @@ def kept_tokens(model, pixels):
     finally:
         handle.remove()
     x = captured["x"] if block.attn.batch_first else captured["x"].transpose(0, 1)
-    anchors = anchor_indices(block, x, block.config.k_anchors)[0]
+    anchors = anchors_of(block, x, block.config.k_anchors)[0]
     if block.last_keep_idx is None:
         keep = torch.arange(1, x.shape[1], device=x.device)
     else:
