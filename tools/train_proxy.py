@@ -1,0 +1,128 @@
+"""Train the small ViT that ships in tokenprune/assets/ (the first-run demo's model).
+
+    python tools/train_proxy.py            # the recorded run (see the card for its time)
+
+Trains an OpenCLIP VisionTransformer (tokenprune.proxy.ARCH) to classify the digit on
+tokenprune.proxy's canvases (fresh canvases every step, drawn from the training digits), then
+measures held-out accuracy on canvases of digits it never saw, and writes the checkpoint
+(float16) and its card (JSON) to tokenprune/assets/. Deterministic from --seed on a given
+machine and thread count: the data are a function of (seed, step), the weights of torch's seed.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tokenprune.proxy import (ARCH, CARD, CHECKPOINT, PIXEL_MEAN, PIXEL_STD, RECIPE,  # noqa: E402
+                              build_proxy_model, make_canvas_digits, preprocess)
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenprune", "assets")
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, batch=250):
+    model.eval()
+    correct = sum((model(images[i:i + batch]).argmax(-1) == labels[i:i + batch]).sum().item()
+                  for i in range(0, len(labels), batch))
+    return correct / len(labels)
+
+
+def learning_rate(step, steps, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heldout", type=int, default=2000, help="held-out canvases to score")
+    parser.add_argument("--heldout_seed", type=int, default=12345)
+    parser.add_argument("--log_every", type=int, default=25)
+    parser.add_argument("--out", default=ASSETS, help="folder for the checkpoint and its card")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(args.seed)
+    model = build_proxy_model()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.99))
+    normalize = preprocess()
+    heldout = make_canvas_digits(args.heldout, args.heldout_seed, split="test")
+
+    start = time.time()
+    for step in range(args.steps):
+        model.train()
+        images, labels, _ = make_canvas_digits(args.batch, [args.seed, step], split="train")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        loss = F.cross_entropy(model(normalize(images)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  "
+                  f"{time.time() - start:.0f} s", flush=True)
+    train_seconds = time.time() - start
+
+    state = {name: value.half() for name, value in model.state_dict().items()}
+    model.load_state_dict({name: value.float() for name, value in state.items()})
+    acc = accuracy(model, normalize(heldout[0]), heldout[1])
+    print(f"held-out accuracy {acc:.4f} on {args.heldout} canvases (float16 weights), "
+          f"training {train_seconds:.0f} s", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(state, os.path.join(args.out, CHECKPOINT))
+    script = os.path.relpath(os.path.abspath(__file__), os.getcwd())
+    card = {
+        "model": "open_clip.transformer.VisionTransformer(**arch); visual(images) gives the 10 "
+                 "class logits of tokenprune.proxy.preprocess()(canvases), the canvases float32 "
+                 "(B, 3, 128, 128) in [0, 1] from tokenprune.proxy.make_canvas_digits",
+        "pixel_mean": PIXEL_MEAN,
+        "pixel_std": PIXEL_STD,
+        "arch": ARCH,
+        "recipe": RECIPE,
+        "seed": args.seed,
+        "training": {"steps": args.steps, "batch": args.batch, "optimizer": "AdamW, betas (0.9, 0.99)",
+                     "lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up, cosine",
+                     "weight_decay": args.weight_decay, "grad_clip": 1.0,
+                     "data": "make_canvas_digits(batch, [seed, step], split='train') each step",
+                     "threads": args.threads},
+        "command": " ".join(["python", script] + [shlex.quote(a) for a in (argv or sys.argv[1:])]),
+        "heldout_seed": args.heldout_seed,
+        "heldout_n": args.heldout,
+        "heldout_accuracy": round(acc, 4),
+        "train_seconds": round(train_seconds, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "storage": "float16 state dict; load_proxy_model() casts it back to float32",
+    }
+    with open(os.path.join(args.out, CARD), "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=2)
+        f.write("\n")
+    print(f"wrote {os.path.join(args.out, CHECKPOINT)} and {CARD}")
+
+
+if __name__ == "__main__":
+    main()
