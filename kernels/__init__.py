@@ -43,7 +43,8 @@ def selection_scores(x, qkv, num_heads, k_anchors):
                 diversity=diversity(x, anchor_idx))
 
 
-def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
+def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
+                  class_token=True, scale=None):
     """keep_idx (B, k+m) int64, ascending: the kept patch indices into the T tokens.
 
     x: block input (B, T, C); qkv: in_proj(ln_1(x)) (B, T, 3C), packed like
@@ -61,14 +62,19 @@ def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
                          f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
     if score_norm not in ("none", "minmax"):
         raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
+    if num_prefix != 1 or not class_token or scale not in (None, (C // num_heads) ** -0.5):
+        raise NotImplementedError("the Triton kernels handle one class token at index 0 and the "
+                                  "d ** -0.5 scale only; use backend='reference'")
     s = selection_scores(x, qkv, num_heads, k_anchors)
     return select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
                        alpha, score_norm)
 
 
-def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
+def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
+                      class_token=True, scale=None):
     """(keep_idx, x_kept (B, 1+k+m, C), qkv_kept (B, 1+k+m, 3C)): `select_tokens`, then the
     CLS + kept rows copied contiguously. The copy has no backward: where gradients must reach
     the kept rows, gather them with torch instead (tokenprune.selection does)."""
-    keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm)
+    keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix,
+                             class_token, scale)
     return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx))
