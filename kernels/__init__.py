@@ -1,26 +1,27 @@
 """Fused Triton kernels for the token selection of SPEC.md, one operation per file.
 
-    cls_anchors       step 1  with a class token: its attention row (head mean), top-k patches
-    softmax_stats     -       without one: each row's softmax max and sum, per head, over all T keys
-    received_anchors  step 1  without one: the attention each patch receives (column means of P),
-                              top-k patches
-    importance        step 2  I: per head, each row's normaliser (one online-softmax pass over all
-                              T keys, or softmax_stats's), then the k anchor columns
-    diversity         step 3  D: cosine against the k anchor rows of X
+    cls_anchors       step 1     with a class token: its attention row (head mean), top-k
+    softmax_stats     step 1     without one: each row's softmax max and sum over all T keys
+    received_anchors  step 1     without one: the attention each patch receives (column means
+                                 of P, from softmax_stats's normalisers), top-k
+    importance        step 2     I: each row's normaliser (its own online-softmax pass over all
+                                 T keys, or softmax_stats's), then the k anchor columns
+    diversity         step 3     D: cosine against the k anchor rows of X
     select_topm       steps 4-5  score, top-m candidates, ascending keep_idx
-    gather_rows       -       the kept rows of x and qkv, the p prefix tokens first
+    gather_rows       -          the p prefix rows, then the kept rows, of x and qkv
     (dot.py and topk.py hold the tile product and the exact top-k that the kernels share.)
 
 The kernels know nothing of model families: the prefix count p, the anchor rule (class token
 or not) and the logit scale are plain arguments. No host synchronisation. Launches:
-    with a class token     6 (cls_anchors 2, importance, diversity, select_topm, gather_rows);
-                           one pass over all T x T logits (importance).
-    without one            7 (softmax_stats, received_anchors 2, importance reading the stats,
-                           diversity, select_topm, gather_rows); two passes over all T x T logits
-                           (softmax_stats, then the column sums), importance only the anchor columns.
-select_tokens launches one fewer (no gather_rows). Extra memory: O(B * T) rows, plus with a class
-token its logits (B, H, T) float32 (9.5 MB at B=256, T=577, H=16), without one the row max and
-sum (B, H, T) float32 each (23.9 MB at B=256, T=729, H=16); never anything of size T x T.
+    with a class token  6: cls_anchors (2), importance, diversity, select_topm, gather_rows;
+                        the T x T logits are computed once (importance).
+    without one         7: softmax_stats, received_anchors (2), importance, diversity,
+                        select_topm, gather_rows; the T x T logits are computed twice
+                        (softmax_stats, then the column sums), and importance, reading the
+                        stored normalisers, only the k anchor columns.
+select_tokens launches one fewer (no gather_rows). Extra memory: O(B * T) rows, plus with a
+class token its logits (B, H, T) float32 (9.5 MB at B=256, T=577, H=16), without one the row
+max and sum, (B, H, T) float32 each (23.9 MB at B=256, T=729, H=16); never anything T x T.
 """
 import torch
 
