@@ -260,21 +260,28 @@ def test_non_finite_input_keeps_indices_in_range(bad, norm, p, class_token):
     assert torch.equal(x_kept.nan_to_num(), x_want.nan_to_num())
 
 
-def test_gradients_reach_the_kept_rows():
-    """backend="triton" with inputs that require grad: the kernels select, and the kept rows
-    are differentiable gathers (the kernels' row copy has no backward)."""
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize(TOWER, [(1, True, None), (2, False, 0.5)])
+def test_dispatch_passes_the_tower_through(grad, p, class_token, scale):
+    """tokenprune.selection's dispatch with backend="triton": the prefix count, anchor rule and
+    scale reach the kernels. With inputs that require grad the kernels select and the kept
+    rows are differentiable gathers (the kernels' row copy has no backward); without, the
+    kernels' own copy."""
     from tokenprune import PruneConfig
     from tokenprune.selection import select_and_gather as dispatch
     x, qkv = make_inputs(1, 17, 64)
-    x.requires_grad_(True)
-    qkv.requires_grad_(True)
+    x.requires_grad_(grad)
+    qkv.requires_grad_(grad)
     config = PruneConfig(k_anchors=2, top_m=3, alpha=0.5, backend="triton")
-    keep_idx, x_kept, qkv_kept = dispatch(x, qkv, 1, config)
-    assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none"))
-    (x_kept.sum() + qkv_kept.sum()).backward()
-    rows = [0] + keep_idx[0].tolist()
-    assert x.grad[0, rows].eq(1).all() and x.grad.sum() == len(rows) * 64
-    assert qkv.grad[0, rows].eq(1).all() and qkv.grad.sum() == len(rows) * 3 * 64
+    keep_idx, x_kept, qkv_kept = dispatch(x, qkv, 1, config, p, class_token, scale)
+    assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none",
+                                               p, class_token, scale))
+    rows = list(range(p)) + keep_idx[0].tolist()
+    assert torch.equal(x_kept, x[:, rows]) and torch.equal(qkv_kept, qkv[:, rows])
+    if grad:
+        (x_kept.sum() + qkv_kept.sum()).backward()
+        assert x.grad[0, rows].eq(1).all() and x.grad.sum() == len(rows) * 64
+        assert qkv.grad[0, rows].eq(1).all() and qkv.grad.sum() == len(rows) * 3 * 64
 
 
 def test_rejects_bad_arguments():
