@@ -443,8 +443,10 @@ def test_device_without_cuda_is_said_before_loading(tiny, tmp_path, capsys, monk
 
 @pytest.mark.parametrize("command", ["visualize", "eval"])
 def test_corrupt_checkpoint_names_the_file(tiny, tmp_path, capsys, command):
-    argv = (visualize_args(tiny, tmp_path, "--pretrained", tiny["corrupt"]) if command == "visualize"
-            else eval_args(tiny, tmp_path / "out.json")[:-1])  # without --quiet
+    if command == "visualize":
+        argv = visualize_args(tiny, tmp_path, "--pretrained", tiny["corrupt"])
+    else:
+        argv = eval_args(tiny, tmp_path / "out.json")[:-1]  # without --quiet
     if command == "eval":
         argv[argv.index(tiny["checkpoint"])] = tiny["corrupt"]
     status, _, err = run_main(argv, capsys)
@@ -465,9 +467,10 @@ def test_checkpoint_of_another_architecture_says_what_does_not_fit(tiny, tmp_pat
     block_keys = [k for k in open_clip.create_model(TINY).state_dict()
                   if k.startswith("visual.transformer.resblocks.1.")]
     assert f"--pretrained {tiny['other']} does not fit --model {TINY}: " in last
-    assert f"{len(block_keys)} missing (visual.transformer.resblocks.1." in last
-    assert "1 of the wrong shape (visual.conv1.weight [64, 3, 8, 8] in the file, " \
-           "[64, 3, 4, 4] in the model)" in last
+    assert f"{len(block_keys)} missing, 0 unexpected and 1 wrong-shape weights (missing: " \
+        "visual.transformer.resblocks.1." in last
+    assert f"and {len(block_keys) - 3} more; wrong shape: visual.conv1.weight is [64, 3, 8, 8] " \
+        "in the file, [64, 3, 4, 4] in the model)" in last
     assert "checkpoint of another architecture" in last
     assert "Traceback" not in err
 
@@ -563,3 +566,13 @@ def test_visualize_on_a_resnet_names_its_own_flag(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith(
         "tokenprune: error: --model RN50: RN50 has a ResNet image tower, which cannot be pruned")
     assert "--enable_pruning" not in err
+
+
+def test_another_clip_benchmark_version_leaves_unknown_flags_to_its_parser(capsys, monkeypatch):
+    """With a clip-benchmark other than the copied one, a flag our copy does not know may be
+    new: CLIP_benchmark's own parser judges it (still one line)."""
+    monkeypatch.setattr(clip_benchmark_flags, "VERSION", "0.0")
+    status, _, err = run_main(["eval", "--enable_pruning", "--alhpa", "0.3"], capsys)
+    assert status == 2
+    assert err.strip() == ("tokenprune: error: unrecognized arguments: --alhpa 0.3 (see "
+                           "`tokenprune --help`)")

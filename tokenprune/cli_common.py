@@ -20,8 +20,12 @@ from .config import BACKENDS, SCORE_NORMS, PruneConfig
 
 PROG = "tokenprune"
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
-# The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50, alpha 0.5, and ours).
-PRUNING_DEFAULTS = asdict(PruneConfig())
+# The PruneConfig fields that have a flag (`--k_anchors` ...); any other field keeps its
+# PruneConfig default. The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50,
+# alpha 0.5, and ours).
+PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend")
+PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
+                    if name in PRUNING_FLAGS}
 
 
 class CLIError(Exception):
@@ -215,18 +219,19 @@ def _some(keys, count=3):
 
 def _mismatch_message(model_name, pretrained, mismatch):
     missing, unexpected, wrong_shape = mismatch
-    parts = []
+    examples = []
     if missing:
-        parts.append(f"{len(missing)} missing ({_some(missing)})")
+        examples.append(f"missing: {_some(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+        examples.append(f"unexpected: {_some(unexpected)}")
     if wrong_shape:
-        shapes = [f"{key} {list(theirs)} in the file, {list(ours)} in the model"
+        shapes = [f"{key} is {list(theirs)} in the file, {list(ours)} in the model"
                   for key, theirs, ours in wrong_shape]
-        parts.append(f"{len(wrong_shape)} of the wrong shape ({_some(shapes, 2)})")
-    return (f"--pretrained {pretrained} does not fit --model {model_name}: "
-            f"{'; '.join(parts)} weights. Most likely it is a checkpoint of another "
-            "architecture: pass the --model it was trained as")
+        examples.append(f"wrong shape: {_some(shapes, 2)}")
+    return (f"--pretrained {pretrained} does not fit --model {model_name}: {len(missing)} "
+            f"missing, {len(unexpected)} unexpected and {len(wrong_shape)} wrong-shape weights "
+            f"({'; '.join(examples)}). Most likely it is a checkpoint of another architecture: "
+            "pass the --model it was trained as")
 
 
 class _DropLog(logging.Filter):
@@ -265,26 +270,28 @@ def loading_errors(model_name, pretrained, random_weights_noted=False):
     except CLIError:
         raise
     except Exception as err:  # noqa: BLE001 - translated, not swallowed
-        raise CLIError(_loading_message(err, model_name, pretrained)) from err
+        raise CLIError(loading_error_message(err, model_name, pretrained)) from err
     finally:
         logging.getLogger().removeFilter(log_filter)
 
 
-def _loading_message(err, model_name, pretrained):
+def loading_error_message(err, model_name, pretrained):
+    """The one-line message for `err`, raised while loading inside `loading_errors`: what
+    failed is read from the step that raised it (see _step), not from the message's words."""
     failed = _failed_step(err)
     step = failed.step if failed else None
     cause = failed.__cause__ if failed else err
     what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
     if step == "download":
         return (f"could not download the pretrained weights {pretrained!r} for {model_name} "
-                f"({what}). Without internet access, run once where downloads work, or fetch "
-                "the checkpoint elsewhere and pass the file: --pretrained "
-                "/path/to/open_clip_pytorch_model.bin (set HF_HUB_OFFLINE=1 to skip the "
-                "download retries)")
+                f"({type(cause).__name__}; {DEBUG_ENV}=1 shows why). Without internet access, "
+                "run once where downloads work, or fetch the checkpoint elsewhere and pass the "
+                "file: --pretrained /path/to/open_clip_pytorch_model.bin (set HF_HUB_OFFLINE=1 "
+                "to skip the download retries)")
     if step == "read":
-        return (f"--pretrained {pretrained}: not a readable checkpoint file ({type(cause).__name__} "
-                "while reading it). Expected a state_dict saved with torch.save, a .safetensors "
-                "file or an OpenCLIP .bin; is the file complete?")
+        return (f"--pretrained {pretrained}: not a readable checkpoint file "
+                f"({type(cause).__name__} while reading it). Expected a state_dict saved with "
+                "torch.save, a .safetensors file or an OpenCLIP .bin; is the file complete?")
     if step == "load" and failed.detail and any(failed.detail):
         return _mismatch_message(model_name, pretrained, failed.detail)
     return (f"could not load model {model_name!r} with pretrained {pretrained!r}: {what} "

@@ -6,7 +6,6 @@ With no arguments it draws the built-in sample picture with a random-weight ViT-
 random weights are drawn from a fixed seed, so the same command draws the same picture.
 """
 import os
-import sys
 import warnings
 from importlib import resources
 
@@ -208,7 +207,7 @@ def run_visualize(args):
     if not pruned:
         note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
              "nothing to prune, every patch is kept")
-    note(f"running the model with pruning at {where}...")
+    note(f"running the model{f' with pruning at {where}' if pruned else ''}...")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
         try:
