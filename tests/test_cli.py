@@ -172,6 +172,10 @@ def test_eval_flags_are_clip_benchmarks_plus_pruning(monkeypatch):
         defaults = parser.parse_args(["eval"])
         assert (defaults.enable_pruning, defaults.k_anchors, defaults.top_m, defaults.alpha) == \
             (False, 10, 50, 0.5)
+    # CLIP_benchmark's help for --no_amp ("whether to use mixed precision") says the opposite.
+    evaluate = eval_parser()._subparsers._group_actions[0].choices["eval"]
+    no_amp = next(action for action in evaluate._actions if "--no_amp" in action.option_strings)
+    assert no_amp.help.startswith("turn off mixed precision")
 
 
 def test_copy_of_clip_benchmark_flags_matches_its_parser(monkeypatch):
@@ -576,3 +580,21 @@ def test_another_clip_benchmark_version_leaves_unknown_flags_to_its_parser(capsy
     assert status == 2
     assert err.strip() == ("tokenprune: error: unrecognized arguments: --alhpa 0.3 (see "
                            "`tokenprune --help`)")
+
+
+def test_no_module_imports_the_command_line_back():
+    """tokenprune/cli.py imports the subcommands' modules; none of them imports cli.py (the
+    shared pieces live in cli_common.py), so there is no import circle."""
+    import ast
+    import tokenprune
+    package = os.path.dirname(tokenprune.__file__)
+    importers = []
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py") or name in ("cli.py", "__main__.py"):
+            continue
+        tree = ast.parse(open(os.path.join(package, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (
+                    (node.level == 1 and node.module == "cli") or node.module == "tokenprune.cli"):
+                importers.append(name)
+    assert importers == []

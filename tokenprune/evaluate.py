@@ -345,7 +345,7 @@ def _unknown_to_builder(err, build_dataset, dataset_name):
     that none of its branches compares against."""
     if not isinstance(err, ValueError):
         return False
-    frames = traceback_frames(err)
+    frames = _traceback_codes(err)
     code = getattr(inspect.unwrap(build_dataset), "__code__", None)
     if not frames or code is None or frames[-1] is not code:
         return False
@@ -357,7 +357,7 @@ def _unknown_to_builder(err, build_dataset, dataset_name):
     return dataset_name not in names
 
 
-def traceback_frames(err):
+def _traceback_codes(err):
     """The code objects of the frames `err` passed through, innermost last."""
     frames, tb = [], err.__traceback__
     while tb is not None:
