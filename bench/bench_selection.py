@@ -10,6 +10,8 @@ Providers (one group per token count, so pytest-benchmark shows them side by sid
 Every provider starts from X, so tokenprune's timings include `in_proj(ln_1(X))` exactly as the
 pruned block computes it; the hook baseline's include what nn.MultiheadAttention computes
 alongside the weights it returns (it has no way to return the weights alone).
+The no-class-token shapes (SigLIP-like, p=0) run the same OpenCLIP block with the tower's anchor
+rule: the selection's cost depends on the shapes and the rule, not on the block's family.
 """
 import pytest
 import torch
@@ -36,7 +38,8 @@ def test_selection(selection_case, env, run_benchmark):
 
         def select():
             with torch.inference_mode():
-                selector(x, config.k_anchors, config.top_m, config.alpha, config.score_norm)
+                selector(x, config.k_anchors, config.top_m, config.alpha, config.score_norm,
+                         case.num_prefix, case.class_token)
             env.sync()
     else:
         attn = block.attn
@@ -45,12 +48,14 @@ def test_selection(selection_case, env, run_benchmark):
             with torch.inference_mode():
                 qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
                 if case.provider != "qkv":
-                    select_and_gather(x, qkv, attn.num_heads, config)
+                    select_and_gather(x, qkv, attn.num_heads, config, case.num_prefix,
+                                      case.class_token)
             env.sync()
 
     run_benchmark(select, f"selection {case.shape} T={case.tokens} B={batch}", batch,
                   kind="selection", provider=case.provider, shape=case.shape, tokens=case.tokens,
                   channels=case.channels, heads=case.heads, k=config.k_anchors, m=config.top_m,
-                  kept_tokens=1 + config.kept_patches,
+                  kept_tokens=case.num_prefix + config.kept_patches,
+                  num_prefix=case.num_prefix, class_token=case.class_token,
                   backend=(env.resolve(config.backend)
                            if case.provider in ("reference", "triton") else None))

@@ -40,6 +40,9 @@ ROUNDS, WARMUP_ROUNDS = (10, 2) if ON_CUDA else (5, 1)
 # Selection alone: (label, T, C, H) of ViT-B/16 at 224 px, ViT-L/14 at 224 and at 336.
 SELECTION_SHAPES = [("ViT-B-16@224", 197, 768, 12), ("ViT-L-14@224", 257, 1024, 16),
                     ("ViT-L-14@336", 577, 1024, 16)]
+# Selection on towers without a class token (SigLIP-like: p=0, anchors from the attention each
+# patch receives, SPEC.md's last section): (label, T, C, H), ViT-B/16 SigLIP2 at 256 px.
+NO_CLASS_SELECTION_SHAPES = [("SigLIP2-B-16@256", 256, 768, 12)]
 SELECTION_BATCH = 256 if ON_CUDA else 16
 # End to end: model -> (batch, middle layer, top_m sweep).
 if ON_CUDA:
@@ -57,6 +60,8 @@ class SelectionCase(NamedTuple):
     channels: int
     heads: int
     provider: str  # "hook" (the seed's baseline), "reference", "triton" or "qkv" (in_proj alone)
+    num_prefix: int = 1  # prefix tokens, always kept (OpenCLIP: the class token)
+    class_token: bool = True  # anchors from the class token's row, or from received attention
 
     @property
     def id(self):
@@ -80,8 +85,11 @@ class E2ECase(NamedTuple):
 
 
 def selection_cases():
-    return [SelectionCase(*shape, provider) for shape in SELECTION_SHAPES
-            for provider in ("hook", "reference", "triton", "qkv")]
+    providers = ("hook", "reference", "triton", "qkv")
+    return ([SelectionCase(*shape, provider) for shape in SELECTION_SHAPES
+             for provider in providers]
+            + [SelectionCase(*shape, provider, num_prefix=0, class_token=False)
+               for shape in NO_CLASS_SELECTION_SHAPES for provider in providers])
 
 
 def e2e_cases():

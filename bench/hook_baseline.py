@@ -13,9 +13,8 @@ checks that the hooks capture what the reference computes. What it cannot avoid 
 out of nn.MultiheadAttention's unfused path, which materialises every head's T x T attention
 and also computes the attention output that the seed's block goes on to use.
 """
-import torch.nn.functional as F
-
 from tokenprune.reference import select_from_attention
+from tokenprune.selection import kept_rows
 
 
 class HookSelector:
@@ -50,11 +49,14 @@ class HookSelector:
         for handle in self._handles:
             handle.remove()
 
-    def __call__(self, x, k_anchors, top_m, alpha, score_norm="none"):
+    def __call__(self, x, k_anchors, top_m, alpha, score_norm="none", num_prefix=1,
+                 class_token=True):
         """(keep_idx, x_kept) for block input x, the way the seed gets there: run the block's
-        attention with the hooks on, then select on what they captured."""
+        attention with the hooks on, then select on what they captured (num_prefix and
+        class_token as in tokenprune.reference.select_reference)."""
         block = self.block
         block.attention(q_x=block.ln_1(x))
-        keep_idx = select_from_attention(self.attn, self.x, k_anchors, top_m, alpha, score_norm)
-        rows = F.pad(keep_idx, (1, 0))  # CLS first
+        keep_idx = select_from_attention(self.attn, self.x, k_anchors, top_m, alpha, score_norm,
+                                         num_prefix, class_token)
+        rows = kept_rows(keep_idx, num_prefix)  # the prefix tokens first
         return keep_idx, self.x.gather(1, rows[..., None].expand(-1, -1, self.x.shape[-1]))

@@ -1,13 +1,27 @@
 """Fused Triton kernels for the token selection of SPEC.md, one operation per file.
 
-    cls_anchors   step 1     CLS attention row (head mean) and its top-k patches (2 kernels)
-    importance    step 2     I: one online-softmax pass over all T keys per head
-    diversity     step 3     D: cosine against the k anchor rows of X
-    select_topm   steps 4-5  score, top-m candidates, ascending keep_idx
-    gather_rows   the kept rows of x and qkv, CLS first
+    cls_anchors       step 1     with a class token: its attention row (head mean), top-k
+    softmax_stats     step 1     without one: each row's softmax max and sum over all T keys
+    received_anchors  step 1     without one: the attention each patch receives (column means
+                                 of P, from softmax_stats's normalisers), top-k
+    importance        step 2     I: each row's normaliser (its own online-softmax pass over all
+                                 T keys, or softmax_stats's), then the k anchor columns
+    diversity         step 3     D: cosine against the k anchor rows of X
+    select_topm       steps 4-5  score, top-m candidates, ascending keep_idx
+    gather_rows       -          the p prefix rows, then the kept rows, of x and qkv
+    (dot.py and topk.py hold the tile product and the exact top-k that the kernels share.)
 
-Six launches, no host synchronisation. Extra memory: O(B * T) rows, plus the CLS logits
-(B, H, T) float32 (9.5 MB at B=256, T=577, H=16); never anything of size T x T.
+The kernels know nothing of model families: the prefix count p, the anchor rule (class token
+or not) and the logit scale are plain arguments. No host synchronisation. Launches:
+    with a class token  6: cls_anchors (2), importance, diversity, select_topm, gather_rows;
+                        the T x T logits are computed once (importance).
+    without one         7: softmax_stats, received_anchors (2), importance, diversity,
+                        select_topm, gather_rows; the T x T logits are computed twice
+                        (softmax_stats, then the column sums), and importance, reading the
+                        stored normalisers, only the k anchor columns.
+select_tokens launches one fewer (no gather_rows). Extra memory: O(B * T) rows, plus with a
+class token its logits (B, H, T) float32 (9.5 MB at B=256, T=577, H=16), without one the row
+max and sum, (B, H, T) float32 each (23.9 MB at B=256, T=729, H=16); never anything T x T.
 """
 import torch
 
@@ -15,7 +29,9 @@ from .cls_anchors import cls_anchors
 from .diversity import diversity
 from .gather_rows import gather_rows
 from .importance import importance
+from .received_anchors import received_anchors
 from .select_topm import select_topm
+from .softmax_stats import softmax_stats
 
 __all__ = ["select_and_gather", "select_tokens", "selection_scores"]
 
@@ -32,43 +48,80 @@ def _kernel_layout(t):
     return t if t.stride(-1) == 1 and fits else t.contiguous()
 
 
-def selection_scores(x, qkv, num_heads, k_anchors):
-    """The intermediates, for tests and debugging: a dict of float32 (B, T) rows `cls_attn`,
-    `importance`, `diversity` (row 0, CLS, unused), `anchor_mask` (B, T) int8 and
-    `anchor_idx` (B, k) int32 ascending."""
+def selection_scores(x, qkv, num_heads, k_anchors, num_prefix=1, class_token=True, scale=None):
+    """The intermediates, for tests and debugging: a dict of float32 (B, T) rows
+    `anchor_score` (a_i: the class token's attention row, or without a class token the
+    attention each token receives), `importance`, `diversity` (the prefix entries of all three
+    unused), `anchor_mask` (B, T) int8 and `anchor_idx` (B, k) int32 ascending."""
     x, qkv = _kernel_layout(x), _kernel_layout(qkv)
-    cls_attn, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors)
-    return dict(cls_attn=cls_attn, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
-                importance=importance(qkv, num_heads, anchor_idx),
+    if class_token:
+        row_stats = None  # importance computes each row's normaliser in its own pass
+        anchor_score, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors,
+                                                            num_prefix, scale)
+    else:
+        row_stats = softmax_stats(qkv, num_heads, scale)
+        anchor_score, anchor_mask, anchor_idx = received_anchors(qkv, num_heads, k_anchors,
+                                                                 row_stats, num_prefix, scale)
+    return dict(anchor_score=anchor_score, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
+                importance=importance(qkv, num_heads, anchor_idx, scale, row_stats),
                 diversity=diversity(x, anchor_idx))
 
 
-def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
-    """keep_idx (B, k+m) int64, ascending: the kept patch indices into the T tokens.
-
-    x: block input (B, T, C); qkv: in_proj(ln_1(x)) (B, T, 3C), packed like
-    nn.MultiheadAttention. Same dtype (float32/float16/bfloat16); views are fine as long as
-    the last dim has unit stride. Requires 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= T - 1
-    (the block never asks for more), score_norm in {"none", "minmax"}.
-    """
+def _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix, class_token,
+                     scale):
+    """ValueError for arguments the kernels cannot take; returns scale as a float (None stays)."""
     B, T, C = x.shape
     if qkv.shape != (B, T, 3 * C) or qkv.dtype != x.dtype or C % num_heads:
         raise ValueError(f"select_and_gather needs x (B, T, C) and qkv (B, T, 3C) of one dtype "
                          f"with C divisible by num_heads={num_heads}, got x {tuple(x.shape)} "
                          f"{x.dtype}, qkv {tuple(qkv.shape)} {qkv.dtype}")
-    if not (1 <= k_anchors and 0 <= top_m and k_anchors + top_m <= T - 1):
-        raise ValueError(f"need 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= {T - 1} patch "
+    if not (isinstance(num_prefix, int) and (1 if class_token else 0) <= num_prefix < T):
+        raise ValueError(f"num_prefix must be an integer in [{1 if class_token else 0}, {T - 1}] "
+                         f"(T={T} tokens; class_token={class_token} needs the class token among "
+                         f"the prefix), got {num_prefix!r}")
+    patches = T - num_prefix
+    if not (1 <= k_anchors and 0 <= top_m and k_anchors + top_m <= patches):
+        raise ValueError(f"need 1 <= k_anchors, 0 <= top_m, k_anchors + top_m <= {patches} patch "
                          f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
     if score_norm not in ("none", "minmax"):
         raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
-    s = selection_scores(x, qkv, num_heads, k_anchors)
+    if scale is None:
+        return None
+    try:
+        value = float(scale)  # a Python number, or a one-element tensor
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"scale must be a positive finite number or None (d ** -0.5), "
+                         f"got {scale!r}")
+    return value
+
+
+def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
+                  class_token=True, scale=None):
+    """keep_idx (B, k+m) int64, ascending: the kept patch indices into the T tokens (all >= p).
+
+    x: block input (B, T, C); qkv: (B, T, 3C), [q | k | v] as the block's attention uses them.
+    Same dtype (float32/float16/bfloat16); views are fine as long as the last dim has unit
+    stride. num_prefix: p, the leading tokens that are always kept and never chosen (1 <= p
+    with a class token, which is token 0; 0 <= p without). class_token: anchor scores from the
+    class token's row, or else from the attention each patch receives (SPEC.md). scale: the
+    attention's logit scale, d ** -0.5 when None. Requires 1 <= k_anchors, 0 <= top_m,
+    k_anchors + top_m <= T - p (the block never asks for more), score_norm in
+    {"none", "minmax"}.
+    """
+    scale = _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix,
+                             class_token, scale)
+    s = selection_scores(x, qkv, num_heads, k_anchors, num_prefix, class_token, scale)
     return select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
-                       alpha, score_norm)
+                       alpha, score_norm, num_prefix)
 
 
-def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm):
-    """(keep_idx, x_kept (B, 1+k+m, C), qkv_kept (B, 1+k+m, 3C)): `select_tokens`, then the
-    CLS + kept rows copied contiguously. The copy has no backward: where gradients must reach
-    the kept rows, gather them with torch instead (tokenprune.selection does)."""
-    keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm)
-    return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx))
+def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
+                      class_token=True, scale=None):
+    """(keep_idx, x_kept (B, p+k+m, C), qkv_kept (B, p+k+m, 3C)): `select_tokens`, then the p
+    prefix rows and the kept rows copied contiguously. The copy has no backward: where gradients
+    must reach the kept rows, gather them with torch instead (tokenprune.selection does)."""
+    keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix,
+                             class_token, scale)
+    return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx, num_prefix))

@@ -1,20 +1,21 @@
-"""SPEC step 1: the CLS token's head-averaged attention row and its top-k patches (the anchors).
+"""SPEC step 1 with a class token (index 0): its head-averaged attention row and the k patches
+it attends to most (the anchors).
 
 Two kernels:
-  _cls_logits_kernel   grid (images, blocks of BLOCK_N keys): the CLS query's scaled logits
-                       s * q_cls,h . k_h[j] for every head, into a (B, H, T) float32 buffer.
+  _cls_logits_kernel   grid (images, blocks of BLOCK_N keys): the class query's scaled logits
+                       scale * q_cls,h . k_h[j] for every head, into a (B, H, T) float32 buffer.
                        A single query row is a matrix-vector product, so it is elementwise
                        products and a row sum, and the many small programs keep enough loads in
                        flight to stream K at memory bandwidth.
   _cls_anchors_kernel  grid (images,): each head's row in registers (BLOCK_T =
                        next_power_of_2(T)), an exact softmax, the mean over heads, then the k
-                       largest patches (topk.py, ties to the lower index).
+                       largest patches p..T-1 (topk.py, ties to the lower index).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .topk import top_count_mask
+from .topk import store_top_anchors
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _cls_logits_kernel(
 @triton.jit
 def _cls_anchors_kernel(
     logits_ptr, cls_attn_ptr, anchor_mask_ptr, anchor_idx_ptr,
-    T, NUM_HEADS, K_ANCHORS,
+    T, NUM_HEADS, NUM_PREFIX, K_ANCHORS,
     BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -55,19 +56,17 @@ def _cls_anchors_kernel(
         cls_attn += p / tl.sum(p, axis=0)
     cls_attn = cls_attn / NUM_HEADS
     tl.store(cls_attn_ptr + b * T + tok, cls_attn, mask=tok_ok)
-
-    # Anchors: the K_ANCHORS largest among patches 1..T-1 (CLS is never an anchor).
-    is_anchor = top_count_mask(cls_attn, tok_ok & (tok >= 1), K_ANCHORS)
-    tl.store(anchor_mask_ptr + b * T + tok, is_anchor.to(tl.int8), mask=tok_ok)
-    # The anchor list in ascending token order: each anchor's slot is its running count.
-    slot = tl.cumsum(is_anchor.to(tl.int32), axis=0) - 1
-    tl.store(anchor_idx_ptr + b * K_ANCHORS + slot, tok, mask=is_anchor)
+    # Prefix tokens (the class token among them) are never anchors.
+    store_top_anchors(cls_attn, tok, tok_ok, tok_ok & (tok >= NUM_PREFIX), K_ANCHORS,
+                      anchor_mask_ptr + b * T, anchor_idx_ptr + b * K_ANCHORS)
 
 
-def cls_anchors(qkv, num_heads, k_anchors):
+def cls_anchors(qkv, num_heads, k_anchors, num_prefix=1, scale=None):
     """(cls_attn (B, T) float32, anchor_mask (B, T) int8, anchor_idx (B, k) int32 ascending).
 
-    qkv: (B, T, 3C) packed [q | k | v], unit stride in the last dim. 1 <= k_anchors <= T - 1.
+    qkv: (B, T, 3C) packed [q | k | v], unit stride in the last dim, the class token at row 0.
+    num_prefix: p >= 1, the leading tokens that are never anchors; 1 <= k_anchors <= T - p.
+    scale: the attention's logit scale (d ** -0.5 when None).
     """
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -81,14 +80,14 @@ def cls_anchors(qkv, num_heads, k_anchors):
     BLOCK_N = 64
     _cls_logits_kernel[(B, triton.cdiv(T, BLOCK_N))](
         qkv, logits,
-        T, C, head_dim, num_heads, head_dim ** -0.5,
+        T, C, head_dim, num_heads, head_dim ** -0.5 if scale is None else scale,
         qkv.stride(0), qkv.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
     )
     BLOCK_T = triton.next_power_of_2(T)
     _cls_anchors_kernel[(B,)](
         logits, cls_attn, anchor_mask, anchor_idx,
-        T, num_heads, k_anchors,
+        T, num_heads, num_prefix, k_anchors,
         BLOCK_T=BLOCK_T, num_warps=8 if BLOCK_T >= 1024 else 4,
     )
     return cls_attn, anchor_mask, anchor_idx

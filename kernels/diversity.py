@@ -4,13 +4,13 @@ Grid: (images, query blocks of BLOCK_M tokens). Only the k anchor rows of X are 
 each program computes a (BLOCK_M, BLOCK_A) Gram block per chunk of anchors (channels in
 BLOCK_C chunks), divides by the norms and keeps the running max.
 cos(u, v) = u.v / (max(|u|, eps) * max(|v|, eps)), eps = 1e-8, as in SPEC.md.
-Output: D, (B, T) float32 (row 0, the CLS token, is computed but never used).
+Output: D, (B, T) float32 (the prefix rows are computed but never used).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .importance import dot_f32, dot_mode
+from .dot import dot_f32, dot_mode
 
 EPS_COS = 1e-8
 

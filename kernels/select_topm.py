@@ -24,14 +24,14 @@ def _minmax(values, candidate, EPS: tl.constexpr):
 @triton.jit
 def _select_topm_kernel(
     importance_ptr, diversity_ptr, anchor_mask_ptr, keep_idx_ptr,
-    T, TOP_M, KEPT, alpha, beta,
+    T, NUM_PREFIX, TOP_M, KEPT, alpha, beta,
     BLOCK_T: tl.constexpr, MINMAX: tl.constexpr, EPS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tok = tl.arange(0, BLOCK_T)
     tok_ok = tok < T
     is_anchor = tl.load(anchor_mask_ptr + b * T + tok, mask=tok_ok, other=0) != 0
-    candidate = tok_ok & (tok >= 1) & ~is_anchor
+    candidate = tok_ok & (tok >= NUM_PREFIX) & ~is_anchor
     importance = tl.load(importance_ptr + b * T + tok, mask=tok_ok, other=0.0)
     diversity = tl.load(diversity_ptr + b * T + tok, mask=tok_ok, other=0.0)
     if MINMAX:
@@ -46,15 +46,17 @@ def _select_topm_kernel(
     tl.store(keep_idx_ptr + b * KEPT + slot, tok.to(tl.int64), mask=keep)
 
 
-def select_topm(importance, diversity, anchor_mask, k_anchors, top_m, alpha, score_norm):
-    """keep_idx (B, k_anchors + top_m) int64, ascending: the anchors and the top_m candidates."""
+def select_topm(importance, diversity, anchor_mask, k_anchors, top_m, alpha, score_norm,
+                num_prefix=1):
+    """keep_idx (B, k_anchors + top_m) int64, ascending: the anchors and the top_m candidates
+    (patches p..T-1 that are not anchors; the p prefix tokens are never candidates)."""
     B, T = importance.shape
     kept = k_anchors + top_m
     keep_idx = torch.empty(B, kept, device=importance.device, dtype=torch.int64)
     BLOCK_T = triton.next_power_of_2(T)
     _select_topm_kernel[(B,)](
         importance, diversity, anchor_mask, keep_idx,
-        T, top_m, kept, float(alpha), 1.0 - float(alpha),
+        T, num_prefix, top_m, kept, float(alpha), 1.0 - float(alpha),
         BLOCK_T=BLOCK_T, MINMAX=score_norm == "minmax", EPS=EPS_MINMAX,
         num_warps=8 if BLOCK_T >= 1024 else 4,
     )

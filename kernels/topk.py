@@ -8,6 +8,7 @@ by bisection and resolve ties with a running count (which walks the row in index
     3. keep every entry above v, and of the entries equal to v the lowest-index ones, as many as
        are still missing.
 That is exactly the set a stable descending sort (SPEC.md's tie rule) puts first.
+`store_top_anchors` wraps it for step 1, whichever anchor rule made the scores.
 """
 import triton
 import triton.language as tl
@@ -44,3 +45,14 @@ def top_count_mask(value, valid, count):
     missing = count - tl.sum(above.to(tl.int32), axis=0)
     tie = valid & (ordered == lo)
     return valid & (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= missing)))
+
+
+@triton.jit
+def store_top_anchors(score, tok, tok_ok, patch, count, anchor_mask_ptr, anchor_idx_ptr):
+    """Step 1's bookkeeping for one image's row of anchor scores: the `count` largest among the
+    `patch` entries (prefix tokens and padding excluded) as an int8 mask over the T tokens and
+    as a list in ascending token order (each anchor's slot is its running count)."""
+    is_anchor = top_count_mask(score, patch, count)
+    tl.store(anchor_mask_ptr + tok, is_anchor.to(tl.int8), mask=tok_ok)
+    slot = tl.cumsum(is_anchor.to(tl.int32), axis=0) - 1
+    tl.store(anchor_idx_ptr + slot, tok, mask=is_anchor)

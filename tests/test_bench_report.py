@@ -163,13 +163,15 @@ def test_hook_baseline_selects_like_the_reference_inside_a_model(score_norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_hook_baseline_call_matches_the_reference_and_gathers_cls_first(dtype):
+@pytest.mark.parametrize("p,class_token", [(1, True), (0, False), (2, False)])
+def test_hook_baseline_call_matches_the_reference_and_gathers_prefix_first(dtype, p, class_token):
     block = tiny_vit(dtype).transformer.resblocks[0]
     x = torch.randn(4, 50, 64, dtype=dtype)
     with torch.no_grad():
-        keep_idx, x_kept = hook_baseline.HookSelector(block)(x, 4, 12, 0.5)
+        keep_idx, x_kept = hook_baseline.HookSelector(block)(x, 4, 12, 0.5, "none", p,
+                                                             class_token)
         qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
-        expected = select_reference(x, qkv, 4, 4, 12, 0.5)
+        expected = select_reference(x, qkv, 4, 4, 12, 0.5, "none", p, class_token)
     assert torch.equal(keep_idx, expected)
-    assert torch.equal(x_kept[:, 0], x[:, 0])
-    assert torch.equal(x_kept[:, 1:], x.gather(1, expected[..., None].expand(-1, -1, 64)))
+    assert torch.equal(x_kept[:, :p], x[:, :p])
+    assert torch.equal(x_kept[:, p:], x.gather(1, expected[..., None].expand(-1, -1, 64)))

@@ -117,3 +117,31 @@ def test_backend_choice(monkeypatch):
     pruned = PrunedResidualAttentionBlock(make_block(), PruneConfig(k_anchors=2, top_m=2, backend="triton"))
     with pytest.raises(RuntimeError, match="backend='triton' cannot run: the tensors are on cpu"):
         pruned(torch.randn(1, T, C))
+
+
+def test_random_control_draws_seeded_distinct_patches_and_runs_the_block_on_them():
+    block = make_block()
+    x = torch.randn(4, T, C)
+    cfg = PruneConfig(k_anchors=3, top_m=9, selection="random", seed=7)
+    with torch.no_grad():
+        first = PrunedResidualAttentionBlock(block, cfg)
+        out1, keep1 = first(x), first.last_keep_idx
+        out2, keep2 = first(x), first.last_keep_idx              # the generator moves on
+        again = PrunedResidualAttentionBlock(block, cfg)          # same seed: same draws
+        again(x)
+        other = PrunedResidualAttentionBlock(block, PruneConfig(k_anchors=3, top_m=9,
+                                                                selection="random", seed=8))
+        other(x)
+        scored = PrunedResidualAttentionBlock(block, PruneConfig(k_anchors=3, top_m=9))
+        scored(x)
+    assert keep1.shape == (4, 12)
+    assert ((keep1 >= 1) & (keep1 < T)).all()
+    assert all(row == sorted(set(row)) for row in keep1.tolist())  # ascending, no repeats
+    assert torch.equal(again.last_keep_idx, keep1)
+    assert not torch.equal(keep2, keep1)
+    assert not torch.equal(other.last_keep_idx, keep1)
+    assert not torch.equal(scored.last_keep_idx, keep1)
+    rows = torch.cat([torch.zeros_like(keep1[:, :1]), keep1], dim=1)
+    with torch.no_grad():
+        expected = block(torch.stack([x[b, rows[b]] for b in range(4)]))
+    torch.testing.assert_close(out1, expected, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,10 +17,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tokenprune import visualize  # noqa: E402
+from tokenprune import clip_benchmark_flags, visualize  # noqa: E402
 from tokenprune.block import PrunedResidualAttentionBlock  # noqa: E402
 from tokenprune.cli import build_parser, main  # noqa: E402
-from tokenprune.evaluate import accuracy  # noqa: E402
+from tokenprune.evaluate import accuracy, eval_parser  # noqa: E402
 
 TINY = "tokenprune-test-tiny"
 # 32 px images, 4 px patches: 8 x 8 = 64 patches, 65 tokens; two blocks of width 64, 2 heads.
@@ -28,6 +29,9 @@ TINY_CFG = {"embed_dim": 32,
                            "patch_size": 4},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
                          "layers": 1}}
+# Another architecture, for a checkpoint that does not fit TINY: 8 px patches, one block.
+OTHER = "tokenprune-test-other"
+OTHER_CFG = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "patch_size": 8, "layers": 1}}
 CLASSES = ["red", "green", "blue", "yellow", "purple"]  # >= 5 classes, so acc5 is computed
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40), (150, 50, 180)]
 
@@ -40,12 +44,12 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def class_images(count, seed=0):
+def class_images(count, seed=0, classes=len(CLASSES)):
     """(images, labels): a square of the class colour, of random size and place, on noise."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for i in range(count):
-        label = i % len(CLASSES)
+        label = i % classes
         pixels = rng.integers(0, 256, (32, 32, 3)).astype(float)
         side = rng.integers(8, 20)
         top, left = rng.integers(0, 32 - side, 2)
@@ -80,6 +84,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     (root / "configs").mkdir()
     (root / "configs" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    (root / "configs" / f"{OTHER}.json").write_text(json.dumps(OTHER_CFG))
     open_clip.add_model_config(root / "configs")
     images, labels = class_images(30)
 
@@ -88,8 +93,19 @@ def tiny(tmp_path_factory):
     train_briefly(model, preprocess, images[:10], labels[:10])
     checkpoint = root / "tiny.pt"
     torch.save(model.state_dict(), checkpoint)
+    other = root / "other.pt"
+    torch.save(open_clip.create_model(OTHER).state_dict(), other)
+    corrupt = root / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])  # a download cut short
 
-    data = root / "wds"
+    data = write_wds(root / "wds", images, labels, CLASSES)
+    # Four classes: CLIP_benchmark's acc5 is NaN (top-5 of 4); 9 images, batches of 4.
+    data4 = write_wds(root / "wds4", *class_images(9, seed=2, classes=4), CLASSES[:4])
+    return {"root": root, "checkpoint": str(checkpoint), "data": str(data),
+            "data4": str(data4), "other": str(other), "corrupt": str(corrupt)}
+
+
+def write_wds(data, images, labels, classes):
     (data / "test").mkdir(parents=True)
     with tarfile.open(data / "test" / "0.tar", "w") as tar:
         for i, (image, label) in enumerate(zip(images, labels)):
@@ -100,9 +116,9 @@ def tiny(tmp_path_factory):
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     (data / "test" / "nshards.txt").write_text("1")
-    (data / "classnames.txt").write_text("\n".join(CLASSES))
+    (data / "classnames.txt").write_text("\n".join(classes))
     (data / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} thing.")
-    return {"root": root, "checkpoint": str(checkpoint), "data": str(data)}
+    return data
 
 
 def eval_args(tiny, output, *extra):
@@ -145,15 +161,38 @@ def test_eval_flags_are_clip_benchmarks_plus_pruning(monkeypatch):
     seed_command = ["eval", "--dataset", "cifar10", "--model", "ViT-B-32", "--pretrained",
                     "openai", "--enable_pruning", "--k_anchors", "5", "--top_m", "30",
                     "--alpha", "0.6"]
-    ours = build_parser().parse_args(seed_command + ["--score_norm", "minmax", "--layer", "-2"])
     monkeypatch.setattr(sys, "argv", ["clip_benchmark", *seed_command[:7]])
     _, theirs = cb_cli.get_parser_args()
-    assert vars(theirs).items() <= vars(ours).items()  # every CLIP_benchmark flag, same value
-    assert (ours.enable_pruning, ours.k_anchors, ours.top_m, ours.alpha) == (True, 5, 30, 0.6)
-    assert (ours.score_norm, ours.layer, ours.backend) == ("minmax", -2, "auto")
-    defaults = build_parser().parse_args(["eval"])
-    assert (defaults.enable_pruning, defaults.k_anchors, defaults.top_m, defaults.alpha) == \
-        (False, 10, 50, 0.5)
+    # The light parser (its copy of CLIP_benchmark's flags) and the one eval runs with.
+    for parser in (build_parser(), eval_parser()):
+        ours = parser.parse_args(seed_command + ["--score_norm", "minmax", "--layer", "-2"])
+        assert vars(theirs).items() <= vars(ours).items()  # every CLIP_benchmark flag, same value
+        assert (ours.enable_pruning, ours.k_anchors, ours.top_m, ours.alpha) == (True, 5, 30, 0.6)
+        assert (ours.score_norm, ours.layer, ours.backend) == ("minmax", -2, "auto")
+        defaults = parser.parse_args(["eval"])
+        assert (defaults.enable_pruning, defaults.k_anchors, defaults.top_m, defaults.alpha) == \
+            (False, 10, 50, 0.5)
+    # CLIP_benchmark's help for --no_amp ("whether to use mixed precision") says the opposite.
+    evaluate = eval_parser()._subparsers._group_actions[0].choices["eval"]
+    no_amp = next(action for action in evaluate._actions if "--no_amp" in action.option_strings)
+    assert no_amp.help.startswith("turn off mixed precision")
+
+
+def test_copy_of_clip_benchmark_flags_matches_its_parser(monkeypatch):
+    """tokenprune/clip_benchmark_flags.py must equal the installed CLIP_benchmark's eval flags."""
+    import argparse
+    from importlib.metadata import version
+
+    from clip_benchmark import cli as cb_cli
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark"])
+    parser, _ = cb_cli.get_parser_args()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    theirs = tuple(clip_benchmark_flags.describe(action)
+                   for action in subparsers.choices["eval"]._actions
+                   if not isinstance(action, argparse._HelpAction))
+    assert theirs == clip_benchmark_flags.EVAL_FLAGS
+    assert version("clip-benchmark") == clip_benchmark_flags.VERSION
+    assert clip_benchmark_flags.flags_trusted()
 
 
 def test_eval_unpruned_matches_clip_benchmark(unpruned):
@@ -194,6 +233,10 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     # CLIP_benchmark's evaluation really ran the pruned block: 4 batches of 8, 6 left over.
     assert kept == [(8, 25, 64)] * 3 + [(6, 25, 64)]
     assert "65 -> 25 tokens" in err
+    # Prose counts blocks from 1, the JSON's "block" is the 0-based index: both said.
+    assert "pruned at block 2 of 2, index 1" in err
+    # No --no_amp on the CPU: one line says that autocast is on and how to turn it off.
+    assert len([line for line in err.splitlines() if "--no_amp" in line]) == 1
 
 
 def test_eval_noop_warns_and_runs_unpruned(tiny, unpruned, tmp_path, capsys):
@@ -215,13 +258,18 @@ def test_eval_noop_warns_and_runs_unpruned(tiny, unpruned, tmp_path, capsys):
     (["--model", "RN50", "--pretrained", "openai", "--enable_pruning"], "ResNet image tower"),
     (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--dataset", "wds/missing", "--dataset_root", "/nonexistent/wds"],
-     "could not load dataset 'wds/missing'"),
+     "could not load dataset 'wds/missing' (split 'test') from --dataset_root '/nonexistent/wds'"),
+    (["--dataset", "wds/missing"], "(no --dataset_root given: CLIP_benchmark's default is the "
+                                   "folder 'root' here)"),
     (["--enable_pruning", "--alpha", "1.5"], "--alpha must be a finite number in [0, 1]"),
     (["--enable_pruning", "--k_anchors", "0"], "--k_anchors must be an integer >= 1"),
     (["--enable_pruning", "--top_m", "-1"], "--top_m must be an integer >= 0"),
     (["--enable_pruning", "--layer", "5"], "--layer must be in [-2, 1]"),
     (["--enable_pruning", "--k_anchors", "ten"], "invalid int value: 'ten'"),
     (["--enable_pruning", "--score_norm", "zscore"], "invalid choice: 'zscore'"),
+    (["--enable-pruning", "--top-m", "-1"], "--top_m must be an integer >= 0"),
+    (["--enable_pruning", "--alhpa", "0.3"], "did you mean --alpha instead of --alhpa?"),
+    (["--dataset-rot", "x"], "did you mean --dataset_root instead of --dataset-rot?"),
 ])
 def test_eval_bad_input_is_one_line(tiny, tmp_path, capsys, extra, message):
     argv = eval_args(tiny, tmp_path / "out.json")
@@ -298,3 +346,255 @@ def test_visualize_runs_with_no_arguments(tmp_path, capsys, monkeypatch):
     assert "ViT-B-16: 197 -> 61 tokens" in stdout and "kept.png" in stdout
     geo = visualize.layout(224, 224)
     assert Image.open(tmp_path / "kept.png").size == geo["size"]
+
+
+# ----- a fast start: what must not import torch, open_clip or clip_benchmark ----------------
+
+FAST_CHECK = r"""
+import json, sys
+from tokenprune.cli import main
+argv = json.loads(sys.argv[1])
+try:
+    status = main(argv)
+except SystemExit as exc:
+    status = exc.code
+heavy = sorted(m for m in ("torch", "open_clip", "clip_benchmark") if m in sys.modules)
+print(json.dumps({"status": status, "heavy": heavy}))
+"""
+
+
+def write_results(path, metrics, **fields):
+    path.write_text(json.dumps({"dataset": "wds/toy", "model": "ViT-B-16", "pretrained": "x.pt",
+                                "task": "zeroshot_classification", "metrics": metrics,
+                                "language": "en", **fields}))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, status, message", [
+    ([], 0, "visualize"),
+    (["--help"], 0, "visualize"),
+    (["visualize", "--help"], 0, "--k_anchors"),
+    (["build", "--help"], 0, "--output"),
+    (["eval", "--alpha", "2"], 1, "--alpha must be a finite number in [0, 1], got 2.0"),
+    (["eval", "--enable-pruning", "--k-anchors", "0"], 1, "--k_anchors must be an integer >= 1"),
+    (["visualize", "--layer", "x"], 2, "argument --layer: invalid int value: 'x'"),
+    (["visualize", "--top_m", "-3"], 1, "--top_m must be an integer >= 0, got -3"),
+    (["eval", "--dataset", "cifar10", "--enable_pruning", "--alhpa", "0.3"], 2,
+     "did you mean --alpha instead of --alhpa?"),
+    (["visualize", "--enable-pruning"], 2, "tokenprune visualize always prunes"),
+    (["build", "a.json", "b.json", "--output", "out.csv"], 0, "wrote out.csv (2 rows)"),
+])
+def test_fast_paths_import_no_torch(tmp_path, argv, status, message):
+    """`--help`, bad pruning values, misspelled flags and `build` are answered without importing
+    torch, open_clip or clip_benchmark (importing those took 10-35 s on a 2-core machine)."""
+    if argv[:1] == ["build"]:
+        write_results(tmp_path / "a.json", {"acc1": 0.5})
+        write_results(tmp_path / "b.json", {"acc1": 0.25})
+    proc = subprocess.run([sys.executable, "-c", FAST_CHECK, json.dumps(argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"status": status, "heavy": []}, proc.stderr
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_build_writes_nested_fields_as_json_and_nan_as_empty(tmp_path, capsys):
+    # A file of the old kind, with a bare NaN (Python's json reads it), and one with null.
+    (tmp_path / "old.json").write_text(
+        '{"dataset": "wds/toy", "model": "ViT-B-16", "pretrained": "x.pt", "metrics": '
+        '{"acc1": 0.5, "acc5": NaN}, "pruning": {"enabled": false}, "throughput": null}')
+    new = write_results(tmp_path / "new.json", {"acc1": 0.25, "acc5": None},
+                        pruning={"enabled": True, "k_anchors": 4, "alpha": 0.5},
+                        throughput={"images_per_second": 12.5, "amp": False})
+    out = tmp_path / "results.csv"
+    status, stdout, err = run_main(["build", str(tmp_path / "old.json"), new, "--output",
+                                    str(out)], capsys)
+    assert status == 0, err
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert [row["acc1"] for row in rows] == ["0.5", "0.25"]
+    assert [row["acc5"] for row in rows] == ["", ""]
+    assert [json.loads(row["pruning"]) for row in rows] == \
+        [{"enabled": False}, {"enabled": True, "k_anchors": 4, "alpha": 0.5}]
+    assert json.loads(rows[1]["throughput"]) == {"images_per_second": 12.5, "amp": False}
+    assert rows[0]["model_fullname"] == "ViT-B-16 x.pt"
+
+
+# ----- loading: classified by what failed ---------------------------------------------------
+
+def visualize_args(tiny, tmp_path, *extra):
+    return ["visualize", "--model", TINY, "--out", str(tmp_path / "kept.png"), "--k_anchors", "4",
+            "--top_m", "20", *extra]
+
+
+def test_device_without_cuda_is_said_before_loading(tiny, tmp_path, capsys, monkeypatch):
+    """Not "could not download": torch's no-driver error used to be read as a download one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loads = []
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda *args, **kwargs: loads.append(args))
+    status, _, err = run_main(visualize_args(tiny, tmp_path, "--pretrained", tiny["checkpoint"],
+                                             "--device", "cuda"), capsys)
+    assert status == 1
+    assert err.strip().splitlines()[-1] == (
+        "tokenprune: error: --device cuda: no CUDA device is available on this machine "
+        "(torch.cuda.is_available() is False); use --device cpu")
+    assert loads == []  # checked before anything was loaded
+    status, _, err = run_main(visualize_args(tiny, tmp_path, "--device", "gpu0"), capsys)
+    assert status == 1 and "--device gpu0: not a torch device" in err
+
+
+@pytest.mark.parametrize("command", ["visualize", "eval"])
+def test_corrupt_checkpoint_names_the_file(tiny, tmp_path, capsys, command):
+    if command == "visualize":
+        argv = visualize_args(tiny, tmp_path, "--pretrained", tiny["corrupt"])
+    else:
+        argv = eval_args(tiny, tmp_path / "out.json")[:-1]  # without --quiet
+    if command == "eval":
+        argv[argv.index(tiny["checkpoint"])] = tiny["corrupt"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"tokenprune: error: --pretrained {tiny['corrupt']}: not a readable "
+                           "checkpoint file (")
+    assert "Traceback" not in err
+
+
+def test_checkpoint_of_another_architecture_says_what_does_not_fit(tiny, tmp_path, capsys,
+                                                                   monkeypatch):
+    argv = visualize_args(tiny, tmp_path, "--pretrained", tiny["other"])
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    last = err.strip().splitlines()[-1]
+    # OTHER has one block of 8 px patches: block 1's weights are missing, conv1 is 8 x 8.
+    block_keys = [k for k in open_clip.create_model(TINY).state_dict()
+                  if k.startswith("visual.transformer.resblocks.1.")]
+    assert f"--pretrained {tiny['other']} does not fit --model {TINY}: " in last
+    assert f"{len(block_keys)} missing, 0 unexpected and 1 wrong-shape weights (missing: " \
+        "visual.transformer.resblocks.1." in last
+    assert f"and {len(block_keys) - 3} more; wrong shape: visual.conv1.weight is [64, 3, 8, 8] " \
+        "in the file, [64, 3, 4, 4] in the model)" in last
+    assert "checkpoint of another architecture" in last
+    assert "Traceback" not in err
+
+    # TOKENPRUNE_DEBUG=1: the original error's full traceback, then the same line.
+    monkeypatch.setenv("TOKENPRUNE_DEBUG", "1")
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    assert "Traceback" in err and "Error(s) in loading state_dict for CLIP" in err
+    assert "size mismatch for visual.conv1.weight" in err
+    assert err.strip().splitlines()[-1] == last
+
+
+def test_debug_shows_the_traceback_of_every_translated_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TOKENPRUNE_DEBUG", "1")
+    status, _, err = run_main(["visualize", "--alpha", "1.5"], capsys)
+    assert status == 1
+    assert "Traceback" in err and "ValueError: alpha must be a finite number" in err
+    assert err.strip().splitlines()[-1].startswith("tokenprune: error: --alpha must be")
+
+
+# ----- eval output: JSON, warnings, progress ------------------------------------------------
+
+def test_eval_json_is_strict_and_the_run_quiet(tiny, tmp_path, capsys):
+    """Four classes: acc5 (NaN in CLIP_benchmark) is null. Known-harmless third-party warnings
+    are hidden unless --verbose; the WebDataset progress bar has a total."""
+    def run(*extra):
+        out = tmp_path / f"four{len(extra)}.json"
+        argv = eval_args(tiny, out, "--no_amp", "--enable_pruning", "--k_anchors", "4",
+                         "--top_m", "20", *extra)
+        argv[argv.index(tiny["data"])] = tiny["data4"]
+        argv[argv.index("--batch_size") + 1] = "4"
+        argv.remove("--quiet")  # CLIP_benchmark's verbose output, its classification report
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)  # as Python's default filters
+            status, stdout, err = run_main(argv, capsys)
+        assert status == 0, err
+        return out.read_text(), stdout, err, [f"{w.category.__name__}: {w.message}"
+                                              for w in caught]
+
+    text, stdout, err, shown = run()
+    result = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert result["metrics"]["acc5"] is None and 0 <= result["metrics"]["acc1"] <= 1
+    assert "acc5 n/a" in err
+    assert shown == [] and "Warning" not in err, shown
+    assert "--no_amp" not in err  # given: no note
+    assert "Dataset size: 9" in stdout and "IterableDataset has no len()" not in stdout
+    assert "3/3" in err  # three batches of 4, 4, 1 images: the bar knows its total
+    *_, shown = run("--verbose")
+    assert any("shardshuffle" in w for w in shown), shown
+    assert any(w.startswith("UndefinedMetricWarning") for w in shown), shown
+
+
+# ----- visualize ----------------------------------------------------------------------------
+
+def test_visualize_says_what_it_does_and_counts_blocks_from_one(tiny, tmp_path, capsys):
+    status, stdout, err = run_main(visualize_args(tiny, tmp_path, "--pretrained",
+                                                  tiny["checkpoint"], "--top-m", "10"), capsys)
+    assert status == 0, err
+    steps = [line for line in err.splitlines() if line.endswith("...")]
+    assert [line.split()[1] for line in steps] == ["loading", "running", "drawing"]
+    assert "65 -> 15 tokens at block 2 of 2 (index 1)" in stdout
+
+
+def test_visualize_with_nothing_to_prune_says_so(tiny, tmp_path, capsys, monkeypatch):
+    titles = []
+    render = visualize.render
+    monkeypatch.setattr(visualize, "render",
+                        lambda *args: titles.append(args[4]) or render(*args))
+    status, stdout, err = run_main(visualize_args(tiny, tmp_path, "--k_anchors", "60",
+                                                  "--top_m", "10"), capsys)
+    assert status == 0, err
+    assert "nothing pruned" in titles[0] and "block" not in titles[0]
+    assert f"{TINY}: nothing pruned, all 65 tokens kept" in stdout
+
+
+def test_visualize_random_weights_are_seeded(tiny, tmp_path, capsys):
+    pictures = []
+    for run in range(2):
+        out = tmp_path / f"kept{run}.png"
+        status, _, err = run_main(["visualize", "--model", TINY, "--out", str(out),
+                                   "--k_anchors", "4", "--top_m", "20"], capsys)
+        assert status == 0, err
+        assert "seeded: the same picture every run" in err
+        pictures.append(out.read_bytes())
+    assert pictures[0] == pictures[1]
+
+
+def test_visualize_on_a_resnet_names_its_own_flag(tmp_path, capsys):
+    status, _, err = run_main(["visualize", "--model", "RN50", "--out",
+                               str(tmp_path / "x.png")], capsys)
+    assert status == 1
+    assert err.strip().splitlines()[-1].startswith(
+        "tokenprune: error: --model RN50: RN50 has a ResNet image tower, which cannot be pruned")
+    assert "--enable_pruning" not in err
+
+
+def test_another_clip_benchmark_version_leaves_unknown_flags_to_its_parser(capsys, monkeypatch):
+    """With a clip-benchmark other than the copied one, a flag our copy does not know may be
+    new: CLIP_benchmark's own parser judges it (still one line)."""
+    monkeypatch.setattr(clip_benchmark_flags, "VERSION", "0.0")
+    status, _, err = run_main(["eval", "--enable_pruning", "--alhpa", "0.3"], capsys)
+    assert status == 2
+    assert err.strip() == ("tokenprune: error: unrecognized arguments: --alhpa 0.3 (see "
+                           "`tokenprune --help`)")
+
+
+def test_no_module_imports_the_command_line_back():
+    """tokenprune/cli.py imports the subcommands' modules; none of them imports cli.py (the
+    shared pieces live in cli_common.py), so there is no import circle."""
+    import ast
+    import tokenprune
+    package = os.path.dirname(tokenprune.__file__)
+    importers = []
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py") or name in ("cli.py", "__main__.py"):
+            continue
+        tree = ast.parse(open(os.path.join(package, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (
+                    (node.level == 1 and node.module == "cli") or node.module == "tokenprune.cli"):
+                importers.append(name)
+    assert importers == []

@@ -38,3 +38,11 @@ def test_numpy_like_numbers_become_plain_python():
 def test_edges_of_the_ranges_are_allowed():
     PruneConfig(k_anchors=1, top_m=0, alpha=0.0)
     PruneConfig(alpha=1, score_norm="minmax", backend="reference", layer=5)
+
+
+def test_selection_and_seed_are_validated():
+    assert PruneConfig().selection == "score" and PruneConfig().seed == 0
+    with pytest.raises(ValueError, match="selection must be one of 'score', 'random', got 'cls'"):
+        PruneConfig(selection="cls")
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        PruneConfig(seed=-1)

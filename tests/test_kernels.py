@@ -39,18 +39,20 @@ def make_inputs(B, T, C, dtype=torch.float32, seed=0):
     return x.to(DEVICE, dtype), qkv.to(DEVICE, dtype)
 
 
-def reference_scores(x, qkv, num_heads, anchors):
-    """SPEC steps 0-3 in float32 for given anchors (B, k): CLS row, I and D over all T tokens."""
+def reference_scores(x, qkv, num_heads, anchors, class_token=True, scale=None):
+    """SPEC steps 0-3 in float32 for given anchors (B, k), over all T tokens: the anchor scores
+    (the class token's row, or without one the column means of P), I and D."""
     B, T, C = x.shape
     d = C // num_heads
     q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
-    P = (torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5).softmax(dim=-1).mean(dim=1)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * (d ** -0.5 if scale is None else scale)
+    P = logits.softmax(dim=-1).mean(dim=1)
     anchors = anchors.long()
     importance = P.gather(2, anchors[:, None, :].expand(B, T, -1)).mean(dim=-1)
     xf = x.float()
     unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     cos = unit @ unit.gather(1, anchors[..., None].expand(-1, -1, C)).transpose(1, 2)
-    return P[:, 0], importance, 1 - cos.amax(dim=-1)
+    return P[:, 0] if class_token else P.mean(dim=1), importance, 1 - cos.amax(dim=-1)
 
 
 def assert_same_idx(got, want):
@@ -61,83 +63,132 @@ def assert_same_idx(got, want):
                              f"  kernel    {got[b].tolist()}\n  reference {want[b].tolist()}")
 
 
-def check_selection(x, qkv, H, k, m, alpha, norm):
-    """keep_idx equal to the reference; x_kept/qkv_kept exactly the CLS + kept input rows."""
-    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm)
-    want = select_reference(x, qkv, H, k, m, alpha, norm)
+def check_selection(x, qkv, H, k, m, alpha, norm, p=1, class_token=True, scale=None):
+    """keep_idx equal to the reference; x_kept/qkv_kept exactly the p prefix + kept input rows."""
+    tower = (p, class_token, scale)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm, *tower)
+    want = select_reference(x, qkv, H, k, m, alpha, norm, *tower)
     assert keep_idx.dtype == torch.int64 and keep_idx.shape == (x.shape[0], k + m)
     assert_same_idx(keep_idx, want)
-    x_want, qkv_want = gather_kept(x, qkv, want)
+    x_want, qkv_want = gather_kept(x, qkv, want, p)
     assert x_kept.is_contiguous() and qkv_kept.is_contiguous()
     assert x_kept.dtype == x.dtype and qkv_kept.dtype == qkv.dtype
     assert torch.equal(x_kept, x_want) and torch.equal(qkv_kept, qkv_want)
     return keep_idx
 
 
-# (B, T, C, H, k, m, alpha, score_norm): which code path each shape exercises.
+# (B, T, C, H, p, class_token, scale, k, m, alpha, score_norm): which code path each shape
+# exercises. p prefix tokens; class_token=True takes the anchor scores from row 0
+# (cls_anchors.py), False from the column means of P (softmax_stats.py + received_anchors.py,
+# and importance.py reading the stored row normalisers); scale None is d ** -0.5.
 SHAPES = [
-    # T below every block size (BLOCK_M/N = 32 in fp32, 64 CLS keys), H=1, k=1, m=0, d=64.
-    (2, 17, 64, 1, 1, 0, 0.5, "none"),
+    # OpenCLIP ViT (p=1, class token). T below every block size (BLOCK_M/N = 32 in fp32,
+    # 64 CLS keys), H=1, k=1, m=0, d=64.
+    (2, 17, 64, 1, 1, True, None, 1, 0, 0.5, "none"),
     # T=50 (ViT-B/32 at 224): non-power-of-two, one partial key block after a full one.
-    (2, 50, 128, 2, 4, 12, 0.5, "minmax"),
+    (2, 50, 128, 2, 1, True, None, 4, 12, 0.5, "minmax"),
     # d=80 (ViT-H/14 head size): BLOCK_D=128 padded with masks; k+m = N-1; T = 64 + 1.
-    (1, 65, 160, 2, 3, 60, 1.0, "none"),
+    (1, 65, 160, 2, 1, True, None, 3, 60, 1.0, "none"),
     # d=128, B=1, C=256 (several 64-channel chunks in the diversity pass).
-    (1, 37, 256, 2, 5, 10, 0.0, "minmax"),
+    (1, 37, 256, 2, 1, True, None, 5, 10, 0.0, "minmax"),
     # T=145 (12x12+1): several query and key blocks; k=33 > BLOCK_A=32: two anchor chunks.
-    (3, 145, 96, 3, 33, 40, 0.5, "none"),
+    (3, 145, 96, 3, 1, True, None, 33, 40, 0.5, "none"),
     # T=1025 (32x32+1): BLOCK_T=2048 rows in the per-image kernels, many key blocks.
-    (1, 1025, 64, 1, 8, 100, 0.5, "minmax"),
+    (1, 1025, 64, 1, 1, True, None, 8, 100, 0.5, "minmax"),
+    # SigLIP-like (p=0, no class token): every token a patch; T=25 (5x5) below the blocks.
+    (2, 25, 64, 1, 0, False, None, 3, 7, 0.5, "none"),
+    # p=0, no class token, the block's own scale (1.0, not d ** -0.5 = 0.125), d=64, T=49 odd:
+    # a full and a partial query block in the column pass, k+m = N - 1.
+    (2, 49, 128, 2, 0, False, 1.0, 4, 44, 0.5, "minmax"),
+    # p=1 without a class token (a prefix token that is only kept), d=80 padded to 128.
+    (1, 37, 160, 2, 1, False, None, 2, 9, 0.5, "none"),
+    # DeiT-like (class + distillation token, p=2), class token, non-default scale, T=51 odd.
+    (2, 51, 64, 2, 2, True, 0.3, 4, 15, 0.5, "minmax"),
+    # Registers without a class token (p=2), T=97: several key blocks per image in the column
+    # pass and several query blocks in its loop.
+    (1, 97, 64, 2, 2, False, None, 5, 20, 1.0, "none"),
+    # Class token + 4 registers (p=5, DINOv2-style), d=80, T=41; the anchors' class row skips
+    # the registers.
+    (2, 41, 160, 2, 5, True, None, 6, 10, 0.0, "none"),
+    # Registers only (p=5, no class token), H=4, scale 0.05, T=69: k+m = N (nothing pruned,
+    # which the block short-circuits, but the kernels must still list every patch).
+    (1, 69, 128, 4, 5, False, 0.05, 16, 48, 0.5, "minmax"),
 ]
+TOWER = "p,class_token,scale"
 
 
-@pytest.mark.parametrize("B,T,C,H,k,m,alpha,norm", SHAPES)
-def test_matches_reference(B, T, C, H, k, m, alpha, norm):
+@pytest.mark.parametrize("B,T,C,H," + TOWER + ",k,m,alpha,norm", SHAPES)
+def test_matches_reference(B, T, C, H, p, class_token, scale, k, m, alpha, norm):
     x, qkv = make_inputs(B, T, C)
-    check_selection(x, qkv, H, k, m, alpha, norm)
+    tower = (p, class_token, scale)
+    check_selection(x, qkv, H, k, m, alpha, norm, *tower)
     # Steps 4-5 for every alpha and score_norm on the same I and D (cheap: no new attention).
-    s = selection_scores(x, qkv, H, k)
+    s = selection_scores(x, qkv, H, k, *tower)
     for alpha, norm in ALL_SCORINGS:
-        got = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k, m, alpha, norm)
-        assert_same_idx(got, select_reference(x, qkv, H, k, m, alpha, norm))
+        got = select_topm(s["importance"], s["diversity"], s["anchor_mask"], k, m, alpha, norm,
+                          p)
+        assert_same_idx(got, select_reference(x, qkv, H, k, m, alpha, norm, *tower))
+
+
+def test_scale_and_anchor_rule_change_the_selection():
+    """The inputs of the tower tests are not blind to the new arguments: on the same data the
+    reference's keep_idx differs between the two anchor rules and between scales, so a kernel
+    that ignored one of them would fail `test_matches_reference`."""
+    x, qkv = make_inputs(2, 49, 128)
+    keep = {tower: select_reference(x, qkv, 2, 4, 20, 0.5, "none", *tower)
+            for tower in [(1, True, None), (1, False, None), (1, False, 1.0), (3, False, 1.0)]}
+    assert not torch.equal(keep[1, True, None], keep[1, False, None])
+    assert not torch.equal(keep[1, False, None], keep[1, False, 1.0])
+    assert not torch.equal(keep[1, False, 1.0], keep[3, False, 1.0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
-@pytest.mark.parametrize("B,T,C,H,k", [(2, 50, 128, 2, 4), (1, 65, 160, 2, 3)])
-def test_scores_match_reference(B, T, C, H, k, dtype):
-    """CLS row, I and D against SPEC's formulas on the same (possibly fp16/bf16) inputs.
+@pytest.mark.parametrize("B,T,C,H,k," + TOWER, [
+    (2, 50, 128, 2, 4, 1, True, None),     # OpenCLIP ViT-B/32 layout
+    (1, 65, 160, 2, 3, 1, True, None),     # d=80
+    (2, 51, 64, 2, 4, 2, True, 0.3),       # class + distillation token, own scale: the CLS row
+    (2, 50, 128, 2, 4, 0, False, 0.3),     # no class token, own scale: the column pass
+    (1, 37, 160, 2, 3, 2, False, None),    # no class token, p=2, d=80
+])
+def test_scores_match_reference(B, T, C, H, k, p, class_token, scale, dtype):
+    """Anchor scores, I and D against SPEC's formulas on the same (possibly fp16/bf16) inputs.
 
     The kernels' low-precision products are exact in float32, so only the summation order and
     exp differ from the float32 reference: the same tolerance holds for every dtype.
     """
     x, qkv = make_inputs(B, T, C, dtype)
-    s = selection_scores(x, qkv, H, k)
-    cls_row, imp, div = reference_scores(x, qkv, H, s["anchor_idx"])
+    s = selection_scores(x, qkv, H, k, p, class_token, scale)
+    anchor_score, imp, div = reference_scores(x, qkv, H, s["anchor_idx"], class_token, scale)
     tol = dict(rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(s["cls_attn"], cls_row, **tol)
-    torch.testing.assert_close(s["importance"][:, 1:], imp[:, 1:], **tol)
-    torch.testing.assert_close(s["diversity"][:, 1:], div[:, 1:], **tol)
-    # The anchors are the top-k of the kernel's own CLS row, listed in ascending order.
-    want = torch.sort(s["cls_attn"][:, 1:], dim=-1, descending=True, stable=True).indices[:, :k] + 1
+    torch.testing.assert_close(s["anchor_score"], anchor_score, **tol)
+    torch.testing.assert_close(s["importance"][:, p:], imp[:, p:], **tol)
+    torch.testing.assert_close(s["diversity"][:, p:], div[:, p:], **tol)
+    # The anchors are the top-k patches of the kernel's own anchor scores, in ascending order.
+    want = torch.sort(s["anchor_score"][:, p:], dim=-1, descending=True,
+                      stable=True).indices[:, :k] + p
     assert torch.equal(s["anchor_idx"].long(), want.sort(dim=-1).values)
+    assert torch.equal(s["anchor_mask"].nonzero()[:, 1].view(B, k), want.sort(dim=-1).values)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("B,T,C,H,k,m,alpha,norm", SHAPES if DEVICE == "cuda" else SHAPES[1:2])
-def test_low_precision_selection(B, T, C, H, k, m, alpha, norm, dtype):
+@pytest.mark.parametrize("B,T,C,H," + TOWER + ",k,m,alpha,norm",
+                         SHAPES if DEVICE == "cuda" else [SHAPES[1], SHAPES[6]])
+def test_low_precision_selection(B, T, C, H, p, class_token, scale, k, m, alpha, norm, dtype):
     """fp16/bf16 inputs: the reference upcasts the same inputs, so a near-tie may flip only
     through float32 rounding; at most 5% of the kept indices (or one) may differ."""
     x, qkv = make_inputs(B, T, C, dtype)
-    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm)
-    want = select_reference(x, qkv, H, k, m, alpha, norm)
+    tower = (p, class_token, scale)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, alpha, norm, *tower)
+    want = select_reference(x, qkv, H, k, m, alpha, norm, *tower)
     overlap = sum(len(set(a) & set(b)) for a, b in zip(keep_idx.tolist(), want.tolist()))
     assert want.numel() - overlap <= max(1, 0.05 * want.numel()), (keep_idx, want)
-    x_want, qkv_want = gather_kept(x, qkv, keep_idx)
+    x_want, qkv_want = gather_kept(x, qkv, keep_idx, p)
     assert torch.equal(x_kept, x_want) and torch.equal(qkv_kept, qkv_want)
 
 
 @pytest.mark.parametrize("norm", ["none", "minmax"])
-def test_ties_pick_the_lower_index(norm):
+@pytest.mark.parametrize("p,class_token", [(1, True), (0, False), (2, False)])
+def test_ties_pick_the_lower_index(norm, p, class_token):
     """Exact ties everywhere: tokens drawn from three distinct rows (so equal tokens get equal
     scores bit for bit), and one image where every token is the same."""
     B, T, C, H, k, m = 3, 50, 64, 2, 5, 11
@@ -147,8 +198,8 @@ def test_ties_pick_the_lower_index(norm):
     which[2] = 0
     x = x_rows.gather(1, which[..., None].expand(-1, -1, C)).to(DEVICE)
     qkv = qkv_rows.gather(1, which[..., None].expand(-1, -1, 3 * C)).to(DEVICE)
-    keep_idx = check_selection(x, qkv, H, k, m, 0.5, norm)
-    assert keep_idx[2].tolist() == list(range(1, k + m + 1))
+    keep_idx = check_selection(x, qkv, H, k, m, 0.5, norm, p, class_token)
+    assert keep_idx[2].tolist() == list(range(p, p + k + m))
 
 
 def test_worked_example():
@@ -159,6 +210,22 @@ def test_worked_example():
     assert select_and_gather(x, qkv, 1, 1, 1, 0.5, "minmax")[0].tolist() == [[1, 3]]
 
 
+def test_received_attention_by_hand():
+    """The no-class-token anchor rule on a case small enough to check by hand: one head, d=1,
+    Q = K = X = [0, 0, 1], scale 1. Rows 0 and 1 have all logits 0, so each spreads 1/3 over
+    the three keys; row 2 has logits (0, 0, 1): P[2] = (1, 1, e) / (2 + e).
+    a = column means: a_0 = a_1 = (2/3 + 1/(2+e)) / 3, a_2 = (2/3 + e/(2+e)) / 3."""
+    e = torch.e
+    want = torch.tensor([(2 / 3 + 1 / (2 + e)) / 3] * 2 + [(2 / 3 + e / (2 + e)) / 3])
+    x = torch.tensor([0.0, 0.0, 1.0], device=DEVICE).view(1, 3, 1)
+    s = selection_scores(x, x.repeat(1, 1, 3), 1, 1, 0, False, 1.0)
+    torch.testing.assert_close(s["anchor_score"][0].cpu(), want)
+    assert s["anchor_idx"].tolist() == [[2]]  # the token every row attends to most
+    # With p=1 token 0 stays a query (its row still counts) but is never an anchor.
+    s = selection_scores(x, x.repeat(1, 1, 3), 1, 2, 1, False, 1.0)
+    assert s["anchor_idx"].tolist() == [[1, 2]]
+
+
 def test_strided_views():
     """The block's (T, B, C) layout transposed, and qkv as a slice of a wider buffer: the
     kernels read them through their strides."""
@@ -167,47 +234,71 @@ def test_strided_views():
     x, qkv = x_tbc.transpose(0, 1), wide[..., C:]
     assert not x.is_contiguous() and not qkv.is_contiguous()
     check_selection(x, qkv, H, 3, 9, 0.5, "minmax")
+    check_selection(x, qkv, H, 3, 9, 0.5, "none", 0, False)  # the column pass through strides
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("norm", ["none", "minmax"])
-def test_non_finite_input_keeps_indices_in_range(bad, norm):
+@pytest.mark.parametrize("bad,norm,p,class_token", [
+    (float("nan"), "none", 1, True), (float("nan"), "minmax", 1, True),
+    (float("inf"), "none", 1, True), (float("inf"), "minmax", 1, True),
+    # Without a class token one bad key spreads NaN through every row's normaliser, so every
+    # anchor score is NaN: the column pass and the prefix bookkeeping must still stay in range.
+    (float("nan"), "none", 0, False), (float("inf"), "minmax", 2, False),
+])
+def test_non_finite_input_keeps_indices_in_range(bad, norm, p, class_token):
     B, T, C, H, k, m = 3, 50, 64, 2, 4, 20
     x, qkv = make_inputs(B, T, C)
     x[0, 7], qkv[0, 7] = bad, bad          # one bad token
-    qkv[1, 0, :C] = bad                    # a bad CLS query
+    qkv[1, 0, :C] = bad                    # a bad query at token 0 (the CLS query if any)
     x[2], qkv[2] = bad, bad                # a whole bad image
-    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, norm)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, norm, p, class_token)
     for row in keep_idx.tolist():
-        assert all(1 <= i <= T - 1 for i in row), row
+        assert all(p <= i <= T - 1 for i in row), row
         assert row == sorted(set(row)) and len(row) == k + m, row  # ascending, no duplicates
-    assert x_kept.shape == (B, 1 + k + m, C)
+    assert x_kept.shape == (B, p + k + m, C)
+    x_want, _ = gather_kept(x, qkv, keep_idx, p)
+    assert torch.equal(x_kept.nan_to_num(), x_want.nan_to_num())
 
 
-def test_gradients_reach_the_kept_rows():
-    """backend="triton" with inputs that require grad: the kernels select, and the kept rows
-    are differentiable gathers (the kernels' row copy has no backward)."""
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize(TOWER, [(1, True, None), (2, False, 0.5)])
+def test_dispatch_passes_the_tower_through(grad, p, class_token, scale):
+    """tokenprune.selection's dispatch with backend="triton": the prefix count, anchor rule and
+    scale reach the kernels. With inputs that require grad the kernels select and the kept
+    rows are differentiable gathers (the kernels' row copy has no backward); without, the
+    kernels' own copy."""
     from tokenprune import PruneConfig
     from tokenprune.selection import select_and_gather as dispatch
     x, qkv = make_inputs(1, 17, 64)
-    x.requires_grad_(True)
-    qkv.requires_grad_(True)
+    x.requires_grad_(grad)
+    qkv.requires_grad_(grad)
     config = PruneConfig(k_anchors=2, top_m=3, alpha=0.5, backend="triton")
-    keep_idx, x_kept, qkv_kept = dispatch(x, qkv, 1, config)
-    assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none"))
-    (x_kept.sum() + qkv_kept.sum()).backward()
-    rows = [0] + keep_idx[0].tolist()
-    assert x.grad[0, rows].eq(1).all() and x.grad.sum() == len(rows) * 64
-    assert qkv.grad[0, rows].eq(1).all() and qkv.grad.sum() == len(rows) * 3 * 64
+    keep_idx, x_kept, qkv_kept = dispatch(x, qkv, 1, config, p, class_token, scale)
+    assert_same_idx(keep_idx, select_reference(x.detach(), qkv.detach(), 1, 2, 3, 0.5, "none",
+                                               p, class_token, scale))
+    rows = list(range(p)) + keep_idx[0].tolist()
+    assert torch.equal(x_kept, x[:, rows]) and torch.equal(qkv_kept, qkv[:, rows])
+    if grad:
+        (x_kept.sum() + qkv_kept.sum()).backward()
+        assert x.grad[0, rows].eq(1).all() and x.grad.sum() == len(rows) * 64
+        assert qkv.grad[0, rows].eq(1).all() and qkv.grad.sum() == len(rows) * 3 * 64
 
 
 def test_rejects_bad_arguments():
     x, qkv = make_inputs(1, 17, 64)
     with pytest.raises(ValueError, match="k_anchors"):
         select_and_gather(x, qkv, 1, 10, 7, 0.5, "none")  # k + m = 17 > N = 16
+    with pytest.raises(ValueError, match="k_anchors"):
+        select_and_gather(x, qkv, 1, 10, 4, 0.5, "none", 4)  # k + m = 14 > N = 13
     with pytest.raises(ValueError, match="score_norm"):
         select_and_gather(x, qkv, 1, 1, 1, 0.5, "zscore")
+    with pytest.raises(ValueError, match=r"num_prefix .*\[1, 16\].*class_token=True"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", 0, True)  # no token to be the class
+    with pytest.raises(ValueError, match=r"num_prefix .*\[0, 16\]"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", 17, False)
+    for scale in (0.0, -1.0, float("nan"), "big"):
+        with pytest.raises(ValueError, match="scale"):
+            select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", 1, True, scale)
 
 
 def test_block_matches_reference_backend():

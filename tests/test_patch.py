@@ -155,6 +155,10 @@ def unsupported_models():
 
 @pytest.mark.parametrize("name, model", unsupported_models())
 def test_unsupported_towers(name, model):
+    # Nothing was patched, so there is nothing to undo: the model comes back unchanged.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert remove_pruning(model) is model
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with pytest.raises(UnsupportedModelError, match=f"{name}.*tokenprune supports OpenCLIP models"):
         replace_last_block(model)
     with pytest.raises(UnsupportedModelError):

@@ -21,10 +21,11 @@ def test_worked_example(score_norm, expected):
     assert keep.dtype == torch.int64
 
 
-def brute_force(x, qkv, H, k, m, alpha, score_norm):
+def brute_force(x, qkv, H, k, m, alpha, score_norm, p=1, class_token=True, scale=None):
     """SPEC.md with plain Python loops over images, heads, rows and keys, in float64."""
     B, T, C = x.shape
     d = C // H
+    scale = 1 / math.sqrt(d) if scale is None else scale
     out = []
     for b in range(B):
         q = [[qkv[b, i, h * d:(h + 1) * d].double() for h in range(H)] for i in range(T)]
@@ -32,18 +33,20 @@ def brute_force(x, qkv, H, k, m, alpha, score_norm):
         P = [[0.0] * T for _ in range(T)]
         for h in range(H):
             for i in range(T):
-                logits = [float(q[i][h] @ kk[j][h]) / math.sqrt(d) for j in range(T)]
+                logits = [float(q[i][h] @ kk[j][h]) * scale for j in range(T)]
                 top = max(logits)
                 e = [math.exp(v - top) for v in logits]
                 for j in range(T):
                     P[i][j] += e[j] / sum(e) / H
-        anchors = sorted(range(1, T), key=lambda i: (-P[0][i], i))[:k]
+        received = [P[0][i] if class_token else sum(P[q_][i] for q_ in range(T)) / T
+                    for i in range(T)]
+        anchors = sorted(range(p, T), key=lambda i: (-received[i], i))[:k]
         xs = x[b].double()
 
         def cos(i, j):
             return float(xs[i] @ xs[j]) / (max(float(xs[i].norm()), 1e-8) * max(float(xs[j].norm()), 1e-8))
 
-        cand = [i for i in range(1, T) if i not in anchors]
+        cand = [i for i in range(p, T) if i not in anchors]
         imp = {i: sum(P[i][j] for j in anchors) / k for i in cand}
         div = {i: 1 - max(cos(i, j) for j in anchors) for i in cand}
         if score_norm == "minmax":
@@ -70,6 +73,33 @@ def test_matches_brute_force(B, T, H, d, k, m, alpha, score_norm):
     qkv = torch.randn(B, T, 3 * H * d, generator=gen)
     keep = select_reference(x, qkv, H, k, m, alpha, score_norm)
     assert keep.tolist() == brute_force(x, qkv, H, k, m, alpha, score_norm)
+
+
+@pytest.mark.parametrize("B, T, H, d, k, m, p, class_token, scale", [
+    (2, 17, 2, 8, 3, 5, 1, False, None),    # no class token (SigLIP): anchors by attention received
+    (2, 21, 2, 4, 4, 6, 5, True, None),     # class token + 4 registers (DINOv2-style)
+    (1, 14, 1, 8, 2, 3, 2, True, 0.2),      # class + distillation token (DeiT), own scale
+    (2, 12, 2, 4, 3, 3, 0, False, None),    # no prefix token at all
+    (1, 16, 2, 4, 2, 4, 3, False, 0.7),     # registers without a class token
+])
+def test_prefix_tokens_and_anchor_rule_match_brute_force(B, T, H, d, k, m, p, class_token, scale):
+    gen = torch.Generator().manual_seed(T * 7 + p)
+    x = torch.randn(B, T, H * d, generator=gen)
+    qkv = torch.randn(B, T, 3 * H * d, generator=gen)
+    for score_norm, alpha in (("none", 0.5), ("minmax", 0.3)):
+        keep = select_reference(x, qkv, H, k, m, alpha, score_norm, num_prefix=p,
+                                class_token=class_token, scale=scale)
+        assert keep.tolist() == brute_force(x, qkv, H, k, m, alpha, score_norm, p, class_token, scale)
+        assert (keep >= p).all()
+
+
+def test_anchor_rule_without_class_token_differs_from_the_class_row():
+    # The two rules must not silently agree: on random data they pick different anchors.
+    gen = torch.Generator().manual_seed(5)
+    x, qkv = torch.randn(4, 30, 8, generator=gen), torch.randn(4, 30, 24, generator=gen)
+    with_cls = select_reference(x, qkv, 2, 3, 0, 0.5, num_prefix=1, class_token=True)
+    without = select_reference(x, qkv, 2, 3, 0, 0.5, num_prefix=1, class_token=False)
+    assert with_cls.tolist() != without.tolist()
 
 
 def test_ties_go_to_the_lower_index():

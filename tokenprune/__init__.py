@@ -1,12 +1,32 @@
 """Training-free visual token pruning for OpenCLIP Vision Transformers."""
-from .block import PrunedResidualAttentionBlock
-from .config import PruneConfig
-from .patch import (PrunedVisionEncoder, UnsupportedModelError, apply_pruning_to_model,
-                    pruned_block, remove_pruning, replace_last_block)
-from .reference import select_reference
-from .selection import select_and_gather
+import importlib
 
-__all__ = ["PruneConfig", "PrunedResidualAttentionBlock", "PrunedVisionEncoder",
-           "UnsupportedModelError", "apply_pruning_to_model", "pruned_block", "remove_pruning",
-           "replace_last_block", "select_and_gather", "select_reference"]
+# Where each public name lives. They are imported on first use (PEP 562), so that the command
+# line can answer `--help` and bad flags without importing torch and open_clip.
+_PUBLIC = {
+    "PruneConfig": "config",
+    "PrunedResidualAttentionBlock": "block",
+    "PrunedVisionEncoder": "patch",
+    "UnsupportedModelError": "patch",
+    "apply_pruning_to_model": "patch",
+    "pruned_block": "patch",
+    "remove_pruning": "patch",
+    "replace_last_block": "patch",
+    "select_and_gather": "selection",
+    "select_reference": "reference",
+}
+
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tokenprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

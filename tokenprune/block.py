@@ -1,6 +1,7 @@
 """The pruned OpenCLIP block: select tokens, then run the original block on the kept ones."""
 import warnings
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
@@ -31,6 +32,8 @@ class PrunedResidualAttentionBlock(nn.Module):
         object.__setattr__(self, "_original_block", block)
         self.config = config if config is not None else PruneConfig()
         self.last_keep_idx = None
+        # The random control's draws: seeded once here, so a run over the same batches repeats.
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self._warned_noop = False
         self.train(block.training)  # a new Module starts in training mode; keep the block's
 
@@ -60,7 +63,8 @@ class PrunedResidualAttentionBlock(nn.Module):
         x = q_x if batch_first else q_x.transpose(0, 1)
         attn = self.attn
         qkv = F.linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, attn.num_heads, cfg)
+        keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, attn.num_heads, cfg,
+                                                       generator=self.generator)
         del qkv  # the full (B, T, 3C) projection must not stay alive through the MLP
         self.last_keep_idx = keep_idx
 

@@ -5,6 +5,7 @@ from numbers import Integral, Real
 
 SCORE_NORMS = ("none", "minmax")
 BACKENDS = ("auto", "triton", "reference")
+SELECTIONS = ("score", "random")
 
 
 def _require_int(name, value, minimum):
@@ -31,6 +32,14 @@ class PruneConfig:
         values count from the end (-1, the default, is the last block).
     backend: "auto" (Triton on CUDA tensors when Triton is installed, else the reference),
         "triton" (error where it cannot run) or "reference" (PyTorch).
+    selection: "score" (the seed's anchors + importance/diversity score, the default) or
+        "random", a control: k_anchors + top_m patches drawn uniformly at random per image
+        (alpha and score_norm unused), from a generator seeded with `seed` when the pruned
+        block is made, so a run over the same batches draws the same patches.
+    seed: the random control's seed (an integer >= 0).
+
+    The other control, the k + m patches the class token attends to most, is the score
+    selection with k_anchors = k + m and top_m = 0.
     """
 
     k_anchors: int = 10
@@ -39,6 +48,8 @@ class PruneConfig:
     score_norm: str = "none"
     layer: int = -1
     backend: str = "auto"
+    selection: str = "score"
+    seed: int = 0
 
     def __post_init__(self):
         _require_int("k_anchors", self.k_anchors, 1)
@@ -51,11 +62,14 @@ class PruneConfig:
                              f"got {self.layer!r}")
         _require_choice("score_norm", self.score_norm, SCORE_NORMS)
         _require_choice("backend", self.backend, BACKENDS)
+        _require_choice("selection", self.selection, SELECTIONS)
+        _require_int("seed", self.seed, 0)
         # Plain Python numbers from here on, whatever numeric type was passed in.
         object.__setattr__(self, "k_anchors", int(self.k_anchors))
         object.__setattr__(self, "top_m", int(self.top_m))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def kept_patches(self):

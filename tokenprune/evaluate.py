@@ -8,28 +8,92 @@ naming). While it runs, four names inside CLIP_benchmark are swapped, and put ba
 - `clip_benchmark.cli.load_clip`: loads the model exactly as before, then, with
   --enable_pruning, replaces one block with the pruned block (`replace_last_block`); in both
   modes it times `encode_image`, the image-encoding throughput that goes into the JSON.
-- `clip_benchmark.cli.build_dataset`: unchanged; its failures become one-line errors.
+- `clip_benchmark.cli.build_dataset`: unchanged; its failures become one-line errors, and a
+  local WebDataset gets a length (a progress bar with a total).
 - `clip_benchmark.cli.json`: the `json` module, except that the results dump gets our fields
-  (the pruning configuration, tokens before and after, throughput) next to CLIP_benchmark's.
+  (the pruning configuration, tokens before and after, throughput) next to CLIP_benchmark's,
+  and a non-finite metric is written as null.
 - `clip_benchmark.metrics.zeroshot_classification.accuracy`: see `accuracy` below (numpy 2.4).
 """
+import argparse
 import functools
+import inspect
 import json
-import sys
+import math
+import os
+import tarfile
 import time
+import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
+from unittest import mock
 
 import torch
 from clip_benchmark import cli as cb_cli
 from clip_benchmark.metrics import zeroshot_classification
 
-from .cli import PRUNING_DEFAULTS, CLIError, check_model, loading_errors, prune_config
+from .cli_common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
+                         add_verbose_argument, check_model, loading_errors, note, prune_config,
+                         quiet_warnings)
 from .patch import UnsupportedModelError, replace_last_block
+from .results import json_safe
 from .selection import resolve_backend
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
+DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
+WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
+AMP_HELP = ("turn off mixed precision (autocast), which CLIP_benchmark uses by default: float16 "
+            "on CUDA, bfloat16 on the CPU, where it is often several times slower")
+
+
+# ----- the command line: CLIP_benchmark's own parser, plus ours -----------------------------
+
+def eval_parser():
+    """CLIP_benchmark's own parser (subcommands `eval` and `build`), built by its own code, with
+    the pruning flags and --verbose added to `eval`.
+
+    `clip_benchmark.cli.get_parser_args()` builds the parser and parses sys.argv in one go;
+    we let it build with our parser class, whose parse_args is a no-op while capturing, and
+    parse later.
+    """
+    class Capturing(OneLineParser):
+        capturing = True
+
+        def __init__(self, *args, prog=None, **kwargs):
+            super().__init__(*args, prog=prog or PROG, **kwargs)
+
+        def parse_args(self, args=None, namespace=None):
+            if Capturing.capturing:
+                return argparse.Namespace()
+            return super().parse_args(args, namespace)
+
+    # Only clip_benchmark.cli sees the swap: its `argparse` becomes a copy with our class.
+    argparse_copy = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": Capturing})
+    with mock.patch.object(cb_cli, "argparse", argparse_copy):
+        parser, _ = cb_cli.get_parser_args()
+    Capturing.capturing = False
+    for action in parser._actions:  # argparse keeps no public handle on its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            evaluate = action.choices["eval"]
+            break
+    else:
+        raise RuntimeError("CLIP_benchmark's parser has no subcommands; is clip-benchmark >= "
+                           "1.6 installed?")
+    evaluate.description = ("CLIP_benchmark's eval plus the pruning flags. Flags take hyphens "
+                            "or underscores.")
+    for action in evaluate._actions:
+        if action.dest == "amp":  # its own help ("whether to use mixed precision") reads inverted
+            action.help = AMP_HELP
+    add_pruning_arguments(evaluate)
+    add_verbose_argument(evaluate)
+    return parser
+
+
+def parse_eval_args(argv):
+    """The namespace of an `eval ...` command line, from CLIP_benchmark's own parser."""
+    return eval_parser().parse_args(argv)
+
 
 
 def accuracy(output, target, topk=(1,)):
@@ -95,7 +159,8 @@ class _Session:
         @functools.wraps(load_clip)
         def load_clip_pruned(model_type, model_name, pretrained, cache_dir, device="cuda"):
             if model_type == "open_clip":
-                check_model(model_name, pretrained, pruning=self.enabled)
+                check_model(model_name, pretrained,
+                            pruning_flag="--enable_pruning" if self.enabled else None)
             with loading_errors(model_name, pretrained):
                 model, transform, tokenizer = load_clip(model_type=model_type,
                                                         model_name=model_name,
@@ -121,21 +186,21 @@ class _Session:
                 replace_last_block(model, config=cfg)
                 backend_used = resolve_backend(cfg.backend, torch.empty(0, device=device))
             except UnsupportedModelError as err:
-                raise CLIError(f"--enable_pruning: {err}") from None
-            except (ValueError, RuntimeError) as err:
-                raise CLIError(f"--{err}" if str(err).startswith(("layer", "backend"))
-                               else str(err)) from None
+                raise CLIError(f"--enable_pruning: {err}") from err
+            except ValueError as err:  # the one model-dependent value: --layer out of range
+                raise CLIError(f"--{err}") from err
+            except RuntimeError as err:  # --backend triton where it cannot run
+                raise CLIError(f"--backend {cfg.backend}: {err}") from err
             blocks = len(visual.transformer.resblocks)
             applied = cfg.kept_patches < patches
             if applied:
                 run["tokens_after"] = 1 + cfg.kept_patches
             else:
                 size = "x".join(map(str, visual.image_size))
-                print(f"tokenprune: warning: k_anchors + top_m = {cfg.kept_patches} >= "
-                      f"{patches} patches of {model_name} at {size} px: nothing to prune, the "
-                      "model runs unpruned (lower --k_anchors/--top_m, e.g. --k_anchors 5 "
-                      "--top_m 30, or use a model with more patches, e.g. ViT-B-16)",
-                      file=sys.stderr)
+                note(f"warning: k_anchors + top_m = {cfg.kept_patches} >= {patches} patches of "
+                     f"{model_name} at {size} px: nothing to prune, the model runs unpruned "
+                     "(lower --k_anchors/--top_m, e.g. --k_anchors 5 --top_m 30, or use a model "
+                     "with more patches, e.g. ViT-B-16)")
             run["pruning"] = {"enabled": True, "applied": applied, **asdict(cfg),
                               "block": cfg.layer % blocks, "num_blocks": blocks,
                               "backend_used": backend_used}
@@ -149,19 +214,27 @@ class _Session:
         @functools.wraps(build_dataset)
         def build_dataset_checked(dataset_name, root="root", *args, **kwargs):
             try:
-                return build_dataset(dataset_name, root, *args, **kwargs)
+                dataset = build_dataset(dataset_name, root, *args, **kwargs)
             except Exception as err:  # noqa: BLE001 - translated, not swallowed
-                message = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                offline = ("without internet, point --dataset_root at a downloaded copy or use a "
-                           "local WebDataset: --dataset wds/NAME --dataset_root DIR")
-                if isinstance(err, ValueError) and message.startswith("Unsupported dataset"):
-                    raise CLIError(f"unknown dataset {dataset_name!r}: use a CLIP_benchmark "
-                                   "dataset name (e.g. cifar10, imagenet1k, vtab/...) or a local "
-                                   "WebDataset: --dataset wds/NAME --dataset_root DIR") from None
-                raise CLIError(f"could not load dataset {dataset_name!r} (split "
-                               f"{kwargs.get('split', '?')!r}) from --dataset_root {root!r}: "
-                               f"{type(err).__name__}: {message}; {offline}") from None
+                raise CLIError(self._dataset_error(err, build_dataset, dataset_name, root,
+                                                   kwargs.get("split", "?"))) from err
+            if dataset_name.startswith("wds/"):
+                _give_length(dataset, root, kwargs.get("split", "test"))
+            return dataset
         return build_dataset_checked
+
+    def _dataset_error(self, err, build_dataset, dataset_name, root, split):
+        if _unknown_to_builder(err, build_dataset, dataset_name):
+            return (f"unknown dataset {dataset_name!r}: use a CLIP_benchmark dataset name (e.g. "
+                    "cifar10, imagenet1k, vtab/...) or a local WebDataset: --dataset wds/NAME "
+                    "--dataset_root DIR")
+        message = (str(err).strip().splitlines() or [""])[0]
+        where = (f"--dataset_root {root!r}" if self.args.dataset_root != DEFAULT_DATASET_ROOT else
+                 f"{os.path.abspath(root)!r} (no --dataset_root given: CLIP_benchmark's default "
+                 f"is the folder {DEFAULT_DATASET_ROOT!r} here)")
+        return (f"could not load dataset {dataset_name!r} (split {split!r}) from {where}: "
+                f"{type(err).__name__}: {message}; without internet, point --dataset_root at a "
+                "downloaded copy or use a local WebDataset: --dataset wds/NAME --dataset_root DIR")
 
     # -- clip_benchmark.cli.json.dump ----------------------------------------------------------
     def fields(self):
@@ -178,21 +251,31 @@ class _Session:
 
     def dump(self, obj, fp, *args, **kwargs):
         if isinstance(obj, dict) and "metrics" in obj:
-            obj = {**obj, **self.fields()}
+            # null for a non-finite metric (acc5 is NaN with fewer than 5 classes): strict
+            # JSON parsers reject the bare NaN that json.dump writes.
+            obj = json_safe({**obj, **self.fields()})
+            kwargs["allow_nan"] = False
             self.outputs.append(getattr(fp, "name", None))
             self._report(obj)
         return json.dump(obj, fp, *args, **kwargs)
 
     def _report(self, result):
-        metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else
+                            f"{k} n/a" if v is None else f"{k} {v}"
                             for k, v in result["metrics"].items())
         speed = result["throughput"] and result["throughput"]["images_per_second"]
         speed = f"{speed:.1f} images/s" if speed else "throughput not measured"
-        tokens = (f"{result['tokens_before']} -> {result['tokens_after']} tokens"
+        tokens = (f"; {result['tokens_before']} -> {result['tokens_after']} tokens"
                   if result["tokens_before"] else "")
-        mode = "pruned" if result["pruning"].get("applied") else "unpruned"
-        print(f"tokenprune: {result['dataset']} / {result['model']} ({mode}): {metrics}; "
-              f"image encoding {speed}; {tokens}", file=sys.stderr)
+        pruning = result["pruning"]
+        if pruning.get("applied"):
+            # 1-based in prose; the JSON's "block" is the 0-based index into resblocks.
+            mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']}, "
+                    f"index {pruning['block']}")
+        else:
+            mode = "unpruned"
+        note(f"{result['dataset']} / {result['model']} ({mode}): {metrics}; image encoding "
+             f"{speed}{tokens}")
 
 
 class _JsonModule:
@@ -242,8 +325,76 @@ def run_eval(args):
         changed = [f"--{name}" for name, default in PRUNING_DEFAULTS.items()
                    if getattr(args, name) != default]
         if changed:
-            print(f"tokenprune: note: {', '.join(changed)} given without --enable_pruning: "
-                  "evaluating the unpruned model", file=sys.stderr)
-    with clip_benchmark_hooks(args, config) as session:
+            note(f"note: {', '.join(changed)} given without --enable_pruning: evaluating the "
+                 "unpruned model")
+    # CLIP_benchmark runs on CUDA when there is one, else on the CPU (it has no --device).
+    if args.amp and not torch.cuda.is_available():
+        note("note: running on the CPU with CLIP_benchmark's default mixed precision (bfloat16 "
+             "autocast), which is often several times slower there; add --no_amp to run in "
+             "float32")
+    with quiet_warnings(args.show_warnings), clip_benchmark_hooks(args, config) as session:
         cb_cli.main_eval(args)
     return session.outputs
+
+
+# ----- datasets -----------------------------------------------------------------------------
+
+def _unknown_to_builder(err, build_dataset, dataset_name):
+    """Whether CLIP_benchmark's build_dataset refused `dataset_name` as a name it does not
+    know: a ValueError raised by build_dataset itself (not by a dataset it called), for a name
+    that none of its branches compares against."""
+    if not isinstance(err, ValueError):
+        return False
+    frames = _traceback_codes(err)
+    code = getattr(inspect.unwrap(build_dataset), "__code__", None)
+    if not frames or code is None or frames[-1] is not code:
+        return False
+    if dataset_name.split("/", 1)[0] in ("wds", "tfds", "vtab"):
+        return False
+    names = set()
+    for const in code.co_consts:
+        names.update(const if isinstance(const, tuple) else (const,))
+    return dataset_name not in names
+
+
+def _traceback_codes(err):
+    """The code objects of the frames `err` passed through, innermost last."""
+    frames, tb = [], err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return frames
+
+
+def _count_wds_samples(root, split):
+    """Samples in a local WebDataset split (image files in its tar shards), or None when that
+    cannot be known without reading remote data."""
+    if "://" in root:
+        return None
+    try:
+        with open(os.path.join(root, split, "nshards.txt")) as f:
+            shards = int(f.read())
+        count = 0
+        for shard in range(shards):
+            with tarfile.open(os.path.join(root, split, f"{shard}.tar")) as tar:
+                keys = {os.path.splitext(member.name)[0] for member in tar
+                        if os.path.splitext(member.name)[1].lower() in WDS_IMAGE_EXTENSIONS}
+            count += len(keys)
+        return count
+    except (OSError, ValueError, tarfile.TarError):
+        return None
+
+
+def _give_length(dataset, root, split):
+    """Give CLIP_benchmark's WebDataset (and the batched one it makes of it) a length, so that
+    its progress bar has a total and an ETA, and no "IterableDataset has no len()" is printed."""
+    count = _count_wds_samples(root, split)
+    if not count or not hasattr(dataset, "with_length"):
+        return
+    dataset.with_length(count, silent=True)
+    batched = dataset.batched
+
+    def batched_with_length(batch_size, *args, **kwargs):
+        return batched(batch_size, *args, **kwargs).with_length(math.ceil(count / batch_size),
+                                                          silent=True)
+    dataset.batched = batched_with_length

@@ -34,7 +34,10 @@ def pruned_block(model):
 
 
 def remove_pruning(model):
-    """Undo `replace_last_block`: put the original block back. Returns the model."""
+    """Undo `replace_last_block`: put the original block back. Returns the model; a model that
+    cannot be pruned (a ResNet or timm tower) has nothing to undo and is returned unchanged."""
+    if not isinstance(getattr(model, "visual", model), VisionTransformer):
+        return model
     blocks = visual_tower(model).transformer.resblocks
     for i, block in enumerate(blocks):
         if isinstance(block, PrunedResidualAttentionBlock):

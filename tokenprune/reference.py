@@ -1,6 +1,7 @@
 """The PyTorch reference selection: SPEC.md in code. Every backend is tested against this.
 
-Shapes: B images, T = 1 + N tokens (CLS first), C channels, H heads of size d = C / H.
+Shapes: B images, T = p + N tokens (the p prefix tokens first: p = 1, the CLS token, for
+OpenCLIP's VisionTransformer), C channels, H heads of size d = C / H.
 """
 import torch
 
@@ -23,51 +24,67 @@ def minmax(values, candidate):
     return (values - lo) / (hi - lo + EPS_MINMAX)
 
 
-def head_mean_attention(qkv, num_heads):
-    """Step 0: P (B, T, T), the head-averaged attention; rows are queries, softmax over all T keys."""
+def head_mean_attention(qkv, num_heads, scale=None):
+    """Step 0: P (B, T, T), the head-averaged attention; rows are queries, softmax over all T keys.
+
+    qkv holds q and k exactly as the block's attention uses them (after any q/k norm and rotary
+    embedding); `scale` is the block's own, d ** -0.5 when None."""
     B, T, C3 = qkv.shape
     d = C3 // 3 // num_heads
     q, k, _ = qkv.float().view(B, T, 3, num_heads, d).unbind(dim=2)
-    logits = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) * (d ** -0.5 if scale is None else scale)
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def anchor_indices(P, k_anchors):
-    """Step 1: the k patches the CLS token attends to most (CLS itself never), (B, k) in 1..N."""
-    return top_indices(P[:, 0, 1:], k_anchors) + 1
+def anchor_scores(P, num_prefix=1, class_token=True):
+    """Step 1's a_i for the patches p..T-1, (B, N): the class token's (index 0) attention row,
+    or without a class token the attention each patch receives, averaged over all T queries."""
+    return P[:, 0, num_prefix:] if class_token else P[:, :, num_prefix:].mean(dim=1)
 
 
-def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none"):
-    """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending.
+def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
+    """Step 1: the k patches with the largest anchor scores (prefix tokens never), (B, k) in p..T-1."""
+    return top_indices(anchor_scores(P, num_prefix, class_token), k_anchors) + num_prefix
 
-    x: block input (B, T, C), the residual stream before ln_1.
-    qkv: in_proj(ln_1(x)), (B, T, 3C), laid out as nn.MultiheadAttention packs it.
+
+def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none",
+                     num_prefix=1, class_token=True, scale=None):
+    """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending, >= p.
+
+    x: block input (B, T, C), the residual stream before the block's first norm.
+    qkv: (B, T, 3C), [q | k | v] as the block's attention uses them (OpenCLIP: in_proj(ln_1(x))
+    as nn.MultiheadAttention packs it).
+    num_prefix: p, the leading tokens that are always kept and never chosen (class, registers).
+    class_token: whether token 0 is a class token (anchor scores from its row) or not (from the
+    attention each patch receives). scale: the attention's logit scale, d ** -0.5 when None.
     """
-    return select_from_attention(head_mean_attention(qkv, num_heads), x, k_anchors, top_m,
-                                 alpha, score_norm)
+    return select_from_attention(head_mean_attention(qkv, num_heads, scale), x, k_anchors, top_m,
+                                 alpha, score_norm, num_prefix, class_token)
 
 
-def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none"):
+def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_prefix=1,
+                          class_token=True):
     """Steps 1-5 on the head-averaged attention P (B, T, T) of step 0 and block input x."""
     P = P.float()
     B, T, C = x.shape
-    N = T - 1
+    p = num_prefix
+    N = T - p
     if k_anchors + top_m > N:
         raise ValueError(f"k_anchors + top_m must be <= the {N} patch tokens, "
                          f"got {k_anchors} + {top_m}")
-    anchors = anchor_indices(P, k_anchors)                                 # step 1, (B, k)
-    patches = torch.arange(1, T, device=x.device)
+    anchors = anchor_indices(P, k_anchors, p, class_token)                 # step 1, (B, k)
+    patches = torch.arange(p, T, device=x.device)
     is_anchor = (patches[None, :, None] == anchors[:, None, :]).any(dim=-1)  # (B, N)
 
     # Step 2: importance I_i = mean over anchors j of P[i, j], for every patch i.
-    to_anchors = P[:, 1:, :].gather(2, anchors[:, None, :].expand(B, N, k_anchors))
+    to_anchors = P[:, p:, :].gather(2, anchors[:, None, :].expand(B, N, k_anchors))
     importance = to_anchors.mean(dim=-1)                                   # (B, N)
 
     # Step 3: diversity D_i = 1 - max over anchors of cos(X_i, X_j), on the residual stream.
     xf = x.float()
     unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(EPS_COS)
     anchor_unit = unit.gather(1, anchors[:, :, None].expand(B, k_anchors, C))
-    cos = unit[:, 1:] @ anchor_unit.transpose(1, 2)                        # (B, N, k)
+    cos = unit[:, p:] @ anchor_unit.transpose(1, 2)                        # (B, N, k)
     diversity = 1 - cos.amax(dim=-1)                                       # (B, N)
 
     # Step 4: score the candidates R (patches that are not anchors), keep the top m.
@@ -81,7 +98,7 @@ def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none"):
     by_score = top_indices(score, N)
     by_score = by_score.gather(1, torch.sort(is_anchor.gather(1, by_score).to(torch.uint8),
                                              dim=-1, stable=True).indices)
-    chosen = by_score[:, :top_m] + 1                                       # (B, m)
+    chosen = by_score[:, :top_m] + p                                       # (B, m)
 
     # Step 5: anchors and chosen candidates, in ascending (spatial) order.
     return torch.cat([anchors, chosen], dim=1).sort(dim=-1).values

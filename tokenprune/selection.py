@@ -3,7 +3,6 @@ import importlib.util
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .reference import select_reference
 
@@ -29,17 +28,39 @@ def resolve_backend(backend, tensor):
     return backend
 
 
-def gather_kept(x, qkv, keep_idx):
-    """Rows CLS + keep_idx of x (B, T, C) and qkv (B, T, 3C), contiguous."""
-    rows = F.pad(keep_idx, (1, 0))  # CLS (index 0) first
+def kept_rows(keep_idx, num_prefix=1):
+    """(B, p + k + m) row indices of the kept sequence: the p prefix tokens, then keep_idx."""
+    prefix = torch.arange(num_prefix, device=keep_idx.device).expand(keep_idx.shape[0], -1)
+    return torch.cat([prefix, keep_idx], dim=1)
+
+
+def gather_kept(x, qkv, keep_idx, num_prefix=1):
+    """The kept rows (prefix first) of x (B, T, C) and qkv (B, T, 3C), contiguous."""
+    rows = kept_rows(keep_idx, num_prefix)
     x_kept = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
     qkv_kept = qkv.gather(1, rows[..., None].expand(-1, -1, qkv.shape[-1]))
     return x_kept, qkv_kept
 
 
-def select_and_gather(x, qkv, num_heads, config):
-    """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its packed qkv (B, T, 3C)."""
-    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm)
+def random_keep_idx(batch, num_tokens, count, num_prefix, generator, device):
+    """The random control: `count` patches per image drawn uniformly without replacement from
+    p..T-1, ascending, (B, count) int64. Drawn on the CPU so that every device gets the same."""
+    draws = torch.rand(batch, num_tokens - num_prefix, generator=generator)
+    return (draws.argsort(dim=-1)[:, :count].sort(dim=-1).values + num_prefix).to(device)
+
+
+def select_and_gather(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
+                      generator=None):
+    """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its qkv (B, T, 3C).
+
+    num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
+    (a CPU torch.Generator) is used by the random control only."""
+    if config.selection == "random":
+        keep_idx = random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
+                                   generator, x.device)
+        return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))
+    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
+            num_prefix, class_token, scale)
     if resolve_backend(config.backend, x) == "triton":
         from . import kernels
         if not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)):
@@ -48,4 +69,4 @@ def select_and_gather(x, qkv, num_heads, config):
         keep_idx = kernels.select_tokens(*args)
     else:
         keep_idx = select_reference(*args)
-    return (keep_idx, *gather_kept(x, qkv, keep_idx))
+    return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))

@@ -2,10 +2,10 @@
 
 Two panels: the model's input (after OpenCLIP's resize and crop) and the same picture with the
 pruned patches dimmed, the anchors outlined in orange and the other kept patches in cyan.
-With no arguments it draws the built-in sample picture with a random-weight ViT-B-16, offline.
+With no arguments it draws the built-in sample picture with a random-weight ViT-B-16, offline;
+random weights are drawn from a fixed seed, so the same command draws the same picture.
 """
 import os
-import sys
 import warnings
 from importlib import resources
 
@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .cli import CLIError, check_model, loading_errors, prune_config
+from .cli_common import CLIError, check_device, check_model, loading_errors, note, prune_config
 from .patch import UnsupportedModelError, pruned_block, replace_last_block
 from .reference import anchor_indices, head_mean_attention
 
+RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
 MARGIN = 16
 HEADER = 92
@@ -167,19 +168,22 @@ def run_visualize(args):
     try:
         image = Image.open(image_path).convert("RGB")
     except (OSError, ValueError) as err:
-        raise CLIError(f"--image {image_path}: cannot read it as an image ({err})") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise CLIError(f"--image {image_path}: cannot read it as an image ({err})") from err
+    device = check_device(args.device)
 
     import open_clip
     from open_clip.factory import parse_model_name
-    check_model(args.model, args.pretrained, pruning=True)
+    check_model(args.model, args.pretrained, pruning_flag="")
     random_weights = not args.pretrained and parse_model_name(args.model)[0] is None
     if random_weights:
-        print(f"tokenprune: note: no --pretrained given, so {args.model} has random weights: the "
-              "picture shows how the selection works, not what a trained CLIP looks at. For "
-              "trained weights add --pretrained openai (downloads once) or --pretrained "
-              "/path/to/checkpoint.bin", file=sys.stderr)
-    with loading_errors(args.model, args.pretrained, random_weights_noted=random_weights):
+        note(f"note: no --pretrained given, so {args.model} has random weights (seeded: the same "
+             "picture every run): it shows how the selection works, not what a trained CLIP "
+             "looks at. For trained weights add --pretrained openai (downloads once) or "
+             "--pretrained /path/to/checkpoint.bin")
+    note(f"loading {args.model} on {device}...")
+    with loading_errors(args.model, args.pretrained, random_weights_noted=random_weights), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(
             args.model, pretrained=args.pretrained or None, cache_dir=args.model_cache_dir,
             device=device)
@@ -187,31 +191,39 @@ def run_visualize(args):
     try:
         replace_last_block(model, config=config)
     except UnsupportedModelError as err:
-        raise CLIError(f"{args.model}: {err}") from None
-    except ValueError as err:
-        raise CLIError(f"--{err}") from None
+        raise CLIError(f"--model {args.model}: {err}") from err
+    except ValueError as err:  # --layer out of range for this model
+        raise CLIError(f"--{err}") from err
 
     pixels = preprocess(image).unsqueeze(0).to(device)
     visual = model.visual
     grid = tuple(visual.grid_size)
     n_patches = grid[0] * grid[1]
-    if config.kept_patches >= n_patches:
-        print(f"tokenprune: warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} "
-              f"patches: nothing to prune, every patch is kept", file=sys.stderr)
+    blocks = len(visual.transformer.resblocks)
+    index = config.layer % blocks
+    # 1-based in prose, like "block 12 of 12"; `index` is the 0-based index into resblocks.
+    where = f"block {index + 1} of {blocks} (index {index})"
+    pruned = config.kept_patches < n_patches
+    if not pruned:
+        note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
+             "nothing to prune, every patch is kept")
+    note(f"running the model{f' with pruning at {where}' if pruned else ''}...")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
         try:
             keep_idx, anchors = kept_tokens(model, pixels)
         except RuntimeError as err:  # e.g. --backend triton on a machine without it
-            raise CLIError(f"--backend {config.backend}: {err}") from None
+            raise CLIError(f"--backend {config.backend}: {err}") from err
 
-    blocks = len(visual.transformer.resblocks)
     tokens_before, tokens_after = n_patches + 1, len(keep_idx) + 1
-    weights = "random weights" if random_weights else (args.pretrained or "weights from the folder")
-    title = (f"tokenprune  |  {args.model} ({os.path.basename(weights)})  |  pruned at block "
-             f"{config.layer % blocks + 1} of {blocks}")
+    weights = ("random weights, seeded" if random_weights else
+               os.path.basename(args.pretrained or "weights from the folder"))
+    title = (f"tokenprune  |  {args.model} ({weights})  |  " +
+             (f"pruned at {where}" if pruned else
+              f"nothing pruned: k_anchors + top_m >= {n_patches} patches"))
     subtitle = (f"k_anchors={config.k_anchors}, top_m={config.top_m}, alpha={config.alpha:g}, "
                 f"score_norm={config.score_norm}  |  tokens {tokens_before} -> {tokens_after}")
+    note(f"drawing {args.out}...")
     figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
                          subtitle)
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -219,11 +231,16 @@ def run_visualize(args):
         os.makedirs(out_dir, exist_ok=True)
         figure.save(args.out)
     except (OSError, ValueError) as err:
-        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from None
-    print(f"{args.model}: {tokens_before} -> {tokens_after} tokens after block "
-          f"{config.layer % blocks + 1} of {blocks} (CLS + {len(anchors)} anchors + "
-          f"{tokens_after - 1 - len(anchors)} kept by score; {n_patches + 1 - tokens_after} "
-          f"pruned) on {'the built-in sample image' if args.image is None else image_path}")
+        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
+    source = "the built-in sample image" if args.image is None else image_path
+    if pruned:
+        print(f"{args.model}: {tokens_before} -> {tokens_after} tokens at {where}: CLS + "
+              f"{len(anchors)} anchors + {tokens_after - 1 - len(anchors)} kept by score; "
+              f"{n_patches + 1 - tokens_after} pruned; on {source}")
+    else:
+        print(f"{args.model}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
+              f"= {config.kept_patches} >= {n_patches} patches); on {source}")
     print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
     return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
-            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after}
+            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
+            "title": title}

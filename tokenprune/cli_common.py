@@ -1,0 +1,321 @@
+"""What every `tokenprune` subcommand shares: the error type main() prints, the pruning flags,
+the checks made before a model is loaded, the translation of loading failures, and the quieting
+of known-harmless third-party warnings.
+
+Importing this module costs nothing: torch and open_clip are imported inside the functions
+that need them, so that `--help` and bad flags are answered at once.
+"""
+import argparse
+import difflib
+import functools
+import logging
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from unittest import mock
+
+from .config import BACKENDS, SCORE_NORMS, PruneConfig
+
+PROG = "tokenprune"
+DEBUG_ENV = "TOKENPRUNE_DEBUG"
+# The PruneConfig fields that have a flag (`--k_anchors` ...); any other field keeps its
+# PruneConfig default. The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50,
+# alpha 0.5, and ours).
+PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend")
+PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
+                    if name in PRUNING_FLAGS}
+
+
+class CLIError(Exception):
+    """Bad input: main() prints the message on one line and exits with status 1. Raise it
+    `from` the original error: TOKENPRUNE_DEBUG=1 prints that error's traceback."""
+
+
+def note(message):
+    """One line for the user on stderr, prefixed like every tokenprune message."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+# ----- flags -------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an argument error is one line instead of a screenful of usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def add_pruning_arguments(parser, always_on=False):
+    """The pruning flags (PruneConfig's fields), and --enable_pruning unless `always_on`."""
+    group = parser.add_argument_group(
+        "token pruning (tokenprune)",
+        "Keep CLS + k_anchors + top_m tokens at one block of the image tower.")
+    if not always_on:
+        group.add_argument("--enable_pruning", action="store_true", default=False,
+                           help="prune visual tokens (default: off, plain CLIP_benchmark)")
+    d = PRUNING_DEFAULTS
+    group.add_argument("--k_anchors", type=int, default=d["k_anchors"],
+                       help="anchor tokens chosen by the CLS attention (>= 1, default %(default)s)")
+    group.add_argument("--top_m", type=int, default=d["top_m"],
+                       help="further tokens kept by score (>= 0, default %(default)s)")
+    group.add_argument("--alpha", type=float, default=d["alpha"],
+                       help="importance weight against diversity, in [0, 1] (default %(default)s)")
+    group.add_argument("--score_norm", choices=SCORE_NORMS, default=d["score_norm"],
+                       help="'none' (the seed's formula, default) or 'minmax' (rescale "
+                            "importance and diversity to [0, 1] before mixing)")
+    group.add_argument("--layer", type=int, default=d["layer"],
+                       help="index of the pruned block, counting from 0; negative from the end "
+                            "(default -1, the last block)")
+    group.add_argument("--backend", choices=BACKENDS, default=d["backend"],
+                       help="'auto' (Triton on CUDA, else PyTorch; default), 'triton' or "
+                            "'reference'")
+    return group
+
+
+def add_verbose_argument(parser):
+    parser.add_argument("--verbose", dest="show_warnings", action="store_true", default=False,
+                        help="also show the third-party warnings that tokenprune hides as "
+                             "known to be harmless here")
+
+
+def prune_config(args):
+    """The PruneConfig of the parsed flags; a bad value is a CLIError naming the flag."""
+    try:
+        return PruneConfig(**{name: getattr(args, name) for name in PRUNING_DEFAULTS})
+    except ValueError as err:
+        raise CLIError(f"--{err}") from err
+
+
+# ----- checks made before anything is loaded ------------------------------------------------
+
+def check_device(device):
+    """The torch device to use: `device`, or cuda when available, else cpu. A device that this
+    machine does not have is a CLIError, before any model is loaded."""
+    import torch
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {device}: not a torch device (use cpu, cuda or cuda:N)") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: no CUDA device is available on this machine "
+                           "(torch.cuda.is_available() is False); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                           f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_model(model_name, pretrained, pruning_flag=None):
+    """Fail early, before any download, on an unknown architecture or pretrained tag, and (when
+    `pruning_flag` names the flag that asked for pruning, or is "" when pruning is implied) on
+    a tower that cannot be pruned. Names with a schema (hf-hub:, local-dir:) are left to
+    OpenCLIP."""
+    import open_clip
+    from open_clip.factory import parse_model_name
+
+    try:
+        schema, identifier = parse_model_name(model_name)
+    except ValueError as err:
+        raise CLIError(f"--model {model_name}: {err}") from err
+    if schema == "local-dir":
+        if not os.path.isfile(os.path.join(identifier, "open_clip_config.json")):
+            raise CLIError(f"--model {model_name}: no open_clip_config.json in {identifier!r}")
+        return
+    if schema is not None:
+        return
+    name = model_name.replace("/", "-")
+    config = open_clip.get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise CLIError(f"unknown model {model_name!r}: not an OpenCLIP architecture.{hint} "
+                       "List them with `python -c \"import open_clip; "
+                       "print(open_clip.list_models())\"`, or use "
+                       "--model local-dir:/path/to/folder")
+    if pretrained and not os.path.isfile(pretrained):
+        from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+        if not get_pretrained_cfg(name, pretrained):
+            if os.sep in pretrained or os.path.splitext(pretrained)[1]:
+                raise CLIError(f"--pretrained {pretrained}: no such checkpoint file")
+            tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
+            raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
+                           f"{tags}); a local checkpoint file also works: --pretrained PATH")
+    if pruning_flag is not None:
+        vision = config.get("vision_cfg", {})
+        tower = ("a ResNet" if isinstance(vision.get("layers"), (list, tuple)) else
+                 "a timm" if "timm_model_name" in vision else None)
+        if tower:
+            from .patch import SUPPORTED
+            raise CLIError(f"{pruning_flag or '--model ' + model_name}: {model_name} has {tower} "
+                           f"image tower, which cannot be pruned; tokenprune supports {SUPPORTED}")
+
+
+# ----- loading failures, classified by the step that failed ---------------------------------
+
+class _StepFailed(Exception):
+    """Raised, from the original error, by the OpenCLIP step that failed (see loading_errors).
+    OpenCLIP re-raises some errors as its own; the step is found again on the chain."""
+
+    def __init__(self, step, cause, detail=None):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.step = step
+        self.detail = detail
+
+
+def _failed_step(err):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, _StepFailed):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _step(name, function, diagnose=None):
+    """`function`, except that its failure is a _StepFailed(name) raised from the error."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except _StepFailed:
+            raise
+        except Exception as err:  # noqa: BLE001 - tagged and re-raised, not swallowed
+            detail = diagnose(*args, **kwargs) if diagnose else None
+            raise _StepFailed(name, err, detail) from err
+    return wrapped
+
+
+def checkpoint_mismatch(model, checkpoint_path, *args, **kwargs):
+    """(missing, unexpected, wrong_shape) between `model` and the checkpoint, after OpenCLIP's
+    own conversions; wrong_shape holds (key, checkpoint shape, model shape). None when it cannot
+    be worked out (then the original error is all there is)."""
+    from open_clip import factory
+    try:
+        state = factory.load_state_dict(checkpoint_path)
+        state = factory.convert_state_dict(model, state)
+        factory.resize_pos_embed(state, model)
+        factory.resize_text_pos_embed(state, model)
+    except Exception:  # noqa: BLE001 - a diagnosis of a failure, best effort
+        return None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [(key, tuple(state[key].shape), tuple(own[key].shape))
+                   for key in own if key in state and hasattr(state[key], "shape")
+                   and tuple(state[key].shape) != tuple(own[key].shape)]
+    return missing, unexpected, wrong_shape
+
+
+def _some(keys, count=3):
+    shown = ", ".join(keys[:count])
+    return shown + (f" and {len(keys) - count} more" if len(keys) > count else "")
+
+
+def _mismatch_message(model_name, pretrained, mismatch):
+    missing, unexpected, wrong_shape = mismatch
+    examples = []
+    if missing:
+        examples.append(f"missing: {_some(missing)}")
+    if unexpected:
+        examples.append(f"unexpected: {_some(unexpected)}")
+    if wrong_shape:
+        shapes = [f"{key} is {list(theirs)} in the file, {list(ours)} in the model"
+                  for key, theirs, ours in wrong_shape]
+        examples.append(f"wrong shape: {_some(shapes, 2)}")
+    return (f"--pretrained {pretrained} does not fit --model {model_name}: {len(missing)} "
+            f"missing, {len(unexpected)} unexpected and {len(wrong_shape)} wrong-shape weights "
+            f"({'; '.join(examples)}). Most likely it is a checkpoint of another architecture: "
+            "pass the --model it was trained as")
+
+
+class _DropLog(logging.Filter):
+    """Drops OpenCLIP log records that our own messages repeat."""
+
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record):
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextmanager
+def loading_errors(model_name, pretrained, random_weights_noted=False):
+    """Turn OpenCLIP's loading failures into one-line CLIErrors that say what failed and what to
+    do, classified by the step that failed (download, reading the checkpoint file, loading it
+    into the model), never by the words of an error message.
+
+    OpenCLIP logs a download failure before raising it: our error says it, so that log is
+    dropped, as is its random-weights warning when the caller has already printed a note."""
+    from open_clip import factory
+
+    prefixes = ("Failed to download weights", "Pretrained tag or path")
+    log_filter = _DropLog(prefixes + (("No pretrained weights loaded",)
+                                      if random_weights_noted else ()))
+    steps = {"download_pretrained": _step("download", factory.download_pretrained),
+             "download_pretrained_from_hf": _step("download",
+                                                  factory.download_pretrained_from_hf),
+             "load_state_dict": _step("read", factory.load_state_dict),
+             "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch)}
+    logging.getLogger().addFilter(log_filter)
+    try:
+        with mock.patch.multiple(factory, **steps):
+            yield
+    except CLIError:
+        raise
+    except Exception as err:  # noqa: BLE001 - translated, not swallowed
+        raise CLIError(loading_error_message(err, model_name, pretrained)) from err
+    finally:
+        logging.getLogger().removeFilter(log_filter)
+
+
+def loading_error_message(err, model_name, pretrained):
+    """The one-line message for `err`, raised while loading inside `loading_errors`: what
+    failed is read from the step that raised it (see _step), not from the message's words."""
+    failed = _failed_step(err)
+    step = failed.step if failed else None
+    cause = failed.__cause__ if failed else err
+    what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+    if step == "download":
+        return (f"could not download the pretrained weights {pretrained!r} for {model_name} "
+                f"({type(cause).__name__}; {DEBUG_ENV}=1 shows why). Without internet access, "
+                "run once where downloads work, or fetch the checkpoint elsewhere and pass the "
+                "file: --pretrained /path/to/open_clip_pytorch_model.bin (set HF_HUB_OFFLINE=1 "
+                "to skip the download retries)")
+    if step == "read":
+        return (f"--pretrained {pretrained}: not a readable checkpoint file "
+                f"({type(cause).__name__} while reading it). Expected a state_dict saved with "
+                "torch.save, a .safetensors file or an OpenCLIP .bin; is the file complete?")
+    if step == "load" and failed.detail and any(failed.detail):
+        return _mismatch_message(model_name, pretrained, failed.detail)
+    return (f"could not load model {model_name!r} with pretrained {pretrained!r}: {what} "
+            f"(set {DEBUG_ENV}=1 for the traceback)")
+
+
+# ----- third-party warnings known to be harmless here ---------------------------------------
+
+@contextmanager
+def quiet_warnings(show=False):
+    """Hide the third-party warnings that an ordinary run triggers and that need no action;
+    `show` (the --verbose flag) keeps them all."""
+    with warnings.catch_warnings():
+        if show:
+            yield
+            return
+        # CLIP_benchmark builds its WebDataset without shardshuffle; it reads shards in order.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"webdataset\.",
+                                message=r"WebDataset\(shardshuffle=\.\.\.\) is None")
+        try:
+            from sklearn.exceptions import UndefinedMetricWarning
+        except ImportError:
+            pass
+        else:
+            # Precision of a class never predicted, in CLIP_benchmark's classification report.
+            warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
+        yield
