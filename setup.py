@@ -25,9 +25,13 @@ setup(
         "requests",
         # tokenprune visualize draws its figure with PIL.
         "pillow",
+        # The shipped small ViT's canvases are made from scikit-learn's bundled digits
+        # (tokenprune/proxy.py): the first-run demo, its tests and its training script.
+        "scikit-learn",
     ],
-    # The sample picture of `tokenprune visualize` with no arguments (the offline first-run demo).
-    package_data={"tokenprune": ["assets/*.png"]},
+    # The first-run demo's small trained ViT (tokenprune/proxy.py): its float16 weights and
+    # their card; the sample picture of `tokenprune visualize --model ViT-B-16`.
+    package_data={"tokenprune": ["assets/*.png", "assets/*.pt", "assets/*.json"]},
     entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "matplotlib"],  # matplotlib: bench/report.py's plot

@@ -338,9 +338,23 @@ def test_visualize_draws_kept_and_pruned_patches(tiny, tmp_path, capsys):
     assert edges == {"anchor": 4, "kept": 20}
 
 
-def test_visualize_runs_with_no_arguments(tmp_path, capsys, monkeypatch):
+def test_visualize_runs_with_no_arguments_on_the_shipped_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, stdout, err = run_main(["visualize"], capsys)
+    assert status == 0, err
+    assert "random weights" not in err
+    assert stdout.startswith("model: a small ViT (4 blocks, width 128, 8x8 patches of 16 px) "
+                             "trained on scikit-learn's digits")
+    assert ("shipped ViT: 65 -> 17 tokens at block 4 of 4 (index 3): CLS + 4 anchors + 12 kept"
+            in stdout)
+    assert "on held-out canvas #0" in stdout and "kept.png" in stdout
+    geo = visualize.layout(128, 128)
+    assert Image.open(tmp_path / "kept.png").size == geo["size"]
+
+
+def test_visualize_model_vit_b_16_keeps_the_random_weight_demo(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = run_main(["visualize", "--model", "ViT-B-16"], capsys)
     assert status == 0, err
     assert "random weights" in err and "--pretrained openai" in err
     assert "ViT-B-16: 197 -> 61 tokens" in stdout and "kept.png" in stdout

@@ -19,15 +19,17 @@ import sys
 import traceback
 
 from . import clip_benchmark_flags
-from .cli_common import (DEBUG_ENV, PROG, CLIError, OneLineParser, add_pruning_arguments,
-                         add_verbose_argument, prune_config)
+from .cli_common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
+                         add_pruning_arguments, add_verbose_argument, prune_config,
+                         use_shipped_model)
 
 
 def add_visualize_arguments(parser):
     parser.add_argument("--image", default=None,
                         help="image file (default: the built-in sample picture)")
-    parser.add_argument("--model", default="ViT-B-16",
-                        help="OpenCLIP ViT architecture, or local-dir:/path (default %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="OpenCLIP ViT architecture, or local-dir:/path (default: the small "
+                             "ViT shipped with tokenprune; ViT-B-16 with --image or --pretrained)")
     parser.add_argument("--pretrained", default=None,
                         help="pretrained tag (e.g. openai; downloads once) or local checkpoint "
                              "file (default: none, random weights, seeded)")
@@ -37,6 +39,12 @@ def add_visualize_arguments(parser):
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="kept.png", help="output PNG (default %(default)s)")
     add_pruning_arguments(parser, always_on=True)
+    # None until visualize.use_shipped_model knows which model runs: k and m suit its patch count.
+    for name, shipped in SHIPPED_MODEL_PRUNING.items():
+        action = parser._option_string_actions[f"--{name}"]
+        action.help = action.help.replace("%(default)s", f"{shipped} for the shipped model, "
+                                          f"else {action.default}")
+        action.default = None
 
 
 def build_parser():
@@ -67,8 +75,9 @@ def build_parser():
     visualize = commands.add_parser(
         "visualize", help="draw an image with its anchor, kept and pruned patches",
         description="Draw an image with the anchors and the kept patches marked and the pruned "
-                    "ones dimmed. With no arguments: the built-in sample image and a "
-                    "random-weight ViT-B-16 (seeded: the same picture every run), offline.")
+                    "ones dimmed. With no arguments: a held-out canvas and the small ViT trained "
+                    "on scikit-learn's digits that ships with tokenprune, offline. --model "
+                    "ViT-B-16 (no --pretrained): random weights, seeded, on the sample image.")
     add_visualize_arguments(visualize)
     visualize.set_defaults(which="visualize")
 
@@ -120,6 +129,7 @@ def _run(which, args, argv):
         from .evaluate import parse_eval_args, run_eval
         run_eval(parse_eval_args(argv))
     elif which == "visualize":
+        use_shipped_model(args)
         prune_config(args)
         from .visualize import run_visualize
         run_visualize(args)

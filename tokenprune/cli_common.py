@@ -26,6 +26,9 @@ DEBUG_ENV = "TOKENPRUNE_DEBUG"
 PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend")
 PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
                     if name in PRUNING_FLAGS}
+# `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
+# 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
+SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
 
 
 class CLIError(Exception):
@@ -78,6 +81,19 @@ def add_verbose_argument(parser):
     parser.add_argument("--verbose", dest="show_warnings", action="store_true", default=False,
                         help="also show the third-party warnings that tokenprune hides as "
                              "known to be harmless here")
+
+
+def use_shipped_model(args):
+    """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
+    --model, --image or --pretrained). Fills in --model and the unset k and m for the model
+    that runs; calling it again changes nothing."""
+    shipped = args.model is None and args.image is None and args.pretrained is None
+    for name, value in SHIPPED_MODEL_PRUNING.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if shipped else PRUNING_DEFAULTS[name])
+    if args.model is None and not shipped:
+        args.model = "ViT-B-16"
+    return shipped
 
 
 def prune_config(args):

@@ -2,8 +2,10 @@
 
 Two panels: the model's input (after OpenCLIP's resize and crop) and the same picture with the
 pruned patches dimmed, the anchors outlined in orange and the other kept patches in cyan.
-With no arguments it draws the built-in sample picture with a random-weight ViT-B-16, offline;
-random weights are drawn from a fixed seed, so the same command draws the same picture.
+With no arguments it draws a held-out canvas with the small ViT trained on scikit-learn's digits
+that ships with the package (tokenprune/proxy.py), offline. `--model ViT-B-16` (no --pretrained)
+draws the built-in sample picture with random weights, drawn from a fixed seed, so the same
+command draws the same picture.
 """
 import os
 import warnings
@@ -14,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .cli_common import CLIError, check_device, check_model, loading_errors, note, prune_config
+from .cli_common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
+                         use_shipped_model)
 from .patch import UnsupportedModelError, pruned_block, replace_last_block
 from .reference import anchor_indices, head_mean_attention
 
@@ -55,7 +58,7 @@ def kept_tokens(model, pixels):
     captured = {}
     handle = block.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
     try:
-        model.encode_image(pixels)
+        getattr(model, "encode_image", model)(pixels)  # a CLIP model or a bare image tower
     finally:
         handle.remove()
     x = captured["x"] if block.attn.batch_first else captured["x"].transpose(0, 1)
@@ -163,7 +166,78 @@ def render(image, grid, keep_idx, anchors, title, subtitle):
 # ----- the command ------------------------------------------------------------------------
 
 def run_visualize(args):
+    shipped = use_shipped_model(args)
     config = prune_config(args)
+    if shipped:
+        model, pixels, preprocess, name, weights, source = shipped_model_input(args, config)
+    else:
+        model, pixels, preprocess, name, weights, source = clip_model_input(args, config)
+    visual = getattr(model, "visual", model)
+    grid = tuple(visual.grid_size)
+    n_patches = grid[0] * grid[1]
+    blocks = len(visual.transformer.resblocks)
+    index = config.layer % blocks
+    # 1-based in prose, like "block 12 of 12"; `index` is the 0-based index into resblocks.
+    where = f"block {index + 1} of {blocks} (index {index})"
+    pruned = config.kept_patches < n_patches
+    if not pruned:
+        note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
+             "nothing to prune, every patch is kept")
+    note(f"running the model{f' with pruning at {where}' if pruned else ''}...")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
+        try:
+            keep_idx, anchors = kept_tokens(model, pixels)
+        except RuntimeError as err:  # e.g. --backend triton on a machine without it
+            raise CLIError(f"--backend {config.backend}: {err}") from err
+
+    tokens_before, tokens_after = n_patches + 1, len(keep_idx) + 1
+    title = (f"tokenprune  |  {name} ({weights})  |  " +
+             (f"pruned at {where}" if pruned else
+              f"nothing pruned: k_anchors + top_m >= {n_patches} patches"))
+    subtitle = (f"k_anchors={config.k_anchors}, top_m={config.top_m}, alpha={config.alpha:g}, "
+                f"score_norm={config.score_norm}  |  tokens {tokens_before} -> {tokens_after}")
+    note(f"drawing {args.out}...")
+    figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
+                         subtitle)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        figure.save(args.out)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
+    if pruned:
+        print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}: CLS + "
+              f"{len(anchors)} anchors + {tokens_after - 1 - len(anchors)} kept by score; "
+              f"{n_patches + 1 - tokens_after} pruned; on {source}")
+    else:
+        print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
+              f"= {config.kept_patches} >= {n_patches} patches); on {source}")
+    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
+    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
+            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
+            "title": title}
+
+
+def shipped_model_input(args, config):
+    """The first-run demo: the small ViT shipped with the package on a held-out canvas.
+    (model, pixels, preprocess, name, weights, source), the model already pruned."""
+    from .proxy import DEMO_INDEX, demo_inputs, describe
+    device = check_device(args.device)
+    note(f"loading the shipped small ViT on {device}...")
+    model, pixels, preprocess, label, card = demo_inputs()
+    print(f"model: {describe(card)}")
+    try:
+        replace_last_block(model, config=config)
+    except ValueError as err:  # --layer out of range for this model
+        raise CLIError(f"--{err}") from err
+    return (model.to(device), pixels.to(device), preprocess, "shipped ViT", "trained",
+            f"held-out canvas #{DEMO_INDEX} (a {label})")
+
+
+def clip_model_input(args, config):
+    """An OpenCLIP model (random weights, seeded, unless --pretrained) on --image or the sample
+    picture. (model, pixels, preprocess, name, weights, source), the model already pruned."""
     image_path = args.image or sample_image_path()
     try:
         image = Image.open(image_path).convert("RGB")
@@ -196,51 +270,7 @@ def run_visualize(args):
         raise CLIError(f"--{err}") from err
 
     pixels = preprocess(image).unsqueeze(0).to(device)
-    visual = model.visual
-    grid = tuple(visual.grid_size)
-    n_patches = grid[0] * grid[1]
-    blocks = len(visual.transformer.resblocks)
-    index = config.layer % blocks
-    # 1-based in prose, like "block 12 of 12"; `index` is the 0-based index into resblocks.
-    where = f"block {index + 1} of {blocks} (index {index})"
-    pruned = config.kept_patches < n_patches
-    if not pruned:
-        note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
-             "nothing to prune, every patch is kept")
-    note(f"running the model{f' with pruning at {where}' if pruned else ''}...")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
-        try:
-            keep_idx, anchors = kept_tokens(model, pixels)
-        except RuntimeError as err:  # e.g. --backend triton on a machine without it
-            raise CLIError(f"--backend {config.backend}: {err}") from err
-
-    tokens_before, tokens_after = n_patches + 1, len(keep_idx) + 1
     weights = ("random weights, seeded" if random_weights else
                os.path.basename(args.pretrained or "weights from the folder"))
-    title = (f"tokenprune  |  {args.model} ({weights})  |  " +
-             (f"pruned at {where}" if pruned else
-              f"nothing pruned: k_anchors + top_m >= {n_patches} patches"))
-    subtitle = (f"k_anchors={config.k_anchors}, top_m={config.top_m}, alpha={config.alpha:g}, "
-                f"score_norm={config.score_norm}  |  tokens {tokens_before} -> {tokens_after}")
-    note(f"drawing {args.out}...")
-    figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
-                         subtitle)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        figure.save(args.out)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
     source = "the built-in sample image" if args.image is None else image_path
-    if pruned:
-        print(f"{args.model}: {tokens_before} -> {tokens_after} tokens at {where}: CLS + "
-              f"{len(anchors)} anchors + {tokens_after - 1 - len(anchors)} kept by score; "
-              f"{n_patches + 1 - tokens_after} pruned; on {source}")
-    else:
-        print(f"{args.model}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
-              f"= {config.kept_patches} >= {n_patches} patches); on {source}")
-    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
-    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
-            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
-            "title": title}
+    return model, pixels, preprocess, args.model, weights, source
