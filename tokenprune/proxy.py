@@ -1,11 +1,12 @@
 """The proxy task and the small trained ViT shipped with the package.
 
-A scikit-learn digit (8x8, upscaled) is pasted at a random place on a larger canvas of noise and
-random line segments, so the object covers a small minority of the patches (1-4 of 64) and
-which tokens a pruned model keeps decides whether it can still read the digit. `tools/train_proxy.py` trains
-an OpenCLIP `VisionTransformer` (the class tokenprune prunes) on it; the checkpoint and a JSON
-describing it live in `tokenprune/assets/`. The first-run demo, the tests and the benchmarks use
-this module's data recipe, so everything sees the same held-out canvases.
+A scikit-learn digit (8x8, upscaled) is pasted at a random place (a patch cell, jittered) on a
+larger canvas of noise and random line segments, so the object covers a small minority of the
+patches (1-4 of 64) and which tokens a pruned model keeps decides whether it can still read the
+digit. `tools/train_proxy.py` trains an OpenCLIP `VisionTransformer` (the class tokenprune
+prunes) on it; the checkpoint and a JSON describing it live in `tokenprune/assets/`. The
+first-run demo, the tests and the benchmarks use this module's data recipe, so everything sees
+the same held-out canvases.
 """
 import functools
 import json
