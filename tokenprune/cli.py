@@ -25,7 +25,9 @@ from .config import BACKENDS, SCORE_NORMS, PruneConfig
 PROG = "tokenprune"
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
 # The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50, alpha 0.5, and ours).
-PRUNING_DEFAULTS = asdict(PruneConfig())
+# The controls' `selection` and `seed` are no flags of eval (CLIP_benchmark owns --seed).
+PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
+                    if name not in ("selection", "seed")}
 
 
 class CLIError(Exception):
@@ -105,6 +107,8 @@ def add_pruning_arguments(parser, always_on=False):
 def build_parser():
     parser = _clip_benchmark_parser()
     subcommands = _subcommands(parser)
+    from .sweep import add_sweep_parser  # before eval gets its single-valued pruning flags
+    add_sweep_parser(subcommands, subcommands.choices["eval"])
     add_pruning_arguments(subcommands.choices["eval"])
     visualize = subcommands.add_parser(
         "visualize", help="Draw an image with its anchor, kept and pruned patches",
@@ -234,6 +238,9 @@ def main(argv=None):
         if args.which == "eval":
             from .evaluate import run_eval
             run_eval(args)
+        elif args.which == "sweep":
+            from .sweep import run_sweep
+            run_sweep(args)
         elif args.which == "visualize":
             from .visualize import run_visualize
             run_visualize(args)
