@@ -25,6 +25,8 @@ setup(
         "requests",
         # tokenprune visualize draws its figure with PIL.
         "pillow",
+        # tokenprune sweep's accuracy_vs_tokens.png (axes, legend, markers); imported only there.
+        "matplotlib",
     ],
     # The sample picture of `tokenprune visualize` with no arguments (the offline first-run demo).
     package_data={"tokenprune": ["assets/*.png"]},

@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import product
 from typing import NamedTuple, Optional
@@ -504,6 +504,12 @@ def _rows(points, metrics, speeds, visual, images, batch):
 
 # ----- outputs ------------------------------------------------------------------------------
 
+def _weights(meta):
+    """The weights as CLIP_benchmark names them in its output file: a file's base name, or the tag."""
+    return os.path.basename(meta["pretrained"]) if os.path.isfile(meta["pretrained"]) \
+        else meta["pretrained"]
+
+
 def _label(row):
     return (f"k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
             f"{row['score_norm']}")
@@ -513,7 +519,7 @@ def summary_markdown(meta, result):
     rows, primary = result["rows"], result["primary"]
     unpruned = rows[0]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"# tokenprune sweep: {meta['model']} ({meta['pretrained']}) on {meta['dataset']}",
+    lines = [f"# tokenprune sweep: {meta['model']} ({_weights(meta)}) on {meta['dataset']}",
              "",
              f"{result['images']} images, {meta['date']}, device {meta['device']}, "
              f"amp {meta['amp']}, batch size {meta['batch_size']}. "
@@ -572,8 +578,8 @@ def plot(meta, result, path):
                    label=f"unpruned ({result['tokens']} tokens)")
     ax.set_xlabel(f"tokens kept after the pruned block (of {result['tokens']})")
     ax.set_ylabel(f"{primary} on {meta['dataset']}")
-    ax.set_title(f"{meta['model']} ({meta['pretrained']}) on {meta['dataset']}, "
-                 f"{result['images']} images", fontsize=10)
+    ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) on "
+                 f"{meta['dataset']}, {result['images']} images", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
