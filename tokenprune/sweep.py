@@ -209,7 +209,7 @@ def grid_points(ks, ms, alphas, score_norms, layers, controls, depth, patches, b
 
 # ----- the command line ---------------------------------------------------------------------
 
-LIST_FLAGS = {  # flag -> (PruneConfig field, type, what is allowed)
+LIST_FLAGS = {  # flag (a PruneConfig field) -> (type, what is allowed)
     "k_anchors": (int, "integers >= 1"),
     "top_m": (int, "integers >= 0"),
     "alpha": (float, "numbers in [0, 1]"),
@@ -320,14 +320,20 @@ def check_sweep_args(args):
                     "or none")
     lists["controls"] = [] if controls == ["none"] else controls
 
+    if args.model_type != "open_clip":
+        raise _fail(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP models only")
     check_model(model, pretrained, pruning=True)
     depth = _tower_depth(model)
     if depth is not None:
-        for layer in lists["layer"]:
-            if not -depth <= layer < depth:
-                raise _fail(f"--layer must be in [{-depth}, {depth - 1}] for {model}'s "
-                            f"{depth}-block image tower, got {layer}")
+        _check_layers(lists["layer"], depth, model)
     return lists
+
+
+def _check_layers(layers, depth, model):
+    for layer in layers:
+        if not -depth <= layer < depth:
+            raise _fail(f"--layer must be in [{-depth}, {depth - 1}] for {model}'s "
+                        f"{depth}-block image tower, got {layer}")
 
 
 class _Sweep:
@@ -402,10 +408,7 @@ def _sweep_classification(state, original_evaluate, zsc):
         args, lists = state.args, state.lists
         visual = visual_tower(model)
         depth, patches = len(tower_blocks(visual)), tower_patches(visual)
-        for layer in lists["layer"]:
-            if not -depth <= layer < depth:
-                raise _fail(f"--layer must be in [{-depth}, {depth - 1}] for {args.model}'s "
-                            f"{depth}-block image tower, got {layer}")
+        _check_layers(lists["layer"], depth, args.model)  # towers whose config we could not read
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed)
