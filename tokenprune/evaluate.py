@@ -19,7 +19,6 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
 
 import torch
 from clip_benchmark import cli as cb_cli
@@ -30,6 +29,11 @@ from .patch import UnsupportedModelError, replace_last_block
 from .selection import resolve_backend
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
+
+
+def _flags(config):
+    """The configuration as eval's flags set it (the controls' selection and seed are no flags)."""
+    return {name: getattr(config, name) for name in PRUNING_DEFAULTS}
 
 
 def accuracy(output, target, topk=(1,)):
@@ -136,7 +140,7 @@ class _Session:
                       "model runs unpruned (lower --k_anchors/--top_m, e.g. --k_anchors 5 "
                       "--top_m 30, or use a model with more patches, e.g. ViT-B-16)",
                       file=sys.stderr)
-            run["pruning"] = {"enabled": True, "applied": applied, **asdict(cfg),
+            run["pruning"] = {"enabled": True, "applied": applied, **_flags(cfg),
                               "block": cfg.layer % blocks, "num_blocks": blocks,
                               "backend_used": backend_used}
         timer = _EncodeTimer(device)
@@ -169,7 +173,7 @@ class _Session:
         args, run = self.args, self.run or {}
         pruning = run.get("pruning") or {"enabled": self.enabled}
         if self.enabled and "k_anchors" not in pruning:  # --skip_load: no model was loaded
-            pruning = {"enabled": True, **asdict(self.config)}
+            pruning = {"enabled": True, **_flags(self.config)}
         throughput = run["timer"].summary() if "timer" in run else None
         if throughput is not None:
             throughput.update(device=run["device"], amp=args.amp, batch_size=args.batch_size)
