@@ -28,12 +28,14 @@ setup(
         # The shipped small ViT's canvases are made from scikit-learn's bundled digits
         # (tokenprune/proxy.py): the first-run demo, its tests and its training script.
         "scikit-learn",
+        # tokenprune sweep's accuracy_vs_tokens.png (axes, legend, markers); imported only there.
+        "matplotlib",
     ],
     # The first-run demo's small trained ViT (tokenprune/proxy.py): its float16 weights and
     # their card; the sample picture of `tokenprune visualize --model ViT-B-16`.
     package_data={"tokenprune": ["assets/*.png", "assets/*.pt", "assets/*.json"]},
     entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "matplotlib"],  # matplotlib: bench/report.py's plot
+        "dev": ["pytest", "pytest-benchmark"],
     },
 )

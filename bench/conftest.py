@@ -241,7 +241,8 @@ def env():
     """The settings the benchmark files need (test modules cannot import a conftest)."""
     return SimpleNamespace(
         device=DEVICE, dtype=DTYPE, k_anchors=K_ANCHORS, top_m=TOP_M, sync=sync,
-        selection_batch=SELECTION_BATCH,
+        selection_batch=SELECTION_BATCH, smoke=SMOKE,
+        e2e_batch={model: batch for model, (batch, _, _) in E2E_MODELS.items()},
         triton_skip_reason=triton_skip_reason(),
         # The selection backend that a PruneConfig backend resolves to on DEVICE.
         resolve=lambda backend: resolve_backend(backend, torch.empty(0, device=DEVICE)))

@@ -53,6 +53,8 @@ def read_rows(path):
     commit = (info.get("id") or "")[:10] + (" (uncommitted changes)" if info.get("dirty") else "")
     rows = []
     for bench in data["benchmarks"]:
+        if bench["extra_info"].get("kind") not in ("e2e", "selection"):
+            continue  # e.g. bench_sweep.py's rows: pytest-benchmark's own table shows them
         row = dict(bench["extra_info"], name=bench["name"], median_s=bench["stats"]["median"],
                    rounds=bench["stats"]["rounds"], source=str(path),
                    date=data.get("datetime", "?"), versions=machine.get("versions", {}),

@@ -1,12 +1,10 @@
 """The command line: `tokenprune eval` against CLIP_benchmark's own eval, its JSON, its errors,
 and `tokenprune visualize`. Offline: a tiny random-weight OpenCLIP ViT saved as a checkpoint and a
 tiny WebDataset, both made here."""
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,18 +20,7 @@ from tokenprune.block import PrunedResidualAttentionBlock  # noqa: E402
 from tokenprune.cli import build_parser, main  # noqa: E402
 from tokenprune.evaluate import accuracy, eval_parser  # noqa: E402
 
-TINY = "tokenprune-test-tiny"
-# 32 px images, 4 px patches: 8 x 8 = 64 patches, 65 tokens; two blocks of width 64, 2 heads.
-TINY_CFG = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                           "patch_size": 4},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                         "layers": 1}}
-# Another architecture, for a checkpoint that does not fit TINY: 8 px patches, one block.
-OTHER = "tokenprune-test-other"
-OTHER_CFG = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "patch_size": 8, "layers": 1}}
-CLASSES = ["red", "green", "blue", "yellow", "purple"]  # >= 5 classes, so acc5 is computed
-COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40), (150, 50, 180)]
+from helpers import TINY, make_tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -44,81 +31,10 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def class_images(count, seed=0, classes=len(CLASSES)):
-    """(images, labels): a square of the class colour, of random size and place, on noise."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for i in range(count):
-        label = i % classes
-        pixels = rng.integers(0, 256, (32, 32, 3)).astype(float)
-        side = rng.integers(8, 20)
-        top, left = rng.integers(0, 32 - side, 2)
-        pixels[top:top + side, left:left + side] = (np.array(COLOURS[label])
-                                                    + rng.normal(0, 20, (side, side, 3)))
-        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-        labels.append(label)
-    return images, labels
-
-
-def train_briefly(model, preprocess, images, labels, steps=12):
-    """A few steps of zero-shot cross-entropy on a third of the images: random weights give
-    one class for every image, which would make the metric comparisons blind."""
-    tokens = open_clip.get_tokenizer(TINY)([f"a photo of a {c}." for c in CLASSES])
-    pixels = torch.stack([preprocess(image) for image in images])
-    target = torch.tensor(labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(steps):
-        image_features = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
-        text_features = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
-        loss = torch.nn.functional.cross_entropy(10 * image_features @ text_features.T, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A registered tiny architecture, its checkpoint, and a 30-image WebDataset."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "configs").mkdir()
-    (root / "configs" / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    (root / "configs" / f"{OTHER}.json").write_text(json.dumps(OTHER_CFG))
-    open_clip.add_model_config(root / "configs")
-    images, labels = class_images(30)
-
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY)
-    train_briefly(model, preprocess, images[:10], labels[:10])
-    checkpoint = root / "tiny.pt"
-    torch.save(model.state_dict(), checkpoint)
-    other = root / "other.pt"
-    torch.save(open_clip.create_model(OTHER).state_dict(), other)
-    corrupt = root / "corrupt.pt"
-    corrupt.write_bytes(checkpoint.read_bytes()[:1000])  # a download cut short
-
-    data = write_wds(root / "wds", images, labels, CLASSES)
-    # Four classes: CLIP_benchmark's acc5 is NaN (top-5 of 4); 9 images, batches of 4.
-    data4 = write_wds(root / "wds4", *class_images(9, seed=2, classes=4), CLASSES[:4])
-    return {"root": root, "checkpoint": str(checkpoint), "data": str(data),
-            "data4": str(data4), "other": str(other), "corrupt": str(corrupt)}
-
-
-def write_wds(data, images, labels, classes):
-    (data / "test").mkdir(parents=True)
-    with tarfile.open(data / "test" / "0.tar", "w") as tar:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            png = io.BytesIO()
-            image.save(png, "png")
-            for ext, payload in (("png", png.getvalue()), ("cls", str(label).encode())):
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    (data / "test" / "nshards.txt").write_text("1")
-    (data / "classnames.txt").write_text("\n".join(classes))
-    (data / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c} thing.")
-    return data
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def eval_args(tiny, output, *extra):
@@ -397,6 +313,9 @@ def write_results(path, metrics, **fields):
      "did you mean --alpha instead of --alhpa?"),
     (["visualize", "--enable-pruning"], 2, "tokenprune visualize always prunes"),
     (["build", "a.json", "b.json", "--output", "out.csv"], 0, "wrote out.csv (2 rows)"),
+    (["sweep", "--help"], 0, "--controls"),
+    (["sweep", "--output_dir", "o", "--alpha", "0.5", "1.5"], 1,
+     "--alpha must be a finite number in [0, 1], got 1.5"),
 ])
 def test_fast_paths_import_no_torch(tmp_path, argv, status, message):
     """`--help`, bad pruning values, misspelled flags and `build` are answered without importing

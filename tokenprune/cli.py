@@ -20,7 +20,8 @@ import traceback
 
 from . import clip_benchmark_flags
 from .cli_common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
-                         add_pruning_arguments, add_verbose_argument, prune_config,
+                         add_pruning_arguments, add_sweep_arguments,
+                         add_verbose_argument, prune_config, sweep_lists,
                          use_shipped_model)
 
 
@@ -63,6 +64,17 @@ def build_parser():
     add_pruning_arguments(evaluate)
     add_verbose_argument(evaluate)
     evaluate.set_defaults(which="eval")
+
+    sweep = commands.add_parser(
+        "sweep", help="evaluate a grid of pruning settings (and controls) in one pass",
+        description="Zero-shot accuracy of every combination of the pruning lists, plus the "
+                    "random and cls controls, in one pass over the dataset. Takes every flag of "
+                    "eval. Writes results.csv, results.json, accuracy_vs_tokens.png and "
+                    "summary.md.")
+    clip_benchmark_flags.add_eval_flags(sweep)
+    add_sweep_arguments(sweep)
+    add_verbose_argument(sweep)
+    sweep.set_defaults(which="sweep")
 
     build = commands.add_parser(
         "build", help="collect results JSON files into one CSV",
@@ -128,6 +140,10 @@ def _run(which, args, argv):
         prune_config(args)  # before anything is imported: bad values are answered at once
         from .evaluate import parse_eval_args, run_eval
         run_eval(parse_eval_args(argv))
+    elif which == "sweep":
+        sweep_lists(args)  # bad values are answered before anything is imported
+        from .sweep import run_sweep
+        run_sweep(args)
     elif which == "visualize":
         use_shipped_model(args)
         prune_config(args)

@@ -26,6 +26,19 @@ DEBUG_ENV = "TOKENPRUNE_DEBUG"
 PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend")
 PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
                     if name in PRUNING_FLAGS}
+# `tokenprune sweep`: the list-valued pruning flags (each a PruneConfig field) -> (type, what
+# is allowed), their defaults (the original description's tuning ranges: k_anchors 5-20,
+# top_m 30-100, alpha 0.3-0.7) and the controls at each grid point's token count.
+LIST_FLAGS = {
+    "k_anchors": (int, "integers >= 1"),
+    "top_m": (int, "integers >= 0"),
+    "alpha": (float, "numbers in [0, 1]"),
+    "score_norm": (str, f"{' or '.join(SCORE_NORMS)}"),
+    "layer": (int, "block indices, negative from the end"),
+}
+LIST_DEFAULTS = {"k_anchors": [5, 10, 20], "top_m": [30, 50, 100], "alpha": [0.3, 0.5, 0.7],
+                 "score_norm": ["none"], "layer": [-1]}
+CONTROLS = ("random", "cls")
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
 # 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
 SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
@@ -75,6 +88,48 @@ def add_pruning_arguments(parser, always_on=False):
                        help="'auto' (Triton on CUDA, else PyTorch; default), 'triton' or "
                             "'reference'")
     return group
+
+
+def add_sweep_arguments(parser):
+    """`tokenprune sweep`'s own flags (the grid's lists, the controls, where the results go),
+    next to eval's flags."""
+    group = parser.add_argument_group("sweep (tokenprune)")
+    for name, (kind, allowed) in LIST_FLAGS.items():
+        group.add_argument(f"--{name}", type=kind, nargs="*", default=LIST_DEFAULTS[name],
+                           help=f"{allowed} (default: {' '.join(map(str, LIST_DEFAULTS[name]))})")
+    group.add_argument("--controls", nargs="*", default=list(CONTROLS),
+                       help="controls at each grid point's token count: 'random' (k + m "
+                            "patches at random, seeded by --seed) and 'cls' (the k + m patches "
+                            "the CLS token attends to most); 'none' for neither "
+                            "(default: random cls)")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="selection backend (default %(default)s)")
+    group.add_argument("--output_dir", required=True, help="where the results go")
+    group.add_argument("--no_speed", action="store_true",
+                       help="do not time encode_image for each setting")
+
+
+def sweep_lists(args):
+    """The sweep's lists, each value checked as PruneConfig checks it, duplicates dropped:
+    {flag: values, "controls": [...]}; a CLIError names the first bad flag."""
+    lists = {}
+    for name, (_, allowed) in LIST_FLAGS.items():
+        values = getattr(args, name)
+        if not values:
+            raise CLIError(f"--{name}: give at least one value ({allowed})")
+        for value in values:
+            try:
+                PruneConfig(**{name: value})
+            except ValueError as err:
+                raise CLIError(f"--{err}") from None
+        lists[name] = list(dict.fromkeys(values))
+    controls = args.controls
+    if not controls or any(c not in CONTROLS + ("none",) for c in controls) or (
+            "none" in controls and len(controls) > 1):
+        raise CLIError(f"--controls {' '.join(controls) or '(empty)'}: give random and/or cls, "
+                    "or none")
+    lists["controls"] = [] if controls == ["none"] else controls
+    return lists
 
 
 def add_verbose_argument(parser):

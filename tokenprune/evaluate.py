@@ -26,7 +26,6 @@ import time
 import types
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
 from unittest import mock
 
 import torch
@@ -94,6 +93,11 @@ def parse_eval_args(argv):
     """The namespace of an `eval ...` command line, from CLIP_benchmark's own parser."""
     return eval_parser().parse_args(argv)
 
+
+
+def _flags(config):
+    """The configuration as eval's flags set it (the controls' selection and seed are no flags)."""
+    return {name: getattr(config, name) for name in PRUNING_DEFAULTS}
 
 
 def accuracy(output, target, topk=(1,)):
@@ -201,7 +205,7 @@ class _Session:
                      f"{model_name} at {size} px: nothing to prune, the model runs unpruned "
                      "(lower --k_anchors/--top_m, e.g. --k_anchors 5 --top_m 30, or use a model "
                      "with more patches, e.g. ViT-B-16)")
-            run["pruning"] = {"enabled": True, "applied": applied, **asdict(cfg),
+            run["pruning"] = {"enabled": True, "applied": applied, **_flags(cfg),
                               "block": cfg.layer % blocks, "num_blocks": blocks,
                               "backend_used": backend_used}
         timer = _EncodeTimer(device)
@@ -242,7 +246,7 @@ class _Session:
         args, run = self.args, self.run or {}
         pruning = run.get("pruning") or {"enabled": self.enabled}
         if self.enabled and "k_anchors" not in pruning:  # --skip_load: no model was loaded
-            pruning = {"enabled": True, **asdict(self.config)}
+            pruning = {"enabled": True, **_flags(self.config)}
         throughput = run["timer"].summary() if "timer" in run else None
         if throughput is not None:
             throughput.update(device=run["device"], amp=args.amp, batch_size=args.batch_size)

@@ -1,0 +1,270 @@
+"""`tokenprune sweep` and its engine: the same numbers as `tokenprune eval` for every grid
+point, the controls, the output files, bad input before any model loads, Ctrl-C.
+Offline: the tiny random-weight (briefly trained) OpenCLIP ViT and WebDataset of helpers.py."""
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tokenprune import PruneConfig, pruned_block, remove_pruning, replace_last_block  # noqa: E402
+from tokenprune import sweep  # noqa: E402
+from tokenprune.cli import main  # noqa: E402
+
+from helpers import CLASSES, TINY, class_images, make_tiny, write_webdataset  # noqa: E402
+
+# Two layers (blocks 0 and 1 of 2), two budgets per layer, and one point that prunes nothing
+# (4 + 60 >= 64 patches).
+GRID = ["--k_anchors", "4", "--top_m", "12", "20", "60", "--alpha", "0.3",
+        "--score_norm", "minmax", "--layer", "0", "-1"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def data_args(tiny, data=None):
+    return ["--dataset", "wds/tiny", "--dataset_root", data or tiny["data"], "--model", TINY,
+            "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", "0"]
+
+
+def run_main(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def swept(tiny, tmp_path_factory):
+    """One sweep over GRID with both controls (no speed measurement: see the NaN test);
+    (folder, stderr)."""
+    out = tmp_path_factory.mktemp("sweep") / "results"
+    err = io.StringIO()  # module scope has no capsys
+    with contextlib.redirect_stderr(err):
+        status = main(["sweep", *data_args(tiny), *GRID, "--no_speed", "--output_dir", str(out)])
+    assert status == 0, err.getvalue()
+    return out, err.getvalue()
+
+
+def rows_of(folder):
+    return json.loads((folder / "results.json").read_text())["rows"]
+
+
+def eval_metrics(tiny, tmp_path, *pruning):
+    output = tmp_path / f"eval{len(list(tmp_path.iterdir()))}.json"
+    assert main(["eval", *data_args(tiny), "--quiet", "--output", str(output), *pruning]) == 0
+    return json.loads(output.read_text())["metrics"]
+
+
+def test_every_point_equals_tokenprune_eval(tiny, swept, tmp_path):
+    rows = rows_of(swept[0])
+    unpruned = eval_metrics(tiny, tmp_path)
+    metric_names = list(unpruned)
+    assert rows[0]["kind"] == "unpruned"
+    assert {name: rows[0][name] for name in metric_names} == unpruned
+    checked = 0
+    for row in rows:
+        if row["kind"] == "random" or row["kind"] == "unpruned":
+            continue
+        flags = ["--enable_pruning", "--k_anchors", str(row["k_anchors"]), "--top_m",
+                 str(row["top_m"]), "--layer", str(row["block"])]
+        if row["kind"] == "score":  # the cls control is eval with k = k + m, m = 0
+            flags += ["--alpha", str(row["alpha"]), "--score_norm", row["score_norm"]]
+        expected = eval_metrics(tiny, tmp_path, *flags)
+        assert {name: row[name] for name in metric_names} == expected, row  # float for float
+        checked += 1
+    assert checked == 4 + 2 + 4  # grid points that prune, the two that do not, cls controls
+    # The grid's settings really changed the predictions (the comparison is not blind).
+    assert len({tuple(row[name] for name in metric_names) for row in rows}) > 2
+
+
+def test_rows_layers_controls_and_not_pruned(swept):
+    rows = rows_of(swept[0])
+    score = [row for row in rows if row["kind"] == "score"]
+    assert sorted((r["block"], r["top_m"]) for r in score) == \
+        [(0, 12), (0, 20), (0, 60), (1, 12), (1, 20), (1, 60)]
+    assert all(r["num_blocks"] == 2 and r["tokens"] == 65 for r in rows)
+    for row in score:
+        assert row["pruned"] == (row["top_m"] < 60)
+        assert row["kept_tokens"] == (1 + 4 + row["top_m"] if row["pruned"] else 65)
+        if not row["pruned"]:  # the unpruned model's numbers, not an error
+            assert (row["acc1"], row["relative_cost"]) == (rows[0]["acc1"], 1.0)
+    budgets = {(r["block"], r["kept_tokens"]) for r in score if r["pruned"]}
+    for kind in ("cls", "random"):
+        controls = [r for r in rows if r["kind"] == kind]
+        assert {(r["block"], r["kept_tokens"]) for r in controls} == budgets
+        assert all(r["k_anchors"] == r["kept_tokens"] - 1 and r["top_m"] == 0 for r in controls)
+    assert {r["seed"] for r in rows if r["kind"] == "random"} == {0}
+    # Costs fall with fewer tokens and an earlier layer; retained is relative to unpruned.
+    by_budget = {(r["block"], r["kept_tokens"]): r for r in score if r["pruned"]}
+    assert by_budget[(0, 17)]["relative_cost"] < by_budget[(0, 25)]["relative_cost"] \
+        < by_budget[(1, 25)]["relative_cost"] < 1
+    for row in rows:
+        assert row["acc1_retained"] == pytest.approx(row["acc1"] / rows[0]["acc1"])
+        assert row["images_per_s"] is None  # --no_speed
+
+
+def test_output_files(swept):
+    folder, err = swept
+    assert sorted(os.listdir(folder)) == sorted(sweep.OUTPUT_FILES)
+    rows = rows_of(folder)
+    with open(folder / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and list(table[0]) == list(rows[0])
+    assert [r["kind"] for r in table] == [r["kind"] for r in rows]
+    meta = json.loads((folder / "results.json").read_text())
+    assert (meta["dataset"], meta["model"], meta["images"]) == ("wds/tiny", TINY, 30)
+    summary = (folder / "summary.md").read_text()
+    assert "wds/tiny" in summary and TINY in summary and "30 images" in summary
+    assert summary.count("\n| 0 of 2 |") + summary.count("\n| 1 of 2 |") == 4  # one per budget
+    assert Image.open(folder / "accuracy_vs_tokens.png").size[0] > 400
+    # One progress bar, with a total: 5 class names + 30 images.
+    assert re.search(r"\b35/35\b", err), err
+    assert "wrote results.csv" in err
+
+
+def test_engine_matches_patched_model(tiny):
+    """encode_grid's outputs and keep_idx are the patched model's, batch after batch (the
+    random control's draws continue across batches as in one patched model)."""
+    model, _, _ = open_clip.create_model_and_transforms(TINY, pretrained=tiny["checkpoint"])
+    model.eval()
+    configs = [None, PruneConfig(k_anchors=3, top_m=9, layer=0),
+               PruneConfig(k_anchors=5, top_m=20, alpha=0.7, layer=1),
+               PruneConfig(k_anchors=12, top_m=0, layer=1, selection="random", seed=3),
+               PruneConfig(k_anchors=4, top_m=60, layer=0)]  # 64 >= 64 patches: unpruned
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)]
+    encoder = sweep.GridEncoder(model.visual, configs)
+    with torch.no_grad():  # as in CLIP_benchmark (nn.MultiheadAttention's fast path)
+        got = [encoder(images) for images in batches]
+    for i, config in enumerate(configs):
+        remove_pruning(model)
+        if config is not None:
+            replace_last_block(model, config=config)
+        with torch.no_grad():
+            for images, outputs in zip(batches, got):
+                expected = model.visual(images)
+                assert torch.equal(outputs[i].output, expected), (config, i)
+                block = pruned_block(model)
+                keep = None if block is None else block.last_keep_idx
+                if keep is None:
+                    assert outputs[i].keep_idx is None
+                else:
+                    assert torch.equal(outputs[i].keep_idx, keep)
+    remove_pruning(model)
+    assert got[0][3].keep_idx.shape == (4, 12) and not torch.equal(
+        got[0][3].keep_idx[:3], got[1][3].keep_idx)
+    # The tower is left as it was, and a pruned tower is refused.
+    assert all(type(b).__name__ == "ResidualAttentionBlock"
+               for b in model.visual.transformer.resblocks)
+    replace_last_block(model, k_anchors=2, top_m=2)
+    with pytest.raises(ValueError, match="remove_pruning"):
+        sweep.encode_grid(model.visual, batches[0], configs)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha", "1.5"], "--alpha must be a finite number in [0, 1], got 1.5"),
+    (["--k_anchors", "0"], "--k_anchors must be an integer >= 1, got 0"),
+    (["--top_m", "5", "-1"], "--top_m must be an integer >= 0, got -1"),
+    (["--layer", "40"], "--layer must be in [-2, 1] for tokenprune-test-tiny's 2-block image "
+                        "tower, got 40"),
+    (["--alpha"], "--alpha: give at least one value (numbers in [0, 1])"),
+    (["--score_norm", "zscore"], "--score_norm must be one of 'none', 'minmax', got 'zscore'"),
+    (["--controls", "random", "shuffled"], "--controls random shuffled: give random and/or cls"),
+    (["--task", "zeroshot_retrieval"], "--task zeroshot_retrieval (of --dataset wds/tiny): "
+                                       "tokenprune sweep evaluates zero-shot classification only"),
+    (["--language", "en", "fr"], "tokenprune sweep takes exactly one language"),
+    (["--model", "RN50", "--pretrained", "openai"], "ResNet image tower"),
+])
+def test_bad_input_is_refused_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, extra,
+                                                     message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_loading)
+    monkeypatch.setattr(open_clip, "create_model", no_loading)
+    argv = ["sweep", *data_args(tiny), "--output_dir", str(tmp_path / "out"), *extra]
+    status, _, err = run_main(argv, capsys)
+    assert status == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenprune: error: "), err
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_run_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
+    calls = []
+    encode = sweep.GridEncoder.__call__
+
+    def interrupted(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(self, images)
+    monkeypatch.setattr(sweep.GridEncoder, "__call__", interrupted)
+    out = tmp_path / "out"
+    status, _, err = run_main(["sweep", *data_args(tiny), *GRID, "--no_speed", "--quiet",
+                               "--output_dir", str(out)], capsys)
+    assert status == 130 and len(calls) == 2
+    assert f"nothing was written to {out}" in err
+    assert not out.exists()
+
+
+def test_interrupted_while_writing_leaves_no_half_written_file(tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def interrupted_plot(meta, result, path):
+        with open(path, "wb") as f:
+            f.write(b"half a png")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, "plot", interrupted_plot)
+    status, _, err = run_main(["sweep", *data_args(tiny), "--k_anchors", "4", "--top_m", "12",
+                               "--alpha", "0.5", "--no_speed", "--quiet",
+                               "--output_dir", str(out)], capsys)
+    assert status == 130 and "nothing was written" in err
+    assert os.listdir(out) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left behind
+
+
+def test_non_finite_metrics_are_null_and_speed(tiny, tmp_path, capsys):
+    # Four classes: CLIP_benchmark reports acc5 as NaN.
+    images, labels = class_images(12, seed=3)
+    keep = [i for i, label in enumerate(labels) if label < 4]
+    data = write_webdataset(tmp_path / "four", [images[i] for i in keep],
+                            [labels[i] for i in keep], classes=CLASSES[:4])
+    out = tmp_path / "out"
+    status, _, err = run_main(["sweep", *data_args(tiny, data), "--k_anchors", "4", "--top_m",
+                               "12", "--alpha", "0.5", "--controls", "none",
+                               "--output_dir", str(out)], capsys)
+    assert status == 0, err
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text
+    rows = json.loads(text)["rows"]
+    assert [r["kind"] for r in rows] == ["unpruned", "score"]
+    assert all(r["acc5"] is None and r["images_per_s"] > 0 for r in rows)
+    # The bar's total: 4 class names + the images + 2 settings timed.
+    assert re.search(rf"\b{4 + len(keep) + 2}/{4 + len(keep) + 2}\b", err), err
+    assert all(0 <= r["acc1"] <= 1 for r in rows)
+    with open(out / "results.csv", newline="") as f:
+        assert {r["acc5"] for r in csv.DictReader(f)} == {""}
