@@ -132,7 +132,8 @@ def build_parser():
 def prune_config(args):
     """The PruneConfig of the parsed flags; a bad value is a CLIError naming the flag."""
     try:
-        return PruneConfig(**{name: getattr(args, name) for name in PRUNING_DEFAULTS})
+        return PruneConfig(**{name: getattr(args, name, default)
+                              for name, default in PRUNING_DEFAULTS.items()})
     except ValueError as err:
         raise CLIError(f"--{err}") from None
 
@@ -173,13 +174,12 @@ def check_model(model_name, pretrained, pruning):
             raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
                            f"{tags}); a local checkpoint file also works: --pretrained PATH")
     if pruning:
-        vision = config.get("vision_cfg", {})
-        tower = ("a ResNet" if isinstance(vision.get("layers"), (list, tuple)) else
-                 "a timm" if "timm_model_name" in vision else None)
+        from .towers import refused_by_config, supported
+        tower = refused_by_config(config.get("vision_cfg", {}))
         if tower:
-            from .patch import SUPPORTED
-            raise CLIError(f"--enable_pruning: {model_name} has {tower} image tower, which "
-                           f"cannot be pruned; tokenprune supports {SUPPORTED}")
+            raise CLIError(f"--enable_pruning: {model_name} has {tower}, which cannot be "
+                           f"pruned; tokenprune supports OpenCLIP models whose image tower is "
+                           f"one of: {supported()}")
 
 
 class _DropLog(logging.Filter):

@@ -27,6 +27,7 @@ from clip_benchmark.metrics import zeroshot_classification
 
 from .cli import PRUNING_DEFAULTS, CLIError, check_model, loading_errors, prune_config
 from .patch import UnsupportedModelError, replace_last_block
+from .towers import find_tower
 from .selection import resolve_backend
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
@@ -110,11 +111,13 @@ class _Session:
         run = {"model": model_name, "device": str(device), "tokens_before": None,
                "tokens_after": None, "pruning": {"enabled": self.enabled}}
         visual = getattr(model, "visual", None)
-        grid = getattr(visual, "grid_size", None)
-        if grid is not None:
-            patches = grid[0] * grid[1]
-            has_cls = getattr(visual, "class_embedding", None) is not None
-            run["tokens_before"] = run["tokens_after"] = patches + has_cls
+        try:
+            tower = find_tower(model)
+        except UnsupportedModelError:
+            tower = None  # unpruned runs of any model still work; tokens are then unknown
+        if tower is not None:
+            patches = tower.num_patches
+            run["tokens_before"] = run["tokens_after"] = patches + tower.num_prefix
         if self.enabled:
             cfg = self.config
             try:
@@ -125,12 +128,12 @@ class _Session:
             except (ValueError, RuntimeError) as err:
                 raise CLIError(f"--{err}" if str(err).startswith(("layer", "backend"))
                                else str(err)) from None
-            blocks = len(visual.transformer.resblocks)
+            blocks = len(tower.blocks)
             applied = cfg.kept_patches < patches
             if applied:
-                run["tokens_after"] = 1 + cfg.kept_patches
+                run["tokens_after"] = tower.num_prefix + cfg.kept_patches
             else:
-                size = "x".join(map(str, visual.image_size))
+                size = "x".join(map(str, getattr(visual, "image_size", ("?",))))
                 print(f"tokenprune: warning: k_anchors + top_m = {cfg.kept_patches} >= "
                       f"{patches} patches of {model_name} at {size} px: nothing to prune, the "
                       "model runs unpruned (lower --k_anchors/--top_m, e.g. --k_anchors 5 "
@@ -240,7 +243,7 @@ def run_eval(args):
     config = prune_config(args)
     if not args.enable_pruning:
         changed = [f"--{name}" for name, default in PRUNING_DEFAULTS.items()
-                   if getattr(args, name) != default]
+                   if getattr(args, name, default) != default]
         if changed:
             print(f"tokenprune: note: {', '.join(changed)} given without --enable_pruning: "
                   "evaluating the unpruned model", file=sys.stderr)

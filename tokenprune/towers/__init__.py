@@ -81,6 +81,23 @@ def find_tower(model):
                                 f"timm models whose image tower is one of: {supported()}")
 
 
+def refused_by_config(vision_cfg):
+    """What an OpenCLIP model config's image tower is, when it is certainly one tokenprune cannot
+    prune (checked before anything is built or downloaded), else None. Towers that pass are
+    checked again, fully, once built."""
+    if isinstance(vision_cfg.get("layers"), (list, tuple)):
+        return "a ResNet image tower"
+    name = vision_cfg.get("timm_model_name")
+    if name:
+        import timm.models
+        if not timm.models.is_model(name):
+            return None  # not in this timm: let OpenCLIP say so
+        module = timm.models.model_entrypoint(name).__module__
+        if not any(module in family.timm_modules for family in _families()):
+            return f"a timm {name} image tower (from {module})"
+    return None
+
+
 def block_adapter(block):
     """The adapter for one block; UnsupportedModelError when no family knows the block."""
     for family in _families():
@@ -98,6 +115,7 @@ class Family:
     name = ""               # e.g. "timm Eva"
     examples = ""           # e.g. "EVA02-B-16, PE-Core-B-16"
     block_description = ""  # the block type(s) its adapter handles
+    timm_modules = ()       # the timm.models modules whose models may be this family's
 
     def tower(self, trunk):
         """The Tower if `trunk` is this family's kind of tower, else None."""

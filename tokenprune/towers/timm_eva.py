@@ -79,6 +79,7 @@ class EvaFamily(Family):
     name = "timm Eva"
     examples = "EVA02-B-16 and the other EVA01 / EVA02 models, PE-Core-B-16 and the PE-Core family"
     block_description = "timm EvaBlock (with EvaAttention or AttentionRope)"
+    timm_modules = ("timm.models.eva",)
 
     def tower(self, trunk):
         from timm.models.eva import Eva

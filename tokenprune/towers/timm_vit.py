@@ -33,6 +33,7 @@ class TimmViTFamily(Family):
     examples = ("ViT-B-16-SigLIP2 and the other SigLIP / SigLIP2 models, timm ViTs, DeiT, "
                 "register-token ViTs")
     block_description = "timm Block (with timm's Attention)"
+    timm_modules = ("timm.models.vision_transformer", "timm.models.deit")
 
     def tower(self, trunk):
         from timm.models.vision_transformer import VisionTransformer
