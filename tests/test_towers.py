@@ -118,7 +118,10 @@ def run_by_hand(model, images, layer, cfg, positions="kept"):
     x = gather(x, kept_rows(keep, p))
     if rope is not None:
         rows = keep - p if positions == "kept" else torch.arange(keep.shape[1]).expand_as(keep)
-        extra = {"rope": rope[rows].unsqueeze(1)}  # (B, 1, n, d), as timm's patch dropout
+        if rope.dim() == 2:
+            extra = {"rope": rope[rows].unsqueeze(1)}  # (B, 1, n, d), as timm's patch dropout
+        else:  # already per image (B, 1, N, d), after timm's patch dropout
+            extra = {"rope": torch.stack([rope[b, :, rows[b]] for b in range(len(rows))])}
     for block in blocks[layer:]:
         x = block(x, **extra)
     out = trunk.forward_head(trunk.norm(x))
@@ -223,6 +226,7 @@ TOWERS = {
     "ViT-B-16-SigLIP2": lambda: clip_tower("ViT-B-16-SigLIP2", img_size=SIZE),  # no class token, map pool
     "EVA02-B-16": lambda: clip_tower("EVA02-B-16", img_size=SIZE),        # class token, rotary, q/k/v
     "PE-Core-B-16": lambda: clip_tower("PE-Core-B-16", img_size=SIZE),    # class token, rotary, map pool
+    "ViTamin-S": lambda: clip_tower("ViTamin-S", img_size=SIZE),          # conv stem, no cls, avg pool
     "vit_tiny_patch16_224": lambda: timm_model("vit_tiny_patch16_224", depth=4, img_size=SIZE),
     "deit_tiny_distilled": lambda: timm_model("deit_tiny_distilled_patch16_224", depth=4,
                                               img_size=SIZE),             # class + distillation token
@@ -285,6 +289,26 @@ def test_rotary_towers_give_later_blocks_the_kept_positions(towers, images, name
     # the tolerance that assert_close holds the right ones to.
     assert (right - wrong).abs().max() > 1e-3 * right.abs().max()
     assert_close(out, right)
+
+
+def test_after_patch_dropout_in_training_mode():
+    """timm's patch dropout (training mode only) runs first: the selection is among the patches
+    it kept, and Eva's rotary rows, already per image then, follow the kept ones."""
+    model = timm_model("eva02_tiny_patch14_224", depth=3, img_size=SIZE, patch_drop_rate=0.5).train()
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(k_anchors=3, top_m=9, layer=1)
+    try:
+        with torch.no_grad():
+            torch.manual_seed(5)  # the same patches dropped in both runs
+            expected, keep = run_by_hand(model, images, 1, cfg)
+            replace_last_block(model, config=cfg)
+            torch.manual_seed(5)
+            out = model(images)
+        assert torch.equal(pruned_block(model).last_keep_idx, keep)
+        assert keep.max() <= (SIZE // 14) ** 2 // 2 + 1  # indexes the shorter sequence
+        assert_close(out, expected)
+    finally:
+        remove_pruning(model)
 
 
 @pytest.mark.parametrize("layer", [-1, 1])

@@ -1,6 +1,7 @@
 """timm's VisionTransformer of `Block`s: OpenCLIP's SigLIP / SigLIP2 trunks (no class token,
-attention-pool head), timm ViTs used directly, DeiT (class + distillation token), register-token
-ViTs."""
+attention-pool head) and ViTamin trunks (a convolutional stem, then plain blocks, no class
+token, mean pooling), timm ViTs used directly, DeiT (class + distillation token),
+register-token ViTs."""
 from . import BlockAdapter, Family, Tower, UnsupportedModelError
 from ._timm_attention import attend, check_attention, packed_qkv
 
@@ -30,10 +31,10 @@ class BlockAdapterTimm(BlockAdapter):
 
 class TimmViTFamily(Family):
     name = "timm VisionTransformer"
-    examples = ("ViT-B-16-SigLIP2 and the other SigLIP / SigLIP2 models, timm ViTs, DeiT, "
-                "register-token ViTs")
+    examples = ("ViT-B-16-SigLIP2 and the other SigLIP / SigLIP2 models, ViTamin, timm ViTs, "
+                "DeiT, register-token ViTs")
     block_description = "timm Block (with timm's Attention)"
-    timm_modules = ("timm.models.vision_transformer", "timm.models.deit")
+    timm_modules = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.vitamin")
 
     def tower(self, trunk):
         from timm.models.vision_transformer import VisionTransformer
