@@ -4,8 +4,9 @@ One file per family, each with one `Family` (the tower: its blocks, prefix token
 and anything that must follow the kept tokens into later blocks) and one block adapter (how a
 block computes its packed qkv, and how it runs attention and MLP on the kept rows). The
 selection (tokenprune.selection) never learns which family called it. A new family is a new
-file and a line in FAMILIES.
+file and a line in FAMILY_MODULES.
 """
+import importlib
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -33,16 +34,68 @@ class Tower:
     num_prefix: int
     class_token: bool
     grid_size: Tuple[int, int]
-    family: "object"
+    family: "Family"
 
     @property
     def num_patches(self):
         return self.grid_size[0] * self.grid_size[1]
 
 
+class Family:
+    """One tower family. Subclasses set the names and override `tower` and `block_adapter`."""
+
+    name = ""               # e.g. "timm Eva"
+    examples = ""           # e.g. "EVA02-B-16, PE-Core-B-16"
+    block_description = ""  # the block type(s) its adapter handles
+    timm_modules = ()       # the timm.models modules whose models may be this family's
+
+    def tower(self, trunk):
+        """The Tower if `trunk` is this family's kind of tower, else None."""
+        raise NotImplementedError
+
+    def block_adapter(self, block):
+        """An adapter bound to `block` if this family knows the block type, else None."""
+        raise NotImplementedError
+
+    def follow(self, pruned, later_blocks):
+        """Make whatever travels with the tokens (rotary positions) follow the kept tokens into
+        `later_blocks`; returns handles with .remove(). Nothing to do for most towers."""
+        return []
+
+
+class BlockAdapter:
+    """How one block computes its attention's qkv and runs on the kept rows.
+
+    `tokens(*args, **kwargs)` takes the block's own call arguments and returns (x, call):
+    x (B, T, C) batch first, and `call`, whatever else the block was called with that the other
+    methods need (rotary positions). `qkv(x, call)` is (B, T, 3C), [q | k | v] per token with
+    heads packed as (3, H, d), q and k exactly as the attention uses them. `forward_kept(x_kept,
+    qkv_kept, call, training)` is the block's output on the kept rows, in the caller's layout.
+    """
+
+    num_heads = None
+    scale = None  # the attention's logit scale; None means d ** -0.5
+
+    def __init__(self, block):
+        self.block = block
+
+    def tokens(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def qkv(self, x, call):
+        raise NotImplementedError
+
+    def forward_kept(self, x_kept, qkv_kept, call, training):
+        raise NotImplementedError
+
+
+# The registry: one module per family, each with a FAMILY, tried in this order. The timm
+# families import timm only when asked about a tower that is not OpenCLIP's own.
+FAMILY_MODULES = ("openclip", "timm_vit", "timm_eva")
+
+
 def _families():
-    from . import openclip, timm_eva, timm_vit
-    return (openclip.FAMILY, timm_vit.FAMILY, timm_eva.FAMILY)
+    return tuple(importlib.import_module(f".{name}", __name__).FAMILY for name in FAMILY_MODULES)
 
 
 def supported():
@@ -107,51 +160,3 @@ def block_adapter(block):
     raise UnsupportedModelError(f"tokenprune cannot prune a {type(block).__name__}; tokenprune "
                                 f"supports OpenCLIP models and timm models built from these "
                                 f"blocks: {supported_blocks()}")
-
-
-class Family:
-    """One tower family. Subclasses set the names and override `tower` and `block_adapter`."""
-
-    name = ""               # e.g. "timm Eva"
-    examples = ""           # e.g. "EVA02-B-16, PE-Core-B-16"
-    block_description = ""  # the block type(s) its adapter handles
-    timm_modules = ()       # the timm.models modules whose models may be this family's
-
-    def tower(self, trunk):
-        """The Tower if `trunk` is this family's kind of tower, else None."""
-        raise NotImplementedError
-
-    def block_adapter(self, block):
-        """An adapter bound to `block` if this family knows the block type, else None."""
-        raise NotImplementedError
-
-    def follow(self, pruned, later_blocks):
-        """Make whatever travels with the tokens (rotary positions) follow the kept tokens into
-        `later_blocks`; returns handles with .remove(). Nothing to do for most towers."""
-        return []
-
-
-class BlockAdapter:
-    """How one block computes its attention's qkv and runs on the kept rows.
-
-    `tokens(*args, **kwargs)` takes the block's own call arguments and returns (x, call):
-    x (B, T, C) batch first, and `call`, whatever else the block was called with that the other
-    methods need (rotary positions). `qkv(x, call)` is (B, T, 3C), [q | k | v] per token with
-    heads packed as (3, H, d), q and k exactly as the attention uses them. `forward_kept(x_kept,
-    qkv_kept, call, training)` is the block's output on the kept rows, in the caller's layout.
-    """
-
-    num_heads = None
-    scale = None  # the attention's logit scale; None means d ** -0.5
-
-    def __init__(self, block):
-        self.block = block
-
-    def tokens(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def qkv(self, x, call):
-        raise NotImplementedError
-
-    def forward_kept(self, x_kept, qkv_kept, call, training):
-        raise NotImplementedError
