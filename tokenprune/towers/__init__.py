@@ -89,8 +89,7 @@ class BlockAdapter:
         raise NotImplementedError
 
 
-# The registry: one module per family, each with a FAMILY, tried in this order. The timm
-# families import timm only when asked about a tower that is not OpenCLIP's own.
+# The registry: one module per family, each with a FAMILY, tried in this order.
 FAMILY_MODULES = ("openclip", "timm_vit", "timm_eva")
 
 
