@@ -24,7 +24,7 @@ from tokenprune.reference import head_mean_attention, select_from_attention
 
 timm = pytest.importorskip("timm")
 from timm.layers.pos_embed_sincos import create_rope_embed  # noqa: E402
-from timm.models.eva import Eva, EvaBlock  # noqa: E402
+from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
 
@@ -159,6 +159,9 @@ BLOCKS = {
     "EvaBlock, EVA01 (packed qkv, q/v biases), LayerScale": (
         lambda: EvaBlock(C, HEADS, qkv_fused=True, init_values=0.1, num_prefix_tokens=1),
         1, True, False),
+    "EvaBlockPostNorm, EVA02-E (post-norm, separate q/k/v, SwiGLU), rotary": (
+        lambda: EvaBlockPostNorm(C, HEADS, qkv_fused=False, swiglu_mlp=True, scale_mlp=True,
+                                 num_prefix_tokens=1), 1, True, True),
     "EvaBlock, PE-Core (AttentionRope, packed qkv), rotary": (
         lambda: EvaBlock(C, HEADS, attn_type="rope", num_prefix_tokens=1), 1, True, True),
     "EvaBlock, AttentionRope with qk_norm, gate, no class token, rotary": (

@@ -1,5 +1,6 @@
 """timm's Eva of `EvaBlock`s: OpenCLIP's EVA01 / EVA02 trunks (separate q/k/v projections,
-rotary positions in EVA02) and PE-Core (packed qkv, rotary positions, attention-pool head).
+rotary positions in EVA02; EVA02-E's post-norm `EvaBlockPostNorm`) and PE-Core (packed qkv,
+rotary positions, attention-pool head).
 
 Rotary positions: Eva computes one rotary table for the patch grid and hands the same `rope`
 to every block. After the pruned block, each later block gets, through a forward pre-hook,
@@ -40,6 +41,19 @@ class EvaBlockAdapter(BlockAdapter):
         return z + block.drop_path2(out)
 
 
+class EvaBlockPostNormAdapter(EvaBlockAdapter):
+    """EVA02-E's post-norm block: attention reads x itself, norms follow attention and MLP."""
+
+    def qkv(self, x, rope):
+        return packed_qkv(self.block.attn, x, rope)
+
+    def forward_kept(self, x_kept, qkv_kept, rope, training):
+        block = self.block
+        y_kept = x_kept if getattr(block.attn, "gate", None) is not None else None
+        z = x_kept + block.drop_path1(block.norm1(attend(block.attn, qkv_kept, y_kept, training)))
+        return z + block.drop_path2(block.norm2(block.mlp(z)))
+
+
 def kept_rope(rope, keep_idx, num_prefix):
     """The rows of `rope` at the kept patches: (N, d) or, after timm's patch dropout, (B, 1, N, d)
     -> (B, 1, n, d). keep_idx (B, n) indexes the T tokens, so the patch row is keep_idx - p."""
@@ -78,7 +92,7 @@ class KeptPositions:
 class EvaFamily(Family):
     name = "timm Eva"
     examples = "EVA02-B-16 and the other EVA01 / EVA02 models, PE-Core-B-16 and the PE-Core family"
-    block_description = "timm EvaBlock (with EvaAttention or AttentionRope)"
+    block_description = "timm EvaBlock or EvaBlockPostNorm (with EvaAttention or AttentionRope)"
     timm_modules = ("timm.models.eva",)
 
     def tower(self, trunk):
@@ -97,13 +111,14 @@ class EvaFamily(Family):
 
     def block_adapter(self, block):
         from timm.layers import AttentionRope
-        from timm.models.eva import EvaAttention, EvaBlock
-        if type(block) is not EvaBlock:
+        from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+        adapters = {EvaBlock: EvaBlockAdapter, EvaBlockPostNorm: EvaBlockPostNormAdapter}
+        if type(block) not in adapters:
             return None
         if type(block.attn) not in (EvaAttention, AttentionRope):
-            raise UnsupportedModelError(f"tokenprune cannot prune an EvaBlock with "
+            raise UnsupportedModelError(f"tokenprune cannot prune a {type(block).__name__} with "
                                         f"{type(block.attn).__name__}")
-        return EvaBlockAdapter(block)
+        return adapters[type(block)](block)
 
     def follow(self, pruned, later_blocks):
         hook = KeptPositions(pruned, pruned.num_prefix)
