@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "coverage_results.jsonl")
 TABLES = os.path.join(HERE, "COVERAGE.md")
 FP32_LIMIT = 2.0e9   # parameters; above this the tower is built in bfloat16 (8 GB in float32)
-BF16_LIMIT = 3.0e9   # above this it is not built: 6+ GB in bfloat16 on a 24 GiB, 2-core machine
+BF16_LIMIT = 4.5e9   # above this it is not built: 9+ GB in bfloat16 on a 24 GiB, 2-core machine
 
 
 def tower_kind(visual):
@@ -59,6 +59,7 @@ def try_one(name):
     record.update(tower=tower_kind(meta), params=params)
     try:
         tower = find_tower(meta)
+        record["family"] = tower.family.name
         patches = tower.num_patches
         k, m = min(10, max(1, patches // 4)), min(50, patches // 2)
         replace_last_block(meta, k_anchors=k, top_m=m)
@@ -165,6 +166,17 @@ def run_all(names, timeout):
         todo = [n for n in todo if n not in load_results()]
 
 
+# Why a refused tower type cannot be pruned, for the table.
+WHY_REFUSED = {
+    "ModifiedResNet": "convolutional: no token sequence to prune",
+    "ConvNeXt": "convolutional: no token sequence to prune",
+    "FastVit": "convolutional / reparameterised token mixers on a 2-D grid: no token sequence",
+    "SwinTransformer": "windowed attention and patch merging need the full token grid",
+    "VisionTransformerRelPos": "a relative position bias over the full token grid inside every "
+                               "block's attention",
+}
+
+
 def family_of(record):
     tower = record.get("tower", "?")
     return record.get("family") or tower
@@ -174,7 +186,9 @@ def short_reason(record):
     why = record.get("why", "")
     if record["status"] == "refused":
         if "has an image tower of type" in why:
-            return "not a ViT tower tokenprune knows: " + why.split("of type ", 1)[1].split(";")[0]
+            tower = why.split("of type ", 1)[1].split(";")[0]
+            because = [text for name, text in WHY_REFUSED.items() if name in tower]
+            return f"refused ({tower})" + (f": {because[0]}" if because else "")
         return why.split(";")[0]
     return why
 
