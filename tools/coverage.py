@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 
@@ -136,7 +137,7 @@ def load_results():
 
 
 def run_all(names, timeout):
-    status_file = os.path.join(HERE, ".coverage_current")
+    status_file = os.path.join(tempfile.gettempdir(), f"tokenprune-coverage-{os.getpid()}")
     todo = [n for n in names if n not in load_results()]
     while todo:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", status_file, *todo])
