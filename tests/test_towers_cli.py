@@ -145,3 +145,15 @@ def test_visualize_on_timm_towers(tiny_timm_configs, name, tmp_path, capsys, mon
     assert all(1 <= n <= grid * grid for n in seen["keep"])
     assert f"{grid * grid + p} -> {20 + p} tokens" in stdout
     assert out.exists()
+
+
+def test_eval_refuses_a_convnext_tower_before_loading(tmp_path, capsys):
+    status = main(["eval", "--dataset", "wds/tiny", "--dataset_root", str(tmp_path),
+                   "--model", "convnext_base", "--pretrained", "laion400m_s13b_b51k",
+                   "--enable_pruning", "--output", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert ("--enable_pruning: convnext_base has a timm convnext_base image tower (from "
+            "timm.models.convnext), which cannot be pruned") in err
+    assert "timm Eva" in err  # the supported families are listed
+    assert not (tmp_path / "out.json").exists()
