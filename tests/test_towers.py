@@ -236,6 +236,8 @@ TOWERS = {
     "vit_tiny_reg4_gap": lambda: timm_model("vit_tiny_patch16_224", depth=4, img_size=SIZE,
                                             reg_tokens=4, class_token=False,
                                             global_pool="avg"),           # 4 registers, no class token
+    "dinov2_reg4": lambda: timm_model("vit_small_patch14_reg4_dinov2", depth=3,
+                                      img_size=SIZE),                     # class + 4 registers
 }
 
 
