@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from . import UnsupportedModelError
 
 
-def check_attention(attn, dim):
+def check_attention(attn):
     """Refuse what the packed (B, T, 3C) qkv cannot hold: grouped-query attention or an
     attention width other than the block's."""
     heads, head_dim = attn.num_heads, attn.head_dim
+    dim = (attn.qkv if attn.qkv is not None else attn.q_proj).in_features
     kv_heads = getattr(attn, "num_kv_heads", heads)
     if kv_heads != heads:
         raise UnsupportedModelError(f"tokenprune cannot prune grouped-query attention "

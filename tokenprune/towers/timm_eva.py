@@ -14,7 +14,7 @@ from ._timm_attention import attend, check_attention, packed_qkv
 class EvaBlockAdapter(BlockAdapter):
     def __init__(self, block):
         super().__init__(block)
-        check_attention(block.attn, block.norm1.normalized_shape[-1])
+        check_attention(block.attn)
         self.num_heads = block.attn.num_heads
         self.scale = block.attn.scale
 
