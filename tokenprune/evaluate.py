@@ -27,8 +27,8 @@ from clip_benchmark.metrics import zeroshot_classification
 
 from .cli import PRUNING_DEFAULTS, CLIError, check_model, loading_errors, prune_config
 from .patch import UnsupportedModelError, replace_last_block
-from .towers import find_tower
 from .selection import resolve_backend
+from .towers import find_tower
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 
