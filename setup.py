@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     # The repo keeps its kernels in the top-level kernels/ folder, but they install as
     # tokenprune.kernels: a top-level `kernels` module would shadow Hugging Face's `kernels`.
-    packages=["tokenprune", "tokenprune.kernels"],
+    packages=["tokenprune", "tokenprune.towers", "tokenprune.kernels"],
     package_dir={"tokenprune": "tokenprune", "tokenprune.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on

@@ -1,7 +1,8 @@
 """End to end: `model.encode_image` on random images, OpenCLIP models with random weights.
 
 Providers (one group per model): the unpatched model; the model pruned at the last block;
-the model pruned at a middle block (layer 6 of ViT-B/16's 12, layer 12 of ViT-L/14's 24),
+the model pruned at a middle block (layer 6 of ViT-B/16's, SigLIP2's and EVA02's 12, layer 12
+of ViT-L/14's 24),
 each over a sweep of top_m with k_anchors=10. "pruned" uses backend="auto" (the Triton kernels
 on CUDA, the reference on the CPU); on CUDA "pruned-reference" (m=50) shows what the kernels
 contribute. images/s = batch / median time of one encode_image call, selection included.
@@ -10,14 +11,16 @@ import pytest
 import torch
 
 from tokenprune import pruned_block, remove_pruning, replace_last_block
+from tokenprune.towers import find_tower
 
 
 def test_encode_image(e2e_case, env, clip_model, run_benchmark):
     case = e2e_case
     model = clip_model(case.model)
     visual = model.visual
-    depth = len(visual.transformer.resblocks)
-    tokens = 1 + visual.grid_size[0] * visual.grid_size[1]
+    tower = find_tower(model)
+    depth = len(tower.blocks)
+    tokens = tower.num_prefix + tower.num_patches
     torch.manual_seed(0)
     images = torch.randn(case.batch, 3, *visual.image_size, device=env.device, dtype=env.dtype)
 
@@ -35,7 +38,8 @@ def test_encode_image(e2e_case, env, clip_model, run_benchmark):
         replace_last_block(model, k_anchors=env.k_anchors, top_m=case.top_m, layer=case.layer,
                            backend=backend)
         info.update(k=env.k_anchors, m=case.top_m, layer=case.layer % depth,
-                    kept_tokens=1 + env.k_anchors + case.top_m, backend=env.resolve(backend))
+                    kept_tokens=tower.num_prefix + env.k_anchors + case.top_m,
+                    backend=env.resolve(backend))
 
     def forward():
         with torch.inference_mode():
@@ -45,6 +49,6 @@ def test_encode_image(e2e_case, env, clip_model, run_benchmark):
     try:
         run_benchmark(forward, f"e2e {case.model} B={case.batch}", case.batch, **info)
         if case.provider != "unpatched":  # the benchmark timed a model that really pruned
-            assert pruned_block(model).last_keep_idx.shape == (case.batch, info["kept_tokens"] - 1)
+            assert pruned_block(model).last_keep_idx.shape == (case.batch, env.k_anchors + case.top_m)
     finally:
         remove_pruning(model)

@@ -2,12 +2,14 @@
 
 What runs depends on the device (CUDA when there is one, else the CPU; override with
 TOKENPRUNE_BENCH_DEVICE=cpu|cuda):
-- CUDA: float16, selection at B=256, end to end ViT-B/16 at batch 256 and ViT-L/14 at 128.
-- CPU: float32, selection at B=16, ViT-B/16 at batch 16 (the target configuration) and
+- CUDA: float16, selection at B=256, end to end ViT-B/16 at batch 256 and ViT-L/14 at 128,
+  and the timm towers ViT-B-16-SigLIP2 and EVA02-B-16 at batch 256 (m=50).
+- CPU: float32, selection at B=16, ViT-B/16 at batch 16 (the target configuration),
   ViT-L/14 at batch 2 with m=50 only (one L/14 forward costs ~4.6 B/16 forwards; batch 2 keeps
-  the CPU run to minutes while still showing the trend).
-- TOKENPRUNE_BENCH_SMOKE=1: a few tiny cases (B/16 shapes, batch 2) that check the benchmark
-  code runs; meant for CI as `pytest bench/ --benchmark-disable -q`.
+  the CPU run to minutes while still showing the trend), SigLIP2 and EVA02 at batch 4 (m=50).
+- TOKENPRUNE_BENCH_SMOKE=1: a few tiny cases (B/16 shapes, batch 2; one batch-1 row each for
+  SigLIP2 and EVA02, pruned at the last block) that check the benchmark code runs; meant for
+  CI as `pytest bench/ --benchmark-disable -q`.
 
 Every benchmark stores in `extra_info`: kind, provider, device name, dtype, batch, the pruning
 (k, m, layer, kept tokens, backend) and the peak memory, measured as `peak_memory` says.
@@ -45,13 +47,20 @@ SELECTION_SHAPES = [("ViT-B-16@224", 197, 768, 12), ("ViT-L-14@224", 257, 1024, 
 NO_CLASS_SELECTION_SHAPES = [("SigLIP2-B-16@256", 256, 768, 12)]
 SELECTION_BATCH = 256 if ON_CUDA else 16
 # End to end: model -> (batch, middle layer, top_m sweep).
+# The timm towers (SigLIP2: no class token, attention pool; EVA02: rotary positions) at m=50.
 if ON_CUDA:
-    E2E_MODELS = {"ViT-B-16": (256, 6, (20, 50, 100)), "ViT-L-14": (128, 12, (20, 50, 100))}
+    E2E_MODELS = {"ViT-B-16": (256, 6, (20, 50, 100)), "ViT-L-14": (128, 12, (20, 50, 100)),
+                  "ViT-B-16-SigLIP2": (256, 6, (TOP_M,)), "EVA02-B-16": (256, 6, (TOP_M,))}
 else:
-    E2E_MODELS = {"ViT-B-16": (16, 6, (20, 50, 100)), "ViT-L-14": (2, 12, (TOP_M,))}
+    E2E_MODELS = {"ViT-B-16": (16, 6, (20, 50, 100)), "ViT-L-14": (2, 12, (TOP_M,)),
+                  "ViT-B-16-SigLIP2": (4, 6, (TOP_M,)), "EVA02-B-16": (4, 6, (TOP_M,))}
+# Models whose smoke run is one row (pruned at the last block): that the timm towers run.
+SMOKE_LAST_ONLY = ()
 if SMOKE:
     SELECTION_SHAPES, SELECTION_BATCH = SELECTION_SHAPES[:1], 2
-    E2E_MODELS = {"ViT-B-16": (2, 6, (TOP_M,))}
+    E2E_MODELS = {"ViT-B-16": (2, 6, (TOP_M,)), "ViT-B-16-SigLIP2": (1, 6, (TOP_M,)),
+                  "EVA02-B-16": (1, 6, (TOP_M,))}
+    SMOKE_LAST_ONLY = ("ViT-B-16-SigLIP2", "EVA02-B-16")
 
 
 class SelectionCase(NamedTuple):
@@ -95,6 +104,9 @@ def selection_cases():
 def e2e_cases():
     cases = []
     for model, (batch, middle, sweep) in E2E_MODELS.items():
+        if model in SMOKE_LAST_ONLY:
+            cases.append(E2ECase(model, batch, "pruned", "last", -1, sweep[0]))
+            continue
         cases.append(E2ECase(model, batch, "unpatched"))
         for (choice, layer), m in itertools.product((("last", -1), ("middle", middle)), sweep):
             cases.append(E2ECase(model, batch, "pruned", choice, layer, m))

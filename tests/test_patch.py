@@ -1,12 +1,10 @@
 """The drop-in API on real OpenCLIP models with random weights."""
-import warnings
-
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import VisionTransformer
 
 from tokenprune import (PruneConfig, PrunedResidualAttentionBlock, PrunedVisionEncoder,
                         UnsupportedModelError, apply_pruning_to_model, pruned_block, remove_pruning,
@@ -172,9 +170,9 @@ def test_unsupported_towers(name, model):
         apply_pruning_to_model(model, top_m=-1, strict=False)
 
 
-def test_timm_tower_is_unsupported():
+def test_timm_convnext_tower_is_unsupported():
     pytest.importorskip("timm")
     from open_clip.timm_model import TimmModel
-    model = FakeCLIP(TimmModel("vit_tiny_patch16_224", embed_dim=32, image_size=32))
-    with pytest.raises(UnsupportedModelError, match="TimmModel"):
+    model = FakeCLIP(TimmModel("convnext_atto", embed_dim=32, image_size=32))
+    with pytest.raises(UnsupportedModelError, match="TimmModel with a timm ConvNeXt trunk"):
         replace_last_block(model)

@@ -1,55 +1,67 @@
-"""The pruned OpenCLIP block: select tokens, then run the original block on the kept ones."""
+"""The pruned block: select tokens, then run the original block on the kept ones.
+
+One class for every supported block type; what differs between OpenCLIP's and timm's blocks
+(projections, norms, rotary positions, residual wiring) is in the block's adapter
+(tokenprune/towers/).
+"""
 import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
 
 from .config import PruneConfig
 from .selection import select_and_gather
+from .towers import block_adapter
 
 
-class PrunedResidualAttentionBlock(nn.Module):
-    """Replaces one `ResidualAttentionBlock`, sharing its submodules (same state_dict keys).
+class PrunedBlock(nn.Module):
+    """Replaces one block, sharing its submodules and parameters (same state_dict keys).
 
-    Output: the original block applied to CLS + the kept patches, (B, 1 + k + m, C)
-    (or (1 + k + m, B, C) when the block is not batch_first). `last_keep_idx` holds the kept
-    patch indices (B, k + m) of the last forward, or None when that forward pruned nothing.
+    Blocks: OpenCLIP `ResidualAttentionBlock`, timm `Block`, timm `EvaBlock`. `num_prefix` and
+    `class_token` describe the tower (SPEC.md, "Towers beyond OpenCLIP's ResidualAttentionBlock");
+    the defaults are OpenCLIP's VisionTransformer (one class token at index 0);
+    `replace_last_block` fills them in from the tower.
+
+    Output: the original block applied to the p prefix tokens + the kept patches,
+    (B, p + k + m, C) (or (p + k + m, B, C) for a block that is not batch_first).
+    `last_keep_idx` holds the kept patch indices (B, k + m) of the last forward, or None when
+    that forward pruned nothing.
     """
 
-    def __init__(self, block, config=None):
+    def __init__(self, block, config=None, num_prefix=1, class_token=True):
         super().__init__()
-        if not isinstance(block, ResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
-            raise TypeError(f"PrunedResidualAttentionBlock wraps an OpenCLIP self-attention "
-                            f"ResidualAttentionBlock, got {type(block).__name__}")
-        if not block.attn._qkv_same_embed_dim:
-            raise TypeError("PrunedResidualAttentionBlock needs the packed in_proj_weight of "
-                            "nn.MultiheadAttention (kdim == vdim == embed_dim)")
+        self.adapter = block_adapter(block)
         for name, child in block.named_children():
             self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):  # e.g. EvaBlock's gamma_1
+            self.register_parameter(name, param)
+        for name, buffer in block.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in block._non_persistent_buffers_set)
         # Kept outside the module tree (no duplicate state_dict keys) so that it can be put back.
         object.__setattr__(self, "_original_block", block)
         self.config = config if config is not None else PruneConfig()
+        self.num_prefix = num_prefix
+        self.class_token = class_token
         self.last_keep_idx = None
         # The random control's draws: seeded once here, so a run over the same batches repeats.
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._warned_noop = False
+        self._hooks = []  # set by replace_last_block: what carries positions to later blocks
         self.train(block.training)  # a new Module starts in training mode; keep the block's
 
     def restore(self):
-        """The original block, in this block's train/eval mode."""
+        """The original block, in this block's train/eval mode; later blocks' hooks removed."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         return self._original_block.train(self.training)
 
     def extra_repr(self):
-        return repr(self.config)
+        return f"{type(self._original_block).__name__}, {self.config!r}"
 
-    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
-        if k_x is not None or v_x is not None or attn_mask is not None:
-            raise ValueError("token pruning needs plain self-attention: k_x, v_x and attn_mask "
-                             "must be None")
-        batch_first = self.attn.batch_first
-        num_patches = q_x.shape[1 if batch_first else 0] - 1
+    def forward(self, *args, **kwargs):
+        x, call = self.adapter.tokens(*args, **kwargs)  # x (B, T, C), batch first
+        num_patches = x.shape[1] - self.num_prefix
         cfg = self.config
         if cfg.kept_patches >= num_patches:
             if not self._warned_noop:
@@ -58,20 +70,16 @@ class PrunedResidualAttentionBlock(nn.Module):
                               stacklevel=2)
                 self._warned_noop = True
             self.last_keep_idx = None
-            return self._original_block(q_x)
+            return self._original_block(*args, **kwargs)
 
-        x = q_x if batch_first else q_x.transpose(0, 1)
-        attn = self.attn
-        qkv = F.linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, attn.num_heads, cfg,
-                                                       generator=self.generator)
+        qkv = self.adapter.qkv(x, call)
+        keep_idx, x_kept, qkv_kept = select_and_gather(
+            x, qkv, self.adapter.num_heads, cfg, num_prefix=self.num_prefix,
+            class_token=self.class_token, scale=self.adapter.scale, generator=self.generator)
         del qkv  # the full (B, T, 3C) projection must not stay alive through the MLP
         self.last_keep_idx = keep_idx
+        return self.adapter.forward_kept(x_kept, qkv_kept, call, self.training)
 
-        B, n, C = x_kept.shape
-        q, k, v = qkv_kept.view(B, n, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
-        out = attn.out_proj(out.transpose(1, 2).reshape(B, n, C))
-        z = x_kept + self.ls_1(out)
-        z = z + self.ls_2(self.mlp(self.ln_2(z)))
-        return z if batch_first else z.transpose(0, 1)
+
+# The name this block has had since it wrapped OpenCLIP's ResidualAttentionBlock only.
+PrunedResidualAttentionBlock = PrunedBlock

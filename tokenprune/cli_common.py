@@ -217,13 +217,12 @@ def check_model(model_name, pretrained, pruning_flag=None):
             raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
                            f"{tags}); a local checkpoint file also works: --pretrained PATH")
     if pruning_flag is not None:
-        vision = config.get("vision_cfg", {})
-        tower = ("a ResNet" if isinstance(vision.get("layers"), (list, tuple)) else
-                 "a timm" if "timm_model_name" in vision else None)
+        from .towers import refused_by_config, supported
+        tower = refused_by_config(config.get("vision_cfg", {}))
         if tower:
-            from .patch import SUPPORTED
-            raise CLIError(f"{pruning_flag or '--model ' + model_name}: {model_name} has {tower} "
-                           f"image tower, which cannot be pruned; tokenprune supports {SUPPORTED}")
+            raise CLIError(f"{pruning_flag or '--model ' + model_name}: {model_name} has {tower}, "
+                           f"which cannot be pruned; tokenprune supports OpenCLIP models whose "
+                           f"image tower is one of: {supported()}")
 
 
 # ----- loading failures, classified by the step that failed ---------------------------------

@@ -24,12 +24,15 @@ def _require_choice(name, value, choices):
 class PruneConfig:
     """What to prune and how.
 
-    k_anchors: patches chosen by the CLS token's attention (>= 1).
-    top_m: further patches kept by score (>= 0); the block keeps 1 + k_anchors + top_m tokens.
+    k_anchors: patches chosen by the CLS token's attention, or by the attention they receive in
+        a tower without a class token (>= 1).
+    top_m: further patches kept by score (>= 0); the block keeps 1 + k_anchors + top_m tokens
+        (p + k_anchors + top_m with p prefix tokens: class, registers, distillation).
     alpha: weight of importance against diversity in the score, in [0, 1].
     score_norm: "none" (the seed's formula) or "minmax" (rescale I and D to [0, 1] first).
-    layer: index of the block in `visual.transformer.resblocks` that is replaced; negative
-        values count from the end (-1, the default, is the last block).
+    layer: index of the block that is replaced, in the tower's blocks (OpenCLIP's
+        `visual.transformer.resblocks`, a timm trunk's `blocks`); negative values count from
+        the end (-1, the default, is the last block).
     backend: "auto" (Triton on CUDA tensors when Triton is installed, else the reference),
         "triton" (error where it cannot run) or "reference" (PyTorch).
     selection: "score" (the seed's anchors + importance/diversity score, the default) or

@@ -38,6 +38,7 @@ from .cli_common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pr
 from .patch import UnsupportedModelError, replace_last_block
 from .results import json_safe
 from .selection import resolve_backend
+from .towers import find_tower
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
@@ -179,11 +180,13 @@ class _Session:
         run = {"model": model_name, "device": str(device), "tokens_before": None,
                "tokens_after": None, "pruning": {"enabled": self.enabled}}
         visual = getattr(model, "visual", None)
-        grid = getattr(visual, "grid_size", None)
-        if grid is not None:
-            patches = grid[0] * grid[1]
-            has_cls = getattr(visual, "class_embedding", None) is not None
-            run["tokens_before"] = run["tokens_after"] = patches + has_cls
+        try:
+            tower = find_tower(model)
+        except UnsupportedModelError:
+            tower = None  # unpruned runs of any model still work; tokens are then unknown
+        if tower is not None:
+            patches = tower.num_patches
+            run["tokens_before"] = run["tokens_after"] = patches + tower.num_prefix
         if self.enabled:
             cfg = self.config
             try:
@@ -195,12 +198,12 @@ class _Session:
                 raise CLIError(f"--{err}") from err
             except RuntimeError as err:  # --backend triton where it cannot run
                 raise CLIError(f"--backend {cfg.backend}: {err}") from err
-            blocks = len(visual.transformer.resblocks)
+            blocks = len(tower.blocks)
             applied = cfg.kept_patches < patches
             if applied:
-                run["tokens_after"] = 1 + cfg.kept_patches
+                run["tokens_after"] = tower.num_prefix + cfg.kept_patches
             else:
-                size = "x".join(map(str, visual.image_size))
+                size = "x".join(map(str, getattr(visual, "image_size", ("?",))))
                 note(f"warning: k_anchors + top_m = {cfg.kept_patches} >= {patches} patches of "
                      f"{model_name} at {size} px: nothing to prune, the model runs unpruned "
                      "(lower --k_anchors/--top_m, e.g. --k_anchors 5 --top_m 30, or use a model "
@@ -327,7 +330,7 @@ def run_eval(args):
     config = prune_config(args)
     if not args.enable_pruning:
         changed = [f"--{name}" for name, default in PRUNING_DEFAULTS.items()
-                   if getattr(args, name) != default]
+                   if getattr(args, name, default) != default]
         if changed:
             note(f"note: {', '.join(changed)} given without --enable_pruning: evaluating the "
                  "unpruned model")

@@ -1,72 +1,77 @@
-"""Patching OpenCLIP models in place: the user-facing drop-in API."""
+"""Patching models in place: the user-facing drop-in API.
+
+Works on OpenCLIP CLIP/CustomTextCLIP models, their `visual` towers (OpenCLIP's
+VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk) and timm
+VisionTransformer / Eva models used directly; tokenprune/towers/ says what each family is.
+"""
 import warnings
 
 import torch.nn as nn
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-from .block import PrunedResidualAttentionBlock
+from .block import PrunedBlock
 from .config import PruneConfig
+from .towers import UnsupportedModelError, block_adapter, find_tower
 
-
-class UnsupportedModelError(TypeError):
-    """The model's visual tower is not an OpenCLIP VisionTransformer of ResidualAttentionBlocks."""
-
-
-SUPPORTED = ("OpenCLIP models whose visual tower is a VisionTransformer (CLS token at index 0) "
-             "built from ResidualAttentionBlocks, e.g. ViT-B-32, ViT-B-16, ViT-L-14")
+__all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
+           "pruned_block", "remove_pruning", "replace_last_block"]
 
 
 def visual_tower(model):
-    """The VisionTransformer of an OpenCLIP CLIP/CustomTextCLIP model, or `model` if it is one."""
-    visual = getattr(model, "visual", model)
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(f"{type(model).__name__} has a visual tower of type "
-                                    f"{type(visual).__name__}; tokenprune supports {SUPPORTED}")
-    return visual
+    """The image tower of an OpenCLIP model (`model.visual`), or `model` itself; raises
+    UnsupportedModelError when tokenprune cannot prune it."""
+    find_tower(model)
+    return getattr(model, "visual", model)
 
 
 def pruned_block(model):
-    """The PrunedResidualAttentionBlock of a patched model (or its tower), else None."""
-    for block in visual_tower(model).transformer.resblocks:
-        if isinstance(block, PrunedResidualAttentionBlock):
+    """The PrunedBlock of a patched model (or its tower), else None."""
+    for block in find_tower(model).blocks:
+        if isinstance(block, PrunedBlock):
             return block
     return None
 
 
 def remove_pruning(model):
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
-    cannot be pruned (a ResNet or timm tower) has nothing to undo and is returned unchanged."""
-    if not isinstance(getattr(model, "visual", model), VisionTransformer):
+    cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged."""
+    try:
+        blocks = find_tower(model).blocks
+    except UnsupportedModelError:
         return model
-    blocks = visual_tower(model).transformer.resblocks
     for i, block in enumerate(blocks):
-        if isinstance(block, PrunedResidualAttentionBlock):
+        if isinstance(block, PrunedBlock):
             blocks[i] = block.restore()
     return model
 
 
 def replace_last_block(model, k_anchors=10, top_m=50, alpha=0.5, score_norm="none", layer=-1,
                        backend="auto", config=None):
-    """Prune tokens at one block (by default the last) of an OpenCLIP ViT, in place.
+    """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
-    `model` is an OpenCLIP CLIP/CustomTextCLIP model or its `visual` tower. Pass either the
-    keyword parameters or a ready `PruneConfig` as `config`. Patching an already patched
-    model replaces the earlier pruning instead of stacking a second one. Returns `model`.
+    `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, or a timm
+    VisionTransformer / Eva model. Pass either the keyword parameters or a ready `PruneConfig`
+    as `config`. Patching an already patched model replaces the earlier pruning instead of
+    stacking a second one. Returns `model`.
     """
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
                              score_norm=score_norm, layer=layer, backend=backend)
-    blocks = visual_tower(model).transformer.resblocks
+    tower = find_tower(model)
+    blocks = tower.blocks
     depth = len(blocks)
     if not -depth <= config.layer < depth:
         raise ValueError(f"layer must be in [{-depth}, {depth - 1}] for this {depth}-block "
                          f"tower, got {config.layer}")
     remove_pruning(model)
     index = config.layer % depth
-    if type(blocks[index]) is not ResidualAttentionBlock:
-        raise UnsupportedModelError(f"block {index} of {type(model).__name__} is a "
-                                    f"{type(blocks[index]).__name__}; tokenprune supports {SUPPORTED}")
-    blocks[index] = PrunedResidualAttentionBlock(blocks[index], config)
+    try:
+        block_adapter(blocks[index])
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"block {index} of {type(model).__name__}: {err}") from None
+    pruned = PrunedBlock(blocks[index], config, num_prefix=tower.num_prefix,
+                         class_token=tower.class_token)
+    pruned._hooks = tower.family.follow(pruned, list(blocks)[index + 1:])
+    blocks[index] = pruned
     return model
 
 
@@ -85,7 +90,7 @@ def apply_pruning_to_model(model, k_anchors=10, top_m=50, alpha=0.5, strict=True
 
 
 class PrunedVisionEncoder(nn.Module):
-    """The seed's wrapper: an OpenCLIP visual tower with pruning applied, called on images.
+    """The seed's wrapper: an image tower with pruning applied, called on images.
 
     The tower is patched in place (it stays shared with the model it came from).
     """

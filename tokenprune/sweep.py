@@ -35,6 +35,7 @@ import torch.nn as nn
 from .cli_common import CONTROLS, CLIError, check_model, quiet_warnings, sweep_lists
 from .config import PruneConfig
 from .patch import pruned_block, remove_pruning, replace_last_block, visual_tower
+from .towers import find_tower
 
 OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 SPEED_ROUNDS = 3  # timed encode_image calls per setting (after one warm-up); the median counts
@@ -43,15 +44,20 @@ SPEED_ROUNDS = 3  # timed encode_image calls per setting (after one warm-up); th
 # ----- the engine ---------------------------------------------------------------------------
 
 def tower_blocks(visual):
-    """The tower's blocks, in the order they run: the one place that knows where a tower keeps
-    them (OpenCLIP's VisionTransformer: `transformer.resblocks`)."""
-    return visual_tower(visual).transformer.resblocks
+    """The tower's blocks, in the order they run (tokenprune/towers/ knows where each family
+    keeps them)."""
+    return find_tower(visual).blocks
 
 
 def tower_patches(visual):
     """The number of patch tokens the tower's blocks see."""
-    grid = visual_tower(visual).grid_size
-    return grid[0] * grid[1]
+    return find_tower(visual).num_patches
+
+
+def _widths(block):
+    """(C, F): a block's width and its MLP's hidden width, from the MLP's first linear layer."""
+    first = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear))
+    return first.in_features, first.out_features
 
 
 class _Skip(nn.Module):
@@ -85,8 +91,9 @@ class GridEncoder:
         self.configs = list(configs)
         if pruned_block(self.visual) is not None:
             raise ValueError("GridEncoder needs an unpruned tower: call remove_pruning(model) first")
-        self.blocks = tower_blocks(self.visual)
-        patches = tower_patches(self.visual)
+        self.tower = find_tower(self.visual)
+        self.blocks = self.tower.blocks
+        patches = self.tower.num_patches
         self._pruned = {}  # position in configs -> (block index, pruned block)
         for i, config in enumerate(self.configs):
             if config is not None and config.kept_patches < patches:
@@ -113,7 +120,7 @@ class GridEncoder:
                 outputs.append(GridOutput(unpruned, None))
                 continue
             layer, block = self._pruned[i]
-            with _resume_at(self.blocks, layer, block, inputs[layer]):
+            with _resume_at(self.tower, layer, block, inputs[layer]):
                 output = self.forward(images)
             outputs.append(GridOutput(output, block.last_keep_idx))
         return outputs
@@ -139,12 +146,15 @@ def _make_pruned_block(visual, config):
 
 
 @contextmanager
-def _resume_at(blocks, layer, block, block_input):
+def _resume_at(tower, layer, block, block_input):
     """While active, the tower skips blocks[:layer], runs `block` at `layer` on `block_input`
-    (whatever reaches it), then the original later blocks."""
+    (whatever reaches it), then the original later blocks, with whatever must follow the kept
+    tokens into them (rotary positions) hooked in as replace_last_block does."""
+    blocks = tower.blocks
     originals = list(blocks[:layer + 1])
     skip = _Skip()
     handle = block.register_forward_pre_hook(lambda module, args: (block_input, *args[1:]))
+    follow = tower.family.follow(block, list(blocks)[layer + 1:])
     try:
         for i in range(layer):
             blocks[i] = skip
@@ -152,6 +162,8 @@ def _resume_at(blocks, layer, block, block_input):
         yield
     finally:
         handle.remove()
+        for hook in follow:
+            hook.remove()
         for i, original in enumerate(originals):
             blocks[i] = original
 
@@ -396,12 +408,10 @@ def _metrics(original_evaluate, zsc, logits, target, classifier, dataloader, dev
 
 
 def _rows(points, metrics, speeds, visual, images, batch):
-    blocks = tower_blocks(visual)
-    depth, patches = len(blocks), tower_patches(visual)
-    tokens = 1 + patches
-    first = blocks[0]
-    width = first.attn.embed_dim
-    mlp_width = first.mlp.c_fc.out_features
+    tower = find_tower(visual)
+    depth, patches, prefix = len(tower.blocks), tower.num_patches, tower.num_prefix
+    tokens = prefix + patches
+    width, mlp_width = _widths(tower.blocks[0])
     names = list(metrics[0])
     primary = names[0]
     baseline = metrics[0][primary]
@@ -409,7 +419,7 @@ def _rows(points, metrics, speeds, visual, images, batch):
     for point, values, speed in zip(points, metrics, speeds):
         config = point.config
         pruned = config is not None and config.kept_patches < patches
-        kept = 1 + config.kept_patches if pruned else tokens
+        kept = prefix + config.kept_patches if pruned else tokens
         score = point.kind == "score"
         row = {"kind": point.kind,
                "block": config.layer if config is not None else None,

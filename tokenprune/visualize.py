@@ -13,13 +13,13 @@ from importlib import resources
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .cli_common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
                          use_shipped_model)
 from .patch import UnsupportedModelError, pruned_block, replace_last_block
 from .reference import anchor_indices, head_mean_attention
+from .towers import find_tower
 
 RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
@@ -41,33 +41,42 @@ def sample_image_path():
 
 # ----- which tokens are kept ---------------------------------------------------------------
 
-def anchors_of(block, x, k_anchors):
-    """The anchors (B, k) the block chose for its input x (B, T, C): SPEC steps 0-1, from the
-    reference. The block keeps only the union with the scored patches."""
-    attn = block.attn
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    return anchor_indices(head_mean_attention(qkv, attn.num_heads), min(k_anchors, x.shape[1] - 1))
+def anchors_of(block, args, kwargs):
+    """The anchors (B, k) the pruned block chose when called with (args, kwargs): SPEC steps
+    0-1, from the reference, on the block adapter's qkv. The block keeps only the union with
+    the scored patches. Token indices (>= the block's prefix count)."""
+    x, call = block.adapter.tokens(*args, **kwargs)
+    qkv = block.adapter.qkv(x, call)
+    P = head_mean_attention(qkv, block.adapter.num_heads, block.adapter.scale)
+    k = min(block.config.k_anchors, x.shape[1] - block.num_prefix)
+    return anchor_indices(P, k, block.num_prefix, block.class_token)
 
 
 @torch.no_grad()
 def kept_tokens(model, pixels):
-    """Run the pruned model on pixels (1, 3, H, W); (keep_idx, anchors), token indices >= 1.
+    """Run the pruned model on pixels (1, 3, H, W); (keep, anchors) as 1-based patch numbers in
+    raster order (token index - p + 1, p the prefix tokens: OpenCLIP's token indices).
 
-    keep_idx is every patch when the block had nothing to prune."""
+    keep is every patch when the block had nothing to prune."""
     block = pruned_block(model)
     captured = {}
-    handle = block.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+
+    def capture(module, args, kwargs):
+        captured.setdefault("call", (args, kwargs))
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         getattr(model, "encode_image", model)(pixels)  # a CLIP model or a bare image tower
     finally:
         handle.remove()
-    x = captured["x"] if block.attn.batch_first else captured["x"].transpose(0, 1)
-    anchors = anchors_of(block, x, block.config.k_anchors)[0]
+    anchors = anchors_of(block, *captured["call"])[0]
     if block.last_keep_idx is None:
-        keep = torch.arange(1, x.shape[1], device=x.device)
+        x, _ = block.adapter.tokens(*captured["call"][0], **captured["call"][1])
+        keep = torch.arange(block.num_prefix, x.shape[1], device=x.device)
     else:
         keep = block.last_keep_idx[0]
-    return keep.cpu().tolist(), anchors.cpu().tolist()
+    shift = 1 - block.num_prefix
+    return (keep + shift).cpu().tolist(), (anchors + shift).cpu().tolist()
 
 
 def display_image(preprocess, pixels):
@@ -172,10 +181,10 @@ def run_visualize(args):
         model, pixels, preprocess, name, weights, source = shipped_model_input(args, config)
     else:
         model, pixels, preprocess, name, weights, source = clip_model_input(args, config)
-    visual = getattr(model, "visual", model)
-    grid = tuple(visual.grid_size)
+    tower = find_tower(model)
+    grid = tuple(tower.grid_size)
     n_patches = grid[0] * grid[1]
-    blocks = len(visual.transformer.resblocks)
+    blocks = len(tower.blocks)
     index = config.layer % blocks
     # 1-based in prose, like "block 12 of 12"; `index` is the 0-based index into resblocks.
     where = f"block {index + 1} of {blocks} (index {index})"
@@ -191,7 +200,9 @@ def run_visualize(args):
         except RuntimeError as err:  # e.g. --backend triton on a machine without it
             raise CLIError(f"--backend {config.backend}: {err}") from err
 
-    tokens_before, tokens_after = n_patches + 1, len(keep_idx) + 1
+    prefix = tower.num_prefix
+    lead = "CLS" if prefix == 1 and tower.class_token else f"{prefix} prefix tokens"
+    tokens_before, tokens_after = n_patches + prefix, len(keep_idx) + prefix
     title = (f"tokenprune  |  {name} ({weights})  |  " +
              (f"pruned at {where}" if pruned else
               f"nothing pruned: k_anchors + top_m >= {n_patches} patches"))
@@ -207,9 +218,9 @@ def run_visualize(args):
     except (OSError, ValueError) as err:
         raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
     if pruned:
-        print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}: CLS + "
-              f"{len(anchors)} anchors + {tokens_after - 1 - len(anchors)} kept by score; "
-              f"{n_patches + 1 - tokens_after} pruned; on {source}")
+        print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}: {lead} + "
+              f"{len(anchors)} anchors + {tokens_after - prefix - len(anchors)} kept by score; "
+              f"{tokens_before - tokens_after} pruned; on {source}")
     else:
         print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
               f"= {config.kept_patches} >= {n_patches} patches); on {source}")
