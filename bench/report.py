@@ -285,6 +285,22 @@ def plot(rows, path):
     return True
 
 
+def fidelity_section(folder):
+    """The accuracy-retention summary of `folder`/fidelity.md (written by bench/fidelity.py), for
+    the end of the results page; "" when there is none."""
+    path = Path(folder) / "fidelity.md"
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find("## Summary"), text.find("## Every setting")
+    if start < 0:
+        return ""
+    summary = text[start + len("## Summary"):end if end > 0 else None].strip()
+    return ("\n\n## Accuracy retention (the shipped small ViT, trained attention)\n\n"
+            "From `python bench/fidelity.py`; the measurement details and every setting are in "
+            "[fidelity.md](fidelity.md).\n\n" + summary + "\n")
+
+
 def targets_text(targets):
     return "\n".join(f"[{t['status']:>12}] {t['target']} | {t['case']}: "
                      f"{fmt(t['measured'], '.2f')} (required {t['required']})" for t in targets)
@@ -308,7 +324,8 @@ def main(argv=None):
             plot_name = args.plot.resolve().relative_to(args.out.resolve().parent).as_posix()
         except ValueError:
             plot_name = args.plot.resolve().as_posix()
-    args.out.write_text(render(rows, targets, plot_name, args.note), encoding="utf-8")
+    page = render(rows, targets, plot_name, args.note).rstrip("\n") + "\n"
+    args.out.write_text(page + fidelity_section(args.out.parent), encoding="utf-8")
     print(targets_text(targets))
     print(f"wrote {args.out}" + (f" and {args.plot}" if plotted else ""))
     return 0

@@ -175,3 +175,12 @@ def test_hook_baseline_call_matches_the_reference_and_gathers_prefix_first(dtype
     assert torch.equal(keep_idx, expected)
     assert torch.equal(x_kept[:, :p], x[:, :p])
     assert torch.equal(x_kept[:, p:], x.gather(1, expected[..., None].expand(-1, -1, 64)))
+
+
+def test_results_page_ends_with_the_fidelity_summary(tmp_path):
+    assert report.fidelity_section(tmp_path) == ""  # no bench/fidelity.py run: no section
+    (tmp_path / "fidelity.md").write_text("# Accuracy\n\nintro\n\n## Summary\n\n| a | b |\n|---|---|\n"
+                                          "| 1 | 2 |\n\n## Every setting\n\n| x |\n")
+    section = report.fidelity_section(tmp_path)
+    assert "| 1 | 2 |" in section and "[fidelity.md](fidelity.md)" in section
+    assert "Every setting" not in section and "intro" not in section

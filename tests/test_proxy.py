@@ -113,7 +113,7 @@ def test_box_is_the_digits_ink_and_object_patches_cover_it():
 # ----- selection on trained attention ------------------------------------------------------
 
 # A quarter of the 64 patches at the middle block (index 1 of 4): at the last block the class
-# token has already read the digit and even the random control keeps ~92% (tools/proxy_numbers.py).
+# token has already read the digit and even the random control keeps ~92% (bench/fidelity.md).
 K, M, LAYER = 4, 12, 1
 # Measured on these N canvases (2-core CPU, torch 2.14.1, 2026-11-28): the seed's selection
 # 0.950 accuracy and 0.84 of the digit's patches kept; the random control, seeds 0-4, 0.600-0.633
