@@ -9,3 +9,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEVICE = os.environ.get("TOKENPRUNE_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No download attempts, whatever imported huggingface_hub before HF_HUB_OFFLINE was set."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A registered tiny OpenCLIP architecture, its checkpoint and WebDatasets (tests/helpers.py),
+    made once per test module."""
+    from helpers import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("tiny"))

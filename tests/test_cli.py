@@ -20,21 +20,7 @@ from tokenprune.block import PrunedResidualAttentionBlock  # noqa: E402
 from tokenprune.cli import build_parser, main  # noqa: E402
 from tokenprune.evaluate import accuracy, eval_parser  # noqa: E402
 
-from helpers import TINY, make_tiny  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No download attempts, whatever imported huggingface_hub before HF_HUB_OFFLINE was set."""
-    import huggingface_hub.constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A registered tiny architecture, its checkpoint, and a 30-image WebDataset."""
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
+from helpers import TINY  # noqa: E402
 
 
 def eval_args(tiny, output, *extra):

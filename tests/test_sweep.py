@@ -19,24 +19,12 @@ from tokenprune import PruneConfig, pruned_block, remove_pruning, replace_last_b
 from tokenprune import sweep  # noqa: E402
 from tokenprune.cli import main  # noqa: E402
 
-from helpers import CLASSES, TINY, class_images, make_tiny, write_webdataset  # noqa: E402
+from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
 
 # Two layers (blocks 0 and 1 of 2), two budgets per layer, and one point that prunes nothing
 # (4 + 60 >= 64 patches).
 GRID = ["--k_anchors", "4", "--top_m", "12", "20", "60", "--alpha", "0.3",
         "--score_norm", "minmax", "--layer", "0", "-1"]
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def data_args(tiny, data=None):

@@ -93,6 +93,17 @@ class BlockAdapter:
 FAMILY_MODULES = ("openclip", "timm_vit", "timm_eva")
 
 
+def timm_tower(trunk, family):
+    """The Tower of a timm VisionTransformer or Eva trunk (they keep the same attributes)."""
+    if getattr(trunk.attn_pool, "pos_embed", None) is not None:
+        # A position embedding of the full token count inside the pooling head.
+        raise UnsupportedModelError(f"tokenprune cannot prune a timm {type(trunk).__name__} "
+                                    "whose attention-pool head has its own position embedding")
+    return Tower(module=trunk, blocks=trunk.blocks, num_prefix=trunk.num_prefix_tokens,
+                 class_token=trunk.cls_token is not None,
+                 grid_size=tuple(trunk.patch_embed.grid_size), family=family)
+
+
 def _families():
     return tuple(importlib.import_module(f".{name}", __name__).FAMILY for name in FAMILY_MODULES)
 

@@ -7,7 +7,7 @@ to every block. After the pruned block, each later block gets, through a forward
 the rows of its `rope` at the kept patches' own positions, per image, shaped (B, 1, n, d) as
 timm's own patch dropout does (timm's rotary code broadcasts it over heads).
 """
-from . import BlockAdapter, Family, Tower, UnsupportedModelError
+from . import BlockAdapter, Family, UnsupportedModelError, timm_tower
 from ._timm_attention import attend, check_attention, packed_qkv
 
 
@@ -102,12 +102,7 @@ class EvaFamily(Family):
         if getattr(trunk, "rope_mixed", False):
             raise UnsupportedModelError("tokenprune cannot prune a timm Eva with mixed (per-block, "
                                         "per-head) rotary embeddings")
-        if getattr(trunk.attn_pool, "pos_embed", None) is not None:
-            raise UnsupportedModelError("tokenprune cannot prune a timm Eva whose attention-pool "
-                                        "head has its own position embedding")
-        return Tower(module=trunk, blocks=trunk.blocks, num_prefix=trunk.num_prefix_tokens,
-                     class_token=trunk.cls_token is not None,
-                     grid_size=tuple(trunk.patch_embed.grid_size), family=self)
+        return timm_tower(trunk, self)
 
     def block_adapter(self, block):
         from timm.layers import AttentionRope

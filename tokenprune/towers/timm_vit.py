@@ -2,7 +2,7 @@
 attention-pool head) and ViTamin trunks (a convolutional stem, then plain blocks, no class
 token, mean pooling), timm ViTs used directly, DeiT (class + distillation token),
 register-token ViTs."""
-from . import BlockAdapter, Family, Tower, UnsupportedModelError
+from . import BlockAdapter, Family, UnsupportedModelError, timm_tower
 from ._timm_attention import attend, check_attention, packed_qkv
 
 
@@ -40,13 +40,7 @@ class TimmViTFamily(Family):
         from timm.models.vision_transformer import VisionTransformer
         if not isinstance(trunk, VisionTransformer):
             return None
-        if getattr(trunk.attn_pool, "pos_embed", None) is not None:
-            # A position embedding of the full token count inside the pooling head.
-            raise UnsupportedModelError("tokenprune cannot prune a timm VisionTransformer whose "
-                                        "attention-pool head has its own position embedding")
-        return Tower(module=trunk, blocks=trunk.blocks, num_prefix=trunk.num_prefix_tokens,
-                     class_token=trunk.cls_token is not None,
-                     grid_size=tuple(trunk.patch_embed.grid_size), family=self)
+        return timm_tower(trunk, self)
 
     def block_adapter(self, block):
         from timm.layers import Attention
