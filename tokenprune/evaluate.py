@@ -313,14 +313,20 @@ def clip_benchmark_hooks(args, config):
              (cb_cli, "build_dataset", session.wrap_build_dataset(cb_cli.build_dataset)),
              (cb_cli, "json", _JsonModule(session)),
              (zeroshot_classification, "accuracy", accuracy)]
+    with warnings.catch_warnings(), swapped(swaps):
+        # The block's own no-op warning repeats the one _prepare printed, once per run.
+        warnings.filterwarnings("ignore", message=NOOP_WARNING)
+        yield session
+
+
+@contextmanager
+def swapped(swaps):
+    """Set module attributes, (module, name, value) each, for the duration of the block."""
     originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
     try:
-        with warnings.catch_warnings():
-            # The block's own no-op warning repeats the one _prepare printed, once per run.
-            warnings.filterwarnings("ignore", message=NOOP_WARNING)
-            for module, name, value in swaps:
-                setattr(module, name, value)
-            yield session
+        for module, name, value in swaps:
+            setattr(module, name, value)
+        yield
     finally:
         for module, name, value in originals:
             setattr(module, name, value)

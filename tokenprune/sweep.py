@@ -567,7 +567,7 @@ def run_sweep(args):
     from clip_benchmark.metrics import zeroshot_classification as zsc
     from tqdm import tqdm
 
-    from .evaluate import clip_benchmark_hooks
+    from .evaluate import clip_benchmark_hooks, swapped
 
     lists = check_sweep_args(args)
     base = copy(args)
@@ -604,7 +604,7 @@ def run_sweep(args):
                      (zsc, "tqdm", classes_bar),
                      (zsc, "run_classification",
                       _sweep_classification(state, original_evaluate, zsc))]
-            with _swapped(swaps):
+            with swapped(swaps):
                 try:
                     cb_cli.run(base)
                 except _Done:
@@ -629,16 +629,3 @@ def run_sweep(args):
     print(f"tokenprune: sweep of {len(rows) - 1} settings on {state.result['images']} images: "
           f"wrote {', '.join(OUTPUT_FILES)} to {args.output_dir}", file=sys.stderr)
     return state.result
-
-
-@contextmanager
-def _swapped(swaps):
-    """Set module attributes (module, name, value) for the duration of the block."""
-    originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    try:
-        for module, name, value in swaps:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in originals:
-            setattr(module, name, value)
