@@ -1,16 +1,23 @@
+import re
+
 from setuptools import setup
+
+# One source for the version: tokenprune/__init__.py (tokenprune.__version__, tokenprune --version).
+with open("tokenprune/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setup(
     name="tokenprune",
-    version="0.1.0",
+    version=VERSION,
     description="Training-free visual token pruning for OpenCLIP Vision Transformers, "
                 "with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.9",
     # The repo keeps its kernels in the top-level kernels/ folder, but they install as
     # tokenprune.kernels: a top-level `kernels` module would shadow Hugging Face's `kernels`.
-    packages=["tokenprune", "tokenprune.towers", "tokenprune.kernels"],
+    packages=["tokenprune", "tokenprune.towers", "tokenprune.cli", "tokenprune.kernels"],
     package_dir={"tokenprune": "tokenprune", "tokenprune.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
@@ -18,8 +25,8 @@ setup(
         # 4.x may move them, so stay below it until checked.
         "open_clip_torch>=2.23,<4",
         "triton; platform_system == 'Linux'",
-        # The command line (tokenprune/cli.py, evaluate.py): `tokenprune eval` is CLIP_benchmark's
-        # own parser, datasets and metrics with the pruning hooked in (tested with 1.6.2).
+        # The command line (tokenprune/cli/): `tokenprune eval` is CLIP_benchmark's own parser,
+        # datasets and metrics with the pruning hooked in (tested with 1.6.2).
         "clip-benchmark>=1.6,<2",
         # clip-benchmark 1.6.2 imports requests (its datasets/*.py) without declaring it.
         "requests",

@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tokenprune import clip_benchmark_flags, visualize  # noqa: E402
+from tokenprune.cli import clip_benchmark_flags, visualize  # noqa: E402
 from tokenprune.block import PrunedResidualAttentionBlock  # noqa: E402
 from tokenprune.cli import build_parser, main  # noqa: E402
-from tokenprune.evaluate import accuracy, eval_parser  # noqa: E402
+from tokenprune.cli.evaluate import accuracy, eval_parser  # noqa: E402
 
 from helpers import TINY  # noqa: E402
 
@@ -50,7 +50,7 @@ def unpruned(tiny, tmp_path_factory):
         mp.setattr(sys, "argv", ["clip_benchmark", *argv])
         if np.lib.NumpyVersion(np.__version__) >= "2.4.0":
             # CLIP_benchmark 1.6.2 cannot compute accuracy on numpy >= 2.4 (a TypeError):
-            # give it the same workaround tokenprune eval uses (see tokenprune/evaluate.py).
+            # give it the same workaround tokenprune eval uses (see tokenprune/cli/evaluate.py).
             mp.setattr(zeroshot_classification, "accuracy", accuracy)
         cb_cli.main()
     assert main(eval_args(tiny, out / "tokenprune.json")) == 0
@@ -81,7 +81,7 @@ def test_eval_flags_are_clip_benchmarks_plus_pruning(monkeypatch):
 
 
 def test_copy_of_clip_benchmark_flags_matches_its_parser(monkeypatch):
-    """tokenprune/clip_benchmark_flags.py must equal the installed CLIP_benchmark's eval flags."""
+    """tokenprune/cli/clip_benchmark_flags.py must equal the installed CLIP_benchmark's eval flags."""
     import argparse
     from importlib.metadata import version
 
@@ -501,19 +501,51 @@ def test_another_clip_benchmark_version_leaves_unknown_flags_to_its_parser(capsy
                            "`tokenprune --help`)")
 
 
-def test_no_module_imports_the_command_line_back():
-    """tokenprune/cli.py imports the subcommands' modules; none of them imports cli.py (the
-    shared pieces live in cli_common.py), so there is no import circle."""
+def test_no_library_module_imports_the_command_line():
+    """The library (tokenprune/*.py, tokenprune/towers/) never imports tokenprune.cli: the
+    commands sit on the library, so deleting a command module breaks no library import. Within
+    tokenprune/cli/, no command module imports the package's __init__ (main) back."""
     import ast
     import tokenprune
     package = os.path.dirname(tokenprune.__file__)
     importers = []
-    for name in sorted(os.listdir(package)):
-        if not name.endswith(".py") or name in ("cli.py", "__main__.py"):
-            continue
-        tree = ast.parse(open(os.path.join(package, name), encoding="utf-8").read())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (
-                    (node.level == 1 and node.module == "cli") or node.module == "tokenprune.cli"):
-                importers.append(name)
+    for folder, _, files in os.walk(package):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, package)
+            in_cli = rel.startswith("cli" + os.sep)
+            if not name.endswith(".py") or name == "__main__.py" or rel == os.path.join(
+                    "cli", "__init__.py"):
+                continue
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    module = node.module or ""
+                    if in_cli:  # `from . import common` is a sibling; `from . import main` is not
+                        bad = module == "tokenprune.cli" or (node.level == 1 and not module and any(
+                            not os.path.exists(os.path.join(folder, a.name + ".py"))
+                            for a in node.names))
+                    else:
+                        bad = (module.startswith("tokenprune.cli")
+                               or (node.level == 1 and module.split(".")[0] == "cli")
+                               or (node.level == 1 and not module
+                                   and any(a.name == "cli" for a in node.names)))
+                elif isinstance(node, ast.Import):
+                    bad = not in_cli and any(a.name.startswith("tokenprune.cli") for a in node.names)
+                else:
+                    continue
+                if bad:
+                    importers.append(rel)
     assert importers == []
+    assert os.path.exists(os.path.join(package, "cli", "sweep.py"))  # the walk saw the commands
+
+
+def test_version_has_one_source(capsys):
+    """`tokenprune --version`, tokenprune.__version__ and the installed metadata agree."""
+    from importlib.metadata import version
+    import tokenprune
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tokenprune {tokenprune.__version__}"
+    assert version("tokenprune") == tokenprune.__version__

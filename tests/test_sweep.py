@@ -17,6 +17,7 @@ from PIL import Image  # noqa: E402
 
 from tokenprune import PruneConfig, pruned_block, remove_pruning, replace_last_block  # noqa: E402
 from tokenprune import sweep  # noqa: E402
+from tokenprune.cli import sweep as sweep_command  # noqa: E402
 from tokenprune.cli import main  # noqa: E402
 
 from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
@@ -113,7 +114,7 @@ def test_rows_layers_controls_and_not_pruned(swept):
 
 def test_output_files(swept):
     folder, err = swept
-    assert sorted(os.listdir(folder)) == sorted(sweep.OUTPUT_FILES)
+    assert sorted(os.listdir(folder)) == sorted(sweep_command.OUTPUT_FILES)
     rows = rows_of(folder)
     with open(folder / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -226,7 +227,7 @@ def test_interrupted_while_writing_leaves_no_half_written_file(tiny, tmp_path, c
         with open(path, "wb") as f:
             f.write(b"half a png")
         raise KeyboardInterrupt
-    monkeypatch.setattr(sweep, "plot", interrupted_plot)
+    monkeypatch.setattr(sweep_command, "plot", interrupted_plot)
     status, _, err = run_main(["sweep", *data_args(tiny), "--k_anchors", "4", "--top_m", "12",
                                "--alpha", "0.5", "--no_speed", "--quiet",
                                "--output_dir", str(out)], capsys)

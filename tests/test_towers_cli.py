@@ -124,7 +124,7 @@ def tiny_timm_configs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(TINY_TIMM))
 def test_visualize_on_timm_towers(tiny_timm_configs, name, tmp_path, capsys, monkeypatch):
-    from tokenprune import visualize
+    from tokenprune.cli import visualize
     seen = {}
     kept_tokens = visualize.kept_tokens
 

@@ -6,6 +6,9 @@ from numbers import Integral, Real
 SCORE_NORMS = ("none", "minmax")
 BACKENDS = ("auto", "triton", "reference")
 SELECTIONS = ("score", "random")
+# The controls a sweep runs at each of its token budgets: random patches, and the patches the
+# class token attends to most (tokenprune.sweep.grid_points).
+CONTROLS = ("random", "cls")
 
 
 def _require_int(name, value, minimum):

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .cli_common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
-                         use_shipped_model)
-from .patch import UnsupportedModelError, pruned_block, replace_last_block
-from .reference import anchor_indices, head_mean_attention
-from .towers import find_tower
+from ..patch import UnsupportedModelError, pruned_block, replace_last_block
+from ..reference import anchor_indices, head_mean_attention
+from ..towers import find_tower
+from .common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
+                     use_shipped_model)
 
 RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
@@ -233,7 +233,7 @@ def run_visualize(args):
 def shipped_model_input(args, config):
     """The first-run demo: the small ViT shipped with the package on a held-out canvas.
     (model, pixels, preprocess, name, weights, source), the model already pruned."""
-    from .proxy import DEMO_INDEX, demo_inputs, describe
+    from ..proxy import DEMO_INDEX, demo_inputs, describe
     device = check_device(args.device)
     note(f"loading the shipped small ViT on {device}...")
     model, pixels, preprocess, label, card = demo_inputs()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from unittest import mock
 
-from .config import BACKENDS, SCORE_NORMS, PruneConfig
+from ..config import BACKENDS, CONTROLS, SCORE_NORMS, PruneConfig
 
 PROG = "tokenprune"
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
@@ -38,7 +38,6 @@ LIST_FLAGS = {
 }
 LIST_DEFAULTS = {"k_anchors": [5, 10, 20], "top_m": [30, 50, 100], "alpha": [0.3, 0.5, 0.7],
                  "score_norm": ["none"], "layer": [-1]}
-CONTROLS = ("random", "cls")
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
 # 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
 SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
@@ -217,7 +216,7 @@ def check_model(model_name, pretrained, pruning_flag=None):
             raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
                            f"{tags}); a local checkpoint file also works: --pretrained PATH")
     if pruning_flag is not None:
-        from .towers import refused_by_config, supported
+        from ..towers import refused_by_config, supported
         tower = refused_by_config(config.get("vision_cfg", {}))
         if tower:
             raise CLIError(f"{pruning_flag or '--model ' + model_name}: {model_name} has {tower}, "

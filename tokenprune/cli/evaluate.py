@@ -32,13 +32,13 @@ import torch
 from clip_benchmark import cli as cb_cli
 from clip_benchmark.metrics import zeroshot_classification
 
-from .cli_common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
-                         add_verbose_argument, check_model, loading_errors, note, prune_config,
-                         quiet_warnings)
-from .patch import UnsupportedModelError, replace_last_block
-from .results import json_safe
-from .selection import resolve_backend
-from .towers import find_tower
+from ..patch import UnsupportedModelError, replace_last_block
+from ..selection import resolve_backend
+from ..towers import find_tower
+from .build import json_safe
+from .common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
+                     add_verbose_argument, check_model, loading_errors, note, prune_config,
+                     quiet_warnings)
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default

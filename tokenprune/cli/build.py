@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from .cli_common import CLIError
+from .common import CLIError
 
 
 def json_safe(value):

@@ -1,5 +1,7 @@
 """The `tokenprune` command line: `eval` (CLIP_benchmark's evaluation with token pruning),
-`build` (results JSON files to one CSV) and `visualize` (draw the kept tokens).
+`sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV) and
+`visualize` (draw the kept tokens). One module per command beside this one; `common.py` holds
+what they share. Commands sit on the library (tokenprune/); the library never imports them.
 
     tokenprune eval --dataset cifar10 --model ViT-B-16 --pretrained openai --enable_pruning
     tokenprune visualize                      # first-run demo, offline, writes kept.png
@@ -7,7 +9,7 @@
 The command line is checked first with a light parser of our own (stdlib only: no torch,
 open_clip or clip_benchmark), so that `--help`, a misspelled flag or a bad pruning value are
 answered at once. Only a command that passes those checks imports what it runs; `eval` then
-parses the command line again with CLIP_benchmark's own parser (tokenprune/evaluate.py), so
+parses the command line again with CLIP_benchmark's own parser (tokenprune/cli/evaluate.py), so
 every CLIP_benchmark `eval` flag works unchanged. Flags may be spelled with hyphens
 (`--enable-pruning`) as well as underscores. Bad input ends with one line on stderr,
 `tokenprune: error: ...`, and exit status 1 (2 for argument errors); TOKENPRUNE_DEBUG=1 also
@@ -18,11 +20,11 @@ import os
 import sys
 import traceback
 
+from .. import __version__
 from . import clip_benchmark_flags
-from .cli_common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
-                         add_pruning_arguments, add_sweep_arguments,
-                         add_verbose_argument, prune_config, sweep_lists,
-                         use_shipped_model)
+from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
+                     add_pruning_arguments, add_sweep_arguments, add_verbose_argument,
+                     prune_config, sweep_lists, use_shipped_model)
 
 
 def add_visualize_arguments(parser):
@@ -53,6 +55,7 @@ def build_parser():
     reachable as `parser.subcommands[name]`."""
     parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for OpenCLIP "
                                             "ViTs. Flags take hyphens or underscores.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     evaluate = commands.add_parser(
@@ -150,7 +153,7 @@ def _run(which, args, argv):
         from .visualize import run_visualize
         run_visualize(args)
     else:
-        from .results import build_csv
+        from .build import build_csv
         rows = build_csv(args.files, args.output)
         print(f"wrote {args.output} ({rows} rows)")
 
@@ -196,9 +199,3 @@ def main(argv=None):
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    # `python -m tokenprune.cli`: run the importable module, not this __main__ copy, so that
-    # CLIError raised in tokenprune.evaluate is the class main() catches.
-    from tokenprune.cli import main as _main
-    sys.exit(_main())
