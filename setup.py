@@ -14,6 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
+    classifiers=["License :: OSI Approved :: MIT License"],
     python_requires=">=3.9",
     # The repo keeps its kernels in the top-level kernels/ folder, but they install as
     # tokenprune.kernels: a top-level `kernels` module would shadow Hugging Face's `kernels`.

@@ -78,5 +78,5 @@ class PruneConfig:
         object.__setattr__(self, "seed", int(self.seed))
 
     @property
-    def kept_patches(self):
+    def kept_patches(self) -> int:
         return self.k_anchors + self.top_m

@@ -5,7 +5,9 @@ VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk) and 
 VisionTransformer / Eva models used directly; tokenprune/towers/ says what each family is.
 """
 import warnings
+from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from .block import PrunedBlock
@@ -16,14 +18,14 @@ __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_mod
            "pruned_block", "remove_pruning", "replace_last_block"]
 
 
-def visual_tower(model):
+def visual_tower(model: nn.Module) -> nn.Module:
     """The image tower of an OpenCLIP model (`model.visual`), or `model` itself; raises
     UnsupportedModelError when tokenprune cannot prune it."""
     find_tower(model)
     return getattr(model, "visual", model)
 
 
-def pruned_block(model):
+def pruned_block(model: nn.Module) -> Optional[PrunedBlock]:
     """The PrunedBlock of a patched model (or its tower), else None."""
     for block in find_tower(model).blocks:
         if isinstance(block, PrunedBlock):
@@ -31,7 +33,7 @@ def pruned_block(model):
     return None
 
 
-def remove_pruning(model):
+def remove_pruning(model: nn.Module) -> nn.Module:
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
     cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged."""
     try:
@@ -44,8 +46,9 @@ def remove_pruning(model):
     return model
 
 
-def replace_last_block(model, k_anchors=10, top_m=50, alpha=0.5, score_norm="none", layer=-1,
-                       backend="auto", config=None):
+def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
+                       alpha: float = 0.5, score_norm: str = "none", layer: int = -1,
+                       backend: str = "auto", config: Optional[PruneConfig] = None) -> nn.Module:
     """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
     `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, or a timm
@@ -75,7 +78,8 @@ def replace_last_block(model, k_anchors=10, top_m=50, alpha=0.5, score_norm="non
     return model
 
 
-def apply_pruning_to_model(model, k_anchors=10, top_m=50, alpha=0.5, strict=True, **kwargs):
+def apply_pruning_to_model(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
+                           alpha: float = 0.5, strict: bool = True, **kwargs) -> nn.Module:
     """The seed's entry point: `replace_last_block`, except that with `strict=False` an
     unsupported model is returned unchanged with a warning instead of raising.
     Bad pruning values raise `ValueError` either way."""
@@ -95,18 +99,18 @@ class PrunedVisionEncoder(nn.Module):
     The tower is patched in place (it stays shared with the model it came from).
     """
 
-    def __init__(self, model, config=None, **kwargs):
+    def __init__(self, model: nn.Module, config: Optional[PruneConfig] = None, **kwargs):
         super().__init__()
         self.visual = replace_last_block(visual_tower(model), config=config, **kwargs)
 
     @property
-    def config(self):
+    def config(self) -> PruneConfig:
         return pruned_block(self.visual).config
 
     @property
-    def keep_idx(self):
+    def keep_idx(self) -> Optional[torch.Tensor]:
         """Kept patch indices (B, k + m) of the last forward (None if nothing was pruned)."""
         return pruned_block(self.visual).last_keep_idx
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)

@@ -3,6 +3,8 @@
 Shapes: B images, T = p + N tokens (the p prefix tokens first: p = 1, the CLS token, for
 OpenCLIP's VisionTransformer), C channels, H heads of size d = C / H.
 """
+from typing import Optional
+
 import torch
 
 EPS_COS = 1e-8
@@ -47,8 +49,9 @@ def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
     return top_indices(anchor_scores(P, num_prefix, class_token), k_anchors) + num_prefix
 
 
-def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none",
-                     num_prefix=1, class_token=True, scale=None):
+def select_reference(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, k_anchors: int,
+                     top_m: int, alpha: float, score_norm: str = "none", num_prefix: int = 1,
+                     class_token: bool = True, scale: Optional[float] = None) -> torch.Tensor:
     """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending, >= p.
 
     x: block input (B, T, C), the residual stream before the block's first norm.

@@ -1,10 +1,14 @@
 """Backend dispatch: one entry point from the block to the reference or the Triton kernels."""
 import importlib.util
 import os
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
 from .reference import select_reference
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
 
 
 def triton_available():
@@ -49,8 +53,11 @@ def random_keep_idx(batch, num_tokens, count, num_prefix, generator, device):
     return (draws.argsort(dim=-1)[:, :count].sort(dim=-1).values + num_prefix).to(device)
 
 
-def select_and_gather(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
-                      generator=None):
+def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config: "PruneConfig",
+                      num_prefix: int = 1, class_token: bool = True,
+                      scale: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its qkv (B, T, 3C).
 
     num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
