@@ -1,7 +1,7 @@
 """Offline test data, shared by the tests: a tiny OpenCLIP architecture, a few steps of
 training so that zero-shot accuracy is not constant, and a WebDataset of coloured squares.
 
-Also a script, for trying the command line without downloads (see the README):
+Also a script, for trying the command line without downloads (see docs/commands.md, "Worked example, offline"):
 
     python tests/helpers.py wds DIR [--images 200] [--size 224]   # a WebDataset in DIR
     python tests/helpers.py checkpoint ViT-B-16 FILE.pt           # random weights, saved

@@ -3,7 +3,7 @@
 10-35 s on a small CPU machine (it imports torchvision's model zoo).
 
 This copy only checks; the namespace `tokenprune eval` runs with still comes from
-CLIP_benchmark's own parser (tokenprune/evaluate.py). tests/test_cli.py checks that the copy
+CLIP_benchmark's own parser (tokenprune/cli/evaluate.py). tests/test_cli.py checks that the copy
 equals the installed clip-benchmark's parser; with another clip-benchmark version the copy is
 not trusted to reject flags (see `flags_trusted`).
 """

@@ -114,7 +114,7 @@ class _Done(Exception):
 
 def _dataset_size(dataset):
     """Images in the dataset, or None. A local WebDataset has a length too: eval's
-    build_dataset hook (tokenprune/evaluate.py), active during the sweep, counts its samples."""
+    build_dataset hook (tokenprune/cli/evaluate.py), active during the sweep, counts its samples."""
     try:
         return len(dataset)
     except TypeError:
@@ -277,7 +277,7 @@ def summary_markdown(meta, result):
              f"amp {meta['amp']}, batch size {meta['batch_size']}. "
              f"Unpruned {primary}: **{fmt(unpruned[primary])}** ({result['tokens']} tokens). "
              f"Metric: {primary}; retained = pruned / unpruned; cost = estimated multiply-adds "
-             "of the image tower's blocks relative to unpruned (see README).",
+             "of the image tower's blocks relative to unpruned (see docs/commands.md).",
              "",
              f"| block | kept tokens | best setting | {primary} | retained | cls control | "
              f"random control | unpruned | cost |",
