@@ -19,6 +19,7 @@ import importlib.metadata
 import itertools
 import os
 import platform
+import sys
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -26,6 +27,10 @@ import pytest
 import torch
 
 from tokenprune.selection import resolve_backend, triton_available
+
+# tools/tiny_llava.py (LLaVA models made offline) is importable as `tiny_llava`.
+sys.path.insert(0, os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 SMOKE = os.environ.get("TOKENPRUNE_BENCH_SMOKE", "0") not in ("", "0")
 DEVICE = torch.device(os.environ.get("TOKENPRUNE_BENCH_DEVICE")
