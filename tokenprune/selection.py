@@ -49,6 +49,21 @@ def random_keep_idx(batch, num_tokens, count, num_prefix, generator, device):
     return (draws.argsort(dim=-1)[:, :count].sort(dim=-1).values + num_prefix).to(device)
 
 
+def select_tokens(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
+                  generator=None):
+    """keep_idx (B, k + m) for block input x (B, T, C) and its qkv (B, T, 3C), without copying
+    any rows: for callers that take the kept rows from somewhere else (tokenprune.vlm)."""
+    if config.selection == "random":
+        return random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
+                               generator, x.device)
+    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
+            num_prefix, class_token, scale)
+    if resolve_backend(config.backend, x) == "triton":
+        from . import kernels
+        return kernels.select_tokens(*args)
+    return select_reference(*args)
+
+
 def select_and_gather(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
                       generator=None):
     """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its qkv (B, T, 3C).
