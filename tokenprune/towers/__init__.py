@@ -141,7 +141,8 @@ def find_tower(model):
         if tower is not None:
             return tower
     hint = ""
-    if hasattr(model, "vision_tower"):  # a vision-language model: its own entry point
+    if any(hasattr(m, "vision_tower") for m in (model, getattr(model, "model", None))):
+        # A vision-language model (transformers' LLaVA keeps its tower in model.vision_tower).
         hint = " (for a LLaVA model, use tokenprune.prune_image_tokens)"
     raise UnsupportedModelError(f"{type(model).__name__} has an image tower of type "
                                 f"{describe(visual)}; tokenprune supports OpenCLIP, timm and "
