@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from .block import PrunedBlock
 from .config import PruneConfig
-from .towers import UnsupportedModelError, block_adapter, find_tower
+from .towers import UnsupportedModelError, block_adapter, find_tower, vision_language
+from .vlm import image_token_pruning, remove_image_token_pruning
 
 __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
            "pruned_block", "remove_pruning", "replace_last_block"]
@@ -24,7 +25,13 @@ def visual_tower(model):
 
 
 def pruned_block(model):
-    """The PrunedBlock of a patched model (or its tower), else None."""
+    """The PrunedBlock of a patched model (or its tower), else None. For a LLaVA model patched
+    by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config` too)."""
+    state = image_token_pruning(model)
+    if state is not None:
+        return state
+    if vision_language(model):
+        return None
     for block in find_tower(model).blocks:
         if isinstance(block, PrunedBlock):
             return block
@@ -33,7 +40,11 @@ def pruned_block(model):
 
 def remove_pruning(model):
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
-    cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged."""
+    cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged.
+    Also undoes `prune_image_tokens` on a LLaVA model (and the processors patched with it) or on
+    a LlavaProcessor."""
+    if remove_image_token_pruning(model):
+        return model
     try:
         blocks = find_tower(model).blocks
     except UnsupportedModelError:

@@ -130,6 +130,12 @@ def describe(visual):
     return f"{type(visual).__name__} with a timm {type(trunk).__name__} trunk"
 
 
+def vision_language(model):
+    """Whether `model` is a vision-language model as transformers builds them (LLaVA keeps its
+    image tower in `model.model.vision_tower`): tokenprune.prune_image_tokens' kind of model."""
+    return any(hasattr(m, "vision_tower") for m in (model, getattr(model, "model", None)))
+
+
 def find_tower(model):
     """The Tower of an OpenCLIP CLIP/CustomTextCLIP model, its `visual`, OpenCLIP's TimmModel,
     a timm model used directly, or a Hugging Face CLIP / SigLIP model or vision model.
@@ -141,8 +147,7 @@ def find_tower(model):
         if tower is not None:
             return tower
     hint = ""
-    if any(hasattr(m, "vision_tower") for m in (model, getattr(model, "model", None))):
-        # A vision-language model (transformers' LLaVA keeps its tower in model.vision_tower).
+    if vision_language(model):
         hint = " (for a LLaVA model, use tokenprune.prune_image_tokens)"
     raise UnsupportedModelError(f"{type(model).__name__} has an image tower of type "
                                 f"{describe(visual)}; tokenprune supports OpenCLIP, timm and "
