@@ -148,10 +148,6 @@ class ImageTokenPruning:
         self.model.config.image_seq_length = self.image_seq_length
 
     def patch_processor(self, processor):
-        from transformers import LlavaProcessor
-        if type(processor) is not LlavaProcessor:
-            raise UnsupportedModelError(f"prune_image_tokens can patch a LlavaProcessor, got "
-                                        f"{type(processor).__name__}")
         remove_image_token_pruning(processor)
         setattr(processor, ATTRIBUTE, PlaceholderCount(processor, self.image_seq_length))
         processor.replace_image_token = getattr(processor, ATTRIBUTE).replace_image_token
@@ -188,6 +184,13 @@ class PlaceholderCount:
         if image_sizes is not None:
             data["num_image_tokens"] = [self.count] * len(image_sizes)
         return data
+
+
+def _check_processor(processor):
+    from transformers import LlavaProcessor
+    if type(processor) is not LlavaProcessor:
+        raise UnsupportedModelError(f"prune_image_tokens can patch a LlavaProcessor, got "
+                                    f"{type(processor).__name__}")
 
 
 def image_token_pruning(obj) -> Optional[ImageTokenPruning]:
@@ -247,6 +250,8 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10, t
     strategy = model.config.vision_feature_select_strategy
     block_index = _feature_block(model.config, len(tower.blocks))
     block_adapter(tower.blocks[block_index])  # refuses a block type it cannot read q/k from
+    if processor is not None:
+        _check_processor(processor)
     # "default" drops row 0: a class token, or for SigLIP a patch that then is never chosen.
     num_prefix = 1 if tower.class_token or strategy == "default" else 0
     num_tokens = tower.num_patches + tower.num_prefix
