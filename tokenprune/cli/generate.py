@@ -16,6 +16,7 @@ can import `check_generate_args` and answer bad values at once.
 import json
 import os
 import time
+import warnings
 
 from ..config import PruneConfig
 from .common import CLIError, DEBUG_ENV, check_device, note
@@ -207,7 +208,7 @@ def measured(model, processor, texts, images, max_new_tokens, device):
 def report(label, tokens, answers, first, rest, new, names, per_answer, baseline=None):
     batch = len(answers)
     speed = f", {batch * (new - 1) / rest:.1f} tokens/s after it" if new > 1 and rest > 0 else ""
-    faster = f" ({baseline / first:.2f}x faster than unpruned)" if baseline else ""
+    faster = f" (speed-up over unpruned: {baseline / first:.2f}x)" if baseline else ""
     print(f"{label}: {tokens} image tokens per image; batch {batch}, time to first token "
           f"{first * 1000:.1f} ms{faster}{speed}")
     for i, answer in enumerate(answers):
@@ -238,15 +239,18 @@ def run_generate(args):
                                              args.max_new_tokens, device)
         report("unpruned", before, answers, first, rest, new, names, per_answer)
         unpruned_first = first
-    try:
-        prune_image_tokens(model, processor, k_anchors=args.k_anchors, top_m=args.top_m,
-                           alpha=args.alpha, score_norm=args.score_norm, backend=args.backend)
-    except UnsupportedModelError as err:
-        raise CLIError(f"--model {args.model}: {err}") from err
+    # The library's warnings (nothing to prune, ...) become one line each, like ours.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            prune_image_tokens(model, processor, k_anchors=args.k_anchors, top_m=args.top_m,
+                               alpha=args.alpha, score_norm=args.score_norm,
+                               backend=args.backend)
+        except UnsupportedModelError as err:
+            raise CLIError(f"--model {args.model}: {err}") from err
+    for warning in caught:
+        note(f"warning: {(str(warning.message).strip().splitlines() or [''])[0]}")
     after = model.config.image_seq_length
-    if after >= before:
-        note(f"warning: k_anchors + top_m = {args.k_anchors + args.top_m} keeps every one of "
-             f"the {before} image tokens: nothing is pruned")
     answers, first, rest, new = measured(model, processor, texts, images, args.max_new_tokens,
                                          device)
     label = f"pruned (k_anchors {args.k_anchors}, top_m {args.top_m}, alpha {args.alpha})"
