@@ -121,10 +121,10 @@ def _image_processor(vision, image_size):
 
 
 def build_llava(vision="clip", size="tiny", seed=0, dtype=None, vision_feature_layer=-2,
-                vision_feature_select_strategy="default", attn_implementation=None):
+                vision_feature_select_strategy="default", attn_implementation=None, device=None):
     """(model, processor): a LlavaForConditionalGeneration with random weights drawn from `seed`,
-    in eval mode (in `dtype`, float16 by default for "llava-1.5-7b", else float32), and its
-    LlavaProcessor, both made offline."""
+    in eval mode (in `dtype`, float16 by default for "llava-1.5-7b", else float32), made
+    directly on `device` (default: the CPU), and its LlavaProcessor, both made offline."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -155,7 +155,8 @@ def build_llava(vision="clip", size="tiny", seed=0, dtype=None, vision_feature_l
     torch.manual_seed(seed)
     try:
         torch.set_default_dtype(dtype)  # a 7B model is made in float16 directly, not converted
-        model = LlavaForConditionalGeneration(config)
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model.eval()
