@@ -239,3 +239,26 @@ def test_triton_backend_matches_the_reference_backend(models, images, name, laye
     remove_pruning(model)
     assert torch.equal(keeps["triton"], keeps["reference"])
     torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=0)
+
+
+def test_the_library_works_without_transformers():
+    """transformers is an extra: with it missing, tokenprune imports, prunes an OpenCLIP tower,
+    and refuses other models with the usual error."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import torch, tokenprune\n"
+            "from open_clip.transformer import VisionTransformer\n"
+            "tower = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2,"
+            " mlp_ratio=2, output_dim=16).eval()\n"
+            "tokenprune.replace_last_block(tower, k_anchors=2, top_m=3)\n"
+            "assert tower(torch.randn(1, 3, 32, 32)).shape == (1, 16)\n"
+            "for call in (tokenprune.replace_last_block, tokenprune.prune_image_tokens):\n"
+            "    try:\n"
+            "        call(torch.nn.Linear(2, 2))\n"
+            "    except tokenprune.UnsupportedModelError:\n"
+            "        pass\n"
+            "    else:\n"
+            "        raise AssertionError('not refused')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
