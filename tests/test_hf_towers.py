@@ -18,7 +18,7 @@ from tokenprune.reference import head_mean_attention, select_from_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModel, SiglipConfig, SiglipModel, SiglipTextConfig,
+                          CLIPVisionModel, CLIPVisionModelWithProjection, SiglipConfig, SiglipModel, SiglipTextConfig,
                           SiglipVisionConfig, SiglipVisionModel)
 
 SHAPES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
@@ -34,6 +34,8 @@ def build(name):
         model = CLIPVisionModel(CLIPVisionConfig(**SHAPES))
     elif name == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(**SHAPES))
+    elif name == "CLIPVisionModelWithProjection":
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**SHAPES, projection_dim=16))
     elif name == "CLIPModel":
         model = CLIPModel(CLIPConfig(text_config=CLIPTextConfig(**TEXT).to_dict(),
                                      vision_config=SHAPES, projection_dim=16))
@@ -179,7 +181,7 @@ def test_nothing_to_prune_is_bit_identical(models, images, name, implementation)
     assert all(torch.equal(a, b) for a, b in zip(before.hidden_states, after.hidden_states))
 
 
-@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection"])
 def test_image_text_models_prune_their_vision_model(models, images, name):
     model = models(name)
     vision = model.vision_model
@@ -190,13 +192,16 @@ def test_image_text_models_prune_their_vision_model(models, images, name):
         replace_last_block(model, config=cfg)
         try:
             assert list(model.state_dict()) == keys
-            features = model.get_image_features(images).pooler_output
+            if name == "CLIPVisionModelWithProjection":
+                features = model(images).image_embeds
+            else:
+                features = model.get_image_features(images).pooler_output
             assert pruned_block(model) is vision.encoder.layers[-1]
             assert torch.equal(pruned_block(model).last_keep_idx, keep)
         finally:
             remove_pruning(model)
     assert list(vision.encoder.layers) == originals
-    expected = model.visual_projection(pooled) if name == "CLIPModel" else pooled
+    expected = model.visual_projection(pooled) if name.startswith("CLIP") else pooled
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 
 
