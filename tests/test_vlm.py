@@ -286,3 +286,32 @@ def test_unsupported_models_are_refused(llava):
     assert pruned_block(model) is None  # refused before anything was patched
     with pytest.raises(UnsupportedModelError, match="prune_image_tokens"):
         tokenprune.replace_last_block(model)
+
+
+def test_a_deep_copy_keeps_its_own_pruning(llava, pictures):
+    import copy
+    model, processor = llava("clip")
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    try:
+        twin = copy.deepcopy(model)
+        features = image_features(twin, pixel_values)
+        assert pruned_block(model).last_keep_idx is None
+        assert pruned_block(twin).last_keep_idx.shape == (3, K + M)
+        assert torch.equal(image_features(model, pixel_values), features)
+        remove_pruning(twin)
+        assert pruned_block(model) is not None and model.config.image_seq_length == K + M
+    finally:
+        remove_pruning(model)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("Qwen2VLForConditionalGeneration", "packed image sequences"),
+    ("LlavaNextVideoForConditionalGeneration", "tiles"),
+    ("VideoLlavaForConditionalGeneration", "video models"),
+])
+def test_the_refusal_says_what_is_not_supported_yet(name, why):
+    # A stand-in class of that name (building the real models is not needed for the message).
+    stand_in = type(name, (torch.nn.Module,), {"__module__": "transformers.models.stand_in"})()
+    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports Llava"):
+        prune_image_tokens(stand_in)

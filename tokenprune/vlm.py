@@ -140,10 +140,10 @@ class ImageTokenPruning:
 
     def install(self, blocks, projector):
         self.adapter = block_adapter(blocks[self.block_index])
+        # Bound methods, so that copy.deepcopy of the model gives the copy's hooks its own state.
         self._handles = [
-            blocks[self.block_index].register_forward_pre_hook(
-                lambda block, args, kwargs: self.select(block, args, kwargs), with_kwargs=True),
-            projector.register_forward_pre_hook(lambda module, args: self.gather(module, args)),
+            blocks[self.block_index].register_forward_pre_hook(self.select, with_kwargs=True),
+            projector.register_forward_pre_hook(self.gather),
         ]
         self.model.config.image_seq_length = self.image_seq_length
 
