@@ -57,8 +57,9 @@ def _llava(model):
 
 
 def _feature_block(config, depth):
-    """(block index, resolved hidden-state indices) for `vision_feature_layer`: the selection is
-    made at the block whose output is the deepest listed hidden state."""
+    """The index of the vision block where the selection is made: the block whose output is
+    the deepest hidden state that `vision_feature_layer` lists (hidden state i is the output of
+    block i - 1; hidden state 0 is the embeddings)."""
     layers = config.vision_feature_layer
     listed = [layers] if isinstance(layers, int) else list(layers)
     count = depth + 1  # hidden_states: the embeddings, then each block's output
