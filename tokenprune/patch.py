@@ -1,8 +1,10 @@
 """Patching models in place: the user-facing drop-in API.
 
 Works on OpenCLIP CLIP/CustomTextCLIP models, their `visual` towers (OpenCLIP's
-VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk) and timm
-VisionTransformer / Eva models used directly; tokenprune/towers/ says what each family is.
+VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk), timm
+VisionTransformer / Eva models used directly, and Hugging Face CLIP / SigLIP models and vision
+models; tokenprune/towers/ says what each family is. LLaVA models have their own entry point,
+tokenprune.vlm.prune_image_tokens; pruned_block and remove_pruning handle them too.
 """
 import warnings
 
@@ -59,8 +61,9 @@ def replace_last_block(model, k_anchors=10, top_m=50, alpha=0.5, score_norm="non
                        backend="auto", config=None):
     """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
-    `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, or a timm
-    VisionTransformer / Eva model. Pass either the keyword parameters or a ready `PruneConfig`
+    `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, a timm
+    VisionTransformer / Eva model, or a transformers CLIPVisionModel,
+    CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel or SiglipModel. Pass either the keyword parameters or a ready `PruneConfig`
     as `config`. Patching an already patched model replaces the earlier pruning instead of
     stacking a second one. Returns `model`.
     """

@@ -21,7 +21,8 @@ class UnsupportedModelError(TypeError):
 class Tower:
     """The part of a model that pruning needs to know.
 
-    module: the module whose forward runs the blocks (OpenCLIP VisionTransformer, timm trunk).
+    module: the module whose forward runs the blocks (OpenCLIP VisionTransformer, timm trunk,
+        transformers CLIPVisionModel / SiglipVisionModel).
     blocks: its sequence of blocks (nn.ModuleList / nn.Sequential), replaced in place.
     num_prefix: p, the leading non-patch tokens (class, registers, distillation).
     class_token: whether token 0 is a class token (SPEC: the anchor rule depends on it).
