@@ -18,8 +18,8 @@ from tokenprune.reference import head_mean_attention, select_from_attention
 
 transformers = pytest.importorskip("transformers")
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig,  # noqa: E402
-                          CLIPVisionModel, CLIPVisionModelWithProjection, SiglipConfig, SiglipModel, SiglipTextConfig,
-                          SiglipVisionConfig, SiglipVisionModel)
+                          CLIPVisionModel, CLIPVisionModelWithProjection, SiglipConfig,
+                          SiglipModel, SiglipTextConfig, SiglipVisionConfig, SiglipVisionModel)
 
 SHAPES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
               image_size=32, patch_size=8)
@@ -152,8 +152,8 @@ def test_adapter_qkv_gives_the_blocks_own_attention(models, images, name):
     block = model.encoder.layers[1]
     with torch.no_grad():
         x = model.encoder.layers[0](model.embeddings(images), None)
-        pruned = PrunedBlock(block, PruneConfig(k_anchors=2, top_m=4), num_prefix=0 if name == "siglip" else 1,
-                             class_token=name == "clip")
+        pruned = PrunedBlock(block, PruneConfig(k_anchors=2, top_m=4),
+                             num_prefix=1 if name == "clip" else 0, class_token=name == "clip")
         pruned(x)
         qkv = pruned.adapter.qkv(x, {})
         torch.testing.assert_close(head_mean_attention(qkv, 2, pruned.adapter.scale),

@@ -32,10 +32,10 @@ def pictures():
 
 # name -> build_llava arguments; the names say what each covers.
 VARIANTS = {
-    "clip": dict(vision="clip"),                                       # LLaVA-1.5's layer -2, "default"
+    "clip": dict(vision="clip"),                               # LLaVA-1.5's layer -2, "default"
     "clip-full": dict(vision="clip", vision_feature_select_strategy="full"),  # class row first
     "clip-layers": dict(vision="clip", vision_feature_layer=[-2, -1]),  # selected at the deepest
-    "siglip": dict(vision="siglip"),                                   # no class token, row 0 dropped
+    "siglip": dict(vision="siglip"),                           # no class token, row 0 dropped
     "siglip-full": dict(vision="siglip", vision_feature_select_strategy="full"),
     "clip-eager": dict(vision="clip", attn_implementation="eager"),
 }

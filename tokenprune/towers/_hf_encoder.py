@@ -30,15 +30,17 @@ class EncoderLayerAdapter(BlockAdapter):
         super().__init__(block)
         attn = block.self_attn
         if attn.num_heads * attn.head_dim != attn.embed_dim:
-            raise UnsupportedModelError(f"tokenprune needs num_heads * head_dim == the block width, "
-                                        f"got {attn.num_heads} * {attn.head_dim} != {attn.embed_dim}")
+            raise UnsupportedModelError(
+                f"tokenprune needs num_heads * head_dim == the block width, got "
+                f"{attn.num_heads} * {attn.head_dim} != {attn.embed_dim}")
         self.num_heads = attn.num_heads
         self.scale = attn.scale
         self.eager_attention = eager_attention
 
     def tokens(self, hidden_states, attention_mask=None, **kwargs):
         if attention_mask is not None:
-            raise ValueError("token pruning needs plain self-attention: attention_mask must be None")
+            raise ValueError("token pruning needs plain self-attention: attention_mask must be "
+                             "None")
         return hidden_states, kwargs
 
     def qkv(self, x, kwargs):
