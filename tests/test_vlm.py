@@ -229,6 +229,7 @@ def test_remove_pruning_restores_model_and_processor(llava, pictures):
     prune_image_tokens(model, processor, k_anchors=3, top_m=2)  # replaces the first pruning
     assert model.config.image_seq_length == 5
     assert (inputs(processor, pictures)["input_ids"] == model.config.image_token_id).sum() == 15
+    assert processor._get_num_multimodal_tokens([(32, 32)] * 2).num_image_tokens == [5, 5]
     assert sum(len(block._forward_pre_hooks) for block in blocks) == 1
     remove_pruning(model)  # the processor patched with it too
     again = inputs(processor, pictures)
@@ -238,6 +239,7 @@ def test_remove_pruning_restores_model_and_processor(llava, pictures):
     assert not any(block._forward_pre_hooks for block in blocks)
     assert not model.model.multi_modal_projector._forward_pre_hooks
     assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(before, after)
+    assert processor._get_num_multimodal_tokens([(32, 32)]).num_image_tokens == [16]
     # A processor on its own: patched later with the same call, restored on its own.
     prune_image_tokens(model, k_anchors=K, top_m=M)
     prune_image_tokens(model, processor, k_anchors=K, top_m=M)

@@ -183,7 +183,7 @@ class PlaceholderCount:
     def num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = self.original_num_multimodal_tokens(image_sizes, **kwargs)
         if image_sizes is not None:
-            data["num_image_tokens"] = [self.count] * len(image_sizes)
+            data.num_image_tokens = [self.count] * len(image_sizes)  # a MultiModalData
         return data
 
 
