@@ -193,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--vision_feature_select_strategy", choices=("default", "full"),
                         default="default")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
     layer = args.vision_feature_layer
     save_llava(args.outdir, args.vision, args.size, args.seed,
                vision_feature_layer=layer[0] if len(layer) == 1 else layer,
