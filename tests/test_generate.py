@@ -59,6 +59,17 @@ def test_tiny_llava_counts_image_tokens_as_transformers_does(vision, rows):
     assert features.reshape(-1, features.shape[-1]).shape[0] == rows
 
 
+def test_llava_1_5_7b_configuration_has_its_shapes():
+    """The GPU benchmark's model: LLaVA-1.5-7B's shapes (7.06 B parameters, as
+    llava-hf/llava-1.5-7b-hf), built on the meta device so that nothing is allocated."""
+    model, processor = build_llava("clip", "llava-1.5-7b", device="meta")
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 7.06
+    assert model.dtype == torch.float16 and model.config.image_seq_length == 576
+    assert model.config.vision_feature_layer == -2
+    assert model.config.vision_feature_select_strategy == "default"
+    assert processor.image_processor.crop_size == {"height": 336, "width": 336}
+
+
 # ----- tokenprune generate -------------------------------------------------------------------
 
 def run_main(argv, capsys):
