@@ -240,3 +240,13 @@ def test_generate_unreadable_image_is_one_line(llava_dir, tmp_path, capsys):
     assert code == 1
     assert err.strip() == (f"tokenprune: error: --image {broken}: not an image file that PIL "
                            "can read (UnidentifiedImageError)")
+
+
+def test_generate_hub_id_offline_is_one_line(capsys):
+    """HF_HUB_OFFLINE=1 (tests/conftest.py) and nothing cached: the config cannot be fetched."""
+    code, out, err = run_main(["generate", "--model", "tokenprune-tests/no-such-llava",
+                               "--image", SAMPLE, "--prompt", "red ?"], capsys)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("tokenprune: error: --model tokenprune-tests/no-such-llava: could not "
+                          "load its config from the hub"), err

@@ -21,7 +21,6 @@ import warnings
 from ..config import PruneConfig
 from .common import CLIError, DEBUG_ENV, check_device, note
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 SUPPORTED_MODEL_TYPES = ("llava",)
 
 
