@@ -101,7 +101,7 @@ def section(rows):
     return out + table(header, lines)
 
 
-def render(paths):
+def render(paths, notes=()):
     out = [TITLE, "",
            "Written by `python bench/vlm_report.py` from `pytest bench/bench_vlm.py "
            "--benchmark-only --benchmark-json=FILE` (how each row is measured: the docstring of "
@@ -110,6 +110,7 @@ def render(paths):
            "one prefill and its decoding, above what was allocated before (weights and inputs "
            "excluded); on the CPU as torch's allocator reports it to torch.profiler "
            "(bench/conftest.py, `peak_memory`)."]
+    out += [line for note in notes for line in ("", note)]
     for path in paths:
         rows = read_rows(path)
         if rows:
@@ -121,8 +122,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files of bench_vlm.py")
     parser.add_argument("--out", default=HERE / "vlm.md", type=Path)
+    parser.add_argument("--note", action="append", default=[],
+                        help="a paragraph for the top of the page (how the runs were made)")
     args = parser.parse_args(argv)
-    args.out.write_text(render(args.json), encoding="utf-8")
+    args.out.write_text(render(args.json, args.note), encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 
