@@ -7,9 +7,12 @@ TOKENPRUNE_BENCH_DEVICE=cpu|cuda):
 - CPU: float32, selection at B=16, ViT-B/16 at batch 16 (the target configuration),
   ViT-L/14 at batch 2 with m=50 only (one L/14 forward costs ~4.6 B/16 forwards; batch 2 keeps
   the CPU run to minutes while still showing the trend), SigLIP2 and EVA02 at batch 4 (m=50).
+- LLaVA (bench_vlm.py, tools/tiny_llava.py): CUDA, LLaVA-1.5-7B's configuration in float16;
+  CPU, its image shapes scaled down (the "cpu" configuration), float32; batch 1 and 8, unpruned
+  and k + m = 64, 128, 192 image tokens, ours and the llmc-style baseline (bench/llmc_baseline.py).
 - TOKENPRUNE_BENCH_SMOKE=1: a few tiny cases (B/16 shapes, batch 2; one batch-1 row each for
-  SigLIP2 and EVA02, pruned at the last block) that check the benchmark code runs; meant for
-  CI as `pytest bench/ --benchmark-disable -q`.
+  SigLIP2 and EVA02, pruned at the last block; the tiny LLaVA at batch 1 and 2) that check the
+  benchmark code runs; meant for CI as `pytest bench/ --benchmark-disable -q`.
 
 Every benchmark stores in `extra_info`: kind, provider, device name, dtype, batch, the pruning
 (k, m, layer, kept tokens, backend) and the peak memory, measured as `peak_memory` says.
