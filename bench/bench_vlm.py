@@ -87,12 +87,7 @@ def test_vlm(vlm_case, env, llava, benchmark):
     input_ids, attention_mask, pixel_values = inputs(model, processor, case.batch, tokens,
                                                      env.device, env.dtype)
     k, m = anchors_and_rest(tokens)
-    baseline = None
-    if case.provider == "ours":
-        tokenprune.prune_image_tokens(model, k_anchors=k, top_m=m)
-        assert model.config.image_seq_length == tokens
-    elif case.provider == "baseline":
-        baseline = LlmcBaseline(model, k, m)
+    baseline = LlmcBaseline(model, k, m) if case.provider == "baseline" else None
 
     @torch.no_grad()
     def prefill():
@@ -113,6 +108,9 @@ def test_vlm(vlm_case, env, llava, benchmark):
         decode(prefill())
 
     try:
+        if case.provider == "ours":
+            tokenprune.prune_image_tokens(model, k_anchors=k, top_m=m)
+            assert model.config.image_seq_length == tokens
         info = dict(kind="vlm", measure=case.measure, provider=case.provider,
                     llava=env.vlm.size, batch=case.batch, image_tokens=tokens,
                     image_tokens_unpruned=full, text_tokens=text_tokens(processor),
