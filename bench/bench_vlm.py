@@ -115,6 +115,7 @@ def test_vlm(vlm_case, env, llava, benchmark):
                     llava=env.vlm.size, batch=case.batch, image_tokens=tokens,
                     image_tokens_unpruned=full, text_tokens=text_tokens(processor),
                     k=k if pruned else None, m=m if pruned else None,
+                    backend=env.resolve("auto") if case.provider == "ours" else None,
                     decode_steps=steps, vision_feature_layer=model.config.vision_feature_layer,
                     language_model_batch=1 if baseline else case.batch,
                     device=env.device_name(), device_type=env.device.type,
