@@ -44,6 +44,9 @@ setup(
     package_data={"tokenprune": ["assets/*.png", "assets/*.pt", "assets/*.json"]},
     entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        # tokenprune.prune_image_tokens and the Hugging Face CLIP / SigLIP towers (tested with
+        # transformers 5.24.0); imported only where those models are handled.
+        "vlm": ["transformers>=5,<6"],
+        "dev": ["pytest", "pytest-benchmark", "transformers>=5,<6"],
     },
 )

@@ -7,9 +7,12 @@ TOKENPRUNE_BENCH_DEVICE=cpu|cuda):
 - CPU: float32, selection at B=16, ViT-B/16 at batch 16 (the target configuration),
   ViT-L/14 at batch 2 with m=50 only (one L/14 forward costs ~4.6 B/16 forwards; batch 2 keeps
   the CPU run to minutes while still showing the trend), SigLIP2 and EVA02 at batch 4 (m=50).
+- LLaVA (bench_vlm.py, tools/tiny_llava.py): CUDA, LLaVA-1.5-7B's configuration in float16;
+  CPU, its image shapes scaled down (the "cpu" configuration), float32; batch 1 and 8, unpruned
+  and k + m = 64, 128, 192 image tokens, ours and the llmc-style baseline (bench/llmc_baseline.py).
 - TOKENPRUNE_BENCH_SMOKE=1: a few tiny cases (B/16 shapes, batch 2; one batch-1 row each for
-  SigLIP2 and EVA02, pruned at the last block) that check the benchmark code runs; meant for
-  CI as `pytest bench/ --benchmark-disable -q`.
+  SigLIP2 and EVA02, pruned at the last block; the tiny LLaVA at batch 1 and 2) that check the
+  benchmark code runs; meant for CI as `pytest bench/ --benchmark-disable -q`.
 
 Every benchmark stores in `extra_info`: kind, provider, device name, dtype, batch, the pruning
 (k, m, layer, kept tokens, backend) and the peak memory, measured as `peak_memory` says.
@@ -19,6 +22,7 @@ import importlib.metadata
 import itertools
 import os
 import platform
+import sys
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
@@ -26,6 +30,10 @@ import pytest
 import torch
 
 from tokenprune.selection import resolve_backend, triton_available
+
+# tools/tiny_llava.py (LLaVA models made offline) is importable as `tiny_llava`.
+sys.path.insert(0, os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 SMOKE = os.environ.get("TOKENPRUNE_BENCH_SMOKE", "0") not in ("", "0")
 DEVICE = torch.device(os.environ.get("TOKENPRUNE_BENCH_DEVICE")
@@ -54,6 +62,21 @@ if ON_CUDA:
 else:
     E2E_MODELS = {"ViT-B-16": (16, 6, (20, 50, 100)), "ViT-L-14": (2, 12, (TOP_M,)),
                   "ViT-B-16-SigLIP2": (4, 6, (TOP_M,)), "EVA02-B-16": (4, 6, (TOP_M,))}
+# Vision-language models (bench_vlm.py): a LLaVA from tools/tiny_llava.py with random weights,
+# unpruned and with k + m image tokens per image (k = K_ANCHORS), ours and the llmc-style
+# baseline, at each batch; decoding runs VLM_DECODE_STEPS steps after the prefill.
+# CUDA: LLaVA-1.5-7B's configuration in float16. CPU: its shapes scaled down (576 image tokens
+# at 336/14, 4 vision blocks of width 128, a 4-layer Llama of width 256), float32.
+VLM_SIZE = "llava-1.5-7b" if ON_CUDA else "cpu"
+VLM_BATCHES = (1, 8)
+VLM_IMAGE_TOKENS = (64, 128, 192)
+VLM_DECODE_STEPS = 16 if ON_CUDA else 8
+# (rounds, warm-up rounds) of the prefill and the decoding measurements; on the CPU a few, so
+# that the whole file runs in minutes on 2 cores.
+VLM_ROUNDS = {"prefill": (10, 2), "decode": (5, 1)} if ON_CUDA else {"prefill": (3, 1),
+                                                                      "decode": (3, 0)}
+if SMOKE:  # the tiny LLaVA (16 patches), one pruned size
+    VLM_SIZE, VLM_BATCHES, VLM_IMAGE_TOKENS, VLM_DECODE_STEPS = "tiny", (1, 2), (8,), 2
 # Models whose smoke run is one row (pruned at the last block): that the timm towers run.
 SMOKE_LAST_ONLY = ()
 if SMOKE:
@@ -93,6 +116,18 @@ class E2ECase(NamedTuple):
         return f"{self.model}-{self.provider}-{where}-m{self.top_m}"
 
 
+class VLMCase(NamedTuple):
+    measure: str  # "prefill" (time to the first token) or "decode" (the steps after it)
+    batch: int
+    provider: str  # "unpruned", "ours" (prune_image_tokens) or "baseline" (bench/llmc_baseline.py)
+    image_tokens: Optional[int] = None  # k + m per image; None: all of them (unpruned)
+
+    @property
+    def id(self):
+        kept = "" if self.image_tokens is None else f"-{self.image_tokens}"
+        return f"{self.measure}-B{self.batch}-{self.provider}{kept}"
+
+
 def selection_cases():
     providers = ("hook", "reference", "triton", "qkv")
     return ([SelectionCase(*shape, provider) for shape in SELECTION_SHAPES
@@ -116,8 +151,17 @@ def e2e_cases():
     return cases
 
 
+def vlm_cases():
+    return [VLMCase(measure, batch, provider, tokens)
+            for measure in ("prefill", "decode") for batch in VLM_BATCHES
+            for provider, tokens in ([("unpruned", None)]
+                                     + [(p, n) for n in VLM_IMAGE_TOKENS
+                                        for p in ("ours", "baseline")])]
+
+
 def pytest_generate_tests(metafunc):
-    for name, cases in (("selection_case", selection_cases), ("e2e_case", e2e_cases)):
+    for name, cases in (("selection_case", selection_cases), ("e2e_case", e2e_cases),
+                        ("vlm_case", vlm_cases)):
         if name in metafunc.fixturenames:
             values = cases()
             metafunc.parametrize(name, values, ids=[case.id for case in values])
@@ -139,7 +183,7 @@ def device_name():
 
 def versions():
     found = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("open_clip_torch", "triton", "tokenprune", "pytest-benchmark"):
+    for dist in ("open_clip_torch", "triton", "tokenprune", "pytest-benchmark", "transformers"):
         try:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -255,6 +299,8 @@ def env():
         device=DEVICE, dtype=DTYPE, k_anchors=K_ANCHORS, top_m=TOP_M, sync=sync,
         selection_batch=SELECTION_BATCH, smoke=SMOKE,
         e2e_batch={model: batch for model, (batch, _, _) in E2E_MODELS.items()},
-        triton_skip_reason=triton_skip_reason(),
+        triton_skip_reason=triton_skip_reason(), peak_memory=peak_memory,
+        device_name=device_name, versions=versions,
+        vlm=SimpleNamespace(size=VLM_SIZE, decode_steps=VLM_DECODE_STEPS, rounds=VLM_ROUNDS),
         # The selection backend that a PruneConfig backend resolves to on DEVICE.
         resolve=lambda backend: resolve_backend(backend, torch.empty(0, device=DEVICE)))

@@ -3,7 +3,11 @@
 #   1. the kernel tests compiled on CUDA (float32, float16, bfloat16),
 #   2. bench/gpu_kernels.py: correctness at OpenCLIP, SigLIP and register-token shapes, kernels
 #      vs reference timing with and without a class token, the memory-bandwidth floor,
-#   3. bench/gpu_bench.sh: the pytest-benchmark set (selection and end to end) in float16.
+#   3. bench/gpu_bench.sh: the pytest-benchmark set (selection and end to end) in float16,
+#   4. bench/gpu_bench.sh's LLaVA rows (bench/bench_vlm.py, LLaVA-1.5-7B shapes in float16),
+#      unless GPU_CHECK_VLM=0; about 5 minutes at most (TOKENPRUNE_VLM_BENCH_TIMEOUT).
+# Steps 1-3 and step 4 together can take longer than one 10-minute device call: run it with
+# GPU_CHECK_VLM=0, then with GPU_CHECK_VLM=only (step 4 alone).
 # Usage: bash bench/gpu_check.sh OUTDIR   (logs and JSON land in OUTDIR)
 # Offline set-up: the wheels in .whl/ (open_clip_torch and what it needs beyond the machine's
 # image) go to /tmp/site; tokenprune runs from this checkout, with tokenprune.kernels linked to
@@ -21,12 +25,20 @@ ln -sfn ../kernels tokenprune/kernels
   python3 -c "import torch, triton, open_clip; print('torch', torch.__version__, 'triton', triton.__version__, 'open_clip', open_clip.__version__)"
 } 2>&1 | tee "$out/env.log"
 
+vlm=${GPU_CHECK_VLM:-1}
+if [ "$vlm" != only ]; then
 echo "== 1. kernel tests on CUDA"
 TOKENPRUNE_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/test_kernels.py -q -p no:cacheprovider \
     2>&1 | tee "$out/gpu_tests.log" | tail -25
 echo "== 2. kernels vs reference"
 timeout 240 python3 bench/gpu_kernels.py --out "$out" 2>&1 | tee "$out/gpu_kernels.log" | tail -70
 echo "== 3. benchmarks"
-TOKENPRUNE_BENCH_TIMEOUT=${TOKENPRUNE_BENCH_TIMEOUT:-270} bash bench/gpu_bench.sh "$out/gpu.json" \
-    > /dev/null 2>&1
+TOKENPRUNE_BENCH_ONLY=main TOKENPRUNE_BENCH_TIMEOUT=${TOKENPRUNE_BENCH_TIMEOUT:-270} \
+    bash bench/gpu_bench.sh "$out/gpu.json" > /dev/null 2>&1
 tail -60 "$out/gpu.log"
+fi
+if [ "$vlm" != 0 ]; then
+echo "== 4. LLaVA rows"
+TOKENPRUNE_BENCH_ONLY=vlm bash bench/gpu_bench.sh "$out/gpu.json" > /dev/null 2>&1
+tail -40 "$out/gpu_vlm.log"; cat "$out/gpu_vlm.md" 2>/dev/null
+fi

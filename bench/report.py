@@ -301,6 +301,18 @@ def fidelity_section(folder):
             "[fidelity.md](fidelity.md).\n\n" + summary + "\n")
 
 
+def vlm_section(folder):
+    """The LLaVA results of `folder`/vlm.md (written by bench/vlm_report.py), for the end of the
+    results page; "" when there is none."""
+    path = Path(folder) / "vlm.md"
+    if not path.exists():
+        return ""
+    body = path.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
+    body = body.replace("\n## ", "\n### ")  # its run sections sit under this page's section
+    return ("\n\n## Vision-language models: LLaVA with fewer image tokens\n\n"
+            "From [vlm.md](vlm.md) (`python bench/vlm_report.py`).\n\n" + body + "\n")
+
+
 def targets_text(targets):
     return "\n".join(f"[{t['status']:>12}] {t['target']} | {t['case']}: "
                      f"{fmt(t['measured'], '.2f')} (required {t['required']})" for t in targets)
@@ -325,7 +337,8 @@ def main(argv=None):
         except ValueError:
             plot_name = args.plot.resolve().as_posix()
     page = render(rows, targets, plot_name, args.note).rstrip("\n") + "\n"
-    args.out.write_text(page + fidelity_section(args.out.parent), encoding="utf-8")
+    args.out.write_text(page + fidelity_section(args.out.parent) + vlm_section(args.out.parent),
+                        encoding="utf-8")
     print(targets_text(targets))
     print(f"wrote {args.out}" + (f" and {args.plot}" if plotted else ""))
     return 0

@@ -1,4 +1,9 @@
 import os
+import sys
+
+# tools/tiny_llava.py (tiny LLaVA models made offline) is importable as `tiny_llava`.
+sys.path.insert(0, os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 # A missed download must fail at once instead of retrying against a hub we cannot reach.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

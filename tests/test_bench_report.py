@@ -184,3 +184,40 @@ def test_results_page_ends_with_the_fidelity_summary(tmp_path):
     section = report.fidelity_section(tmp_path)
     assert "| 1 | 2 |" in section and "[fidelity.md](fidelity.md)" in section
     assert "Every setting" not in section and "intro" not in section
+
+
+def vlm(measure, provider, median, fastest, batch, tokens=None, peak=None, per_s=None):
+    entry = bench_entry(median, kind="vlm", measure=measure, provider=provider, batch=batch,
+                        llava="cpu", image_tokens=tokens or 576, image_tokens_unpruned=576,
+                        text_tokens=44, k=None if tokens is None else 10,
+                        m=None if tokens is None else tokens - 10, decode_steps=8,
+                        peak_mem_bytes=peak, tokens_per_s=per_s)
+    entry["stats"]["min"] = fastest
+    return entry
+
+
+def test_vlm_report_ratios_and_the_results_page_section(tmp_path):
+    """bench/vlm_report.py: speed-ups against the unpruned row and the baseline of the same run,
+    batch and k + m, from the medians and (in brackets) the fastest rounds."""
+    vlm_report = load_bench_module("vlm_report")
+    rows = [vlm("prefill", "unpruned", 4.0, 3.0, 8, peak=200 * 2 ** 20),
+            vlm("prefill", "ours", 1.0, 0.5, 8, tokens=64, peak=100 * 2 ** 20),
+            vlm("prefill", "baseline", 3.0, 2.0, 8, tokens=64, peak=50 * 2 ** 20),
+            vlm("decode", "ours", 0.2, 0.1, 8, tokens=64, per_s=320.0),
+            vlm("decode", "baseline", 0.8, 0.8, 8, tokens=64, per_s=80.0),
+            vlm("prefill", "ours", 9.0, 9.0, 1, tokens=64)]  # another batch: compared to none
+    path = tmp_path / "vlm.json"
+    path.write_text(json.dumps({"benchmarks": rows + [e2e("unpatched", 1.0)],
+                                "datetime": "2026-11-30T06:00:00+00:00"}))
+    page = vlm_report.render([str(path)])
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:4]): line
+             for line in page.splitlines() if line.startswith("| ")}
+    ours = lines[("8", "ours", "64")]
+    assert "| 4.00x (6.00x) | 3.00x (4.00x) | 320.0 | 4.00x (8.00x) | 100.0 | 0.50 |" in ours
+    assert lines[("8", "baseline", "64")].endswith("| 1.33x (1.50x) | - | 80.0 | - | 50.0 | 0.25 |")
+    assert lines[("1", "ours", "64")].split("|")[5].strip() == "-"  # no unpruned row at batch 1
+    vlm_report.main([str(path), "--out", str(tmp_path / "vlm.md")])
+    section = report.vlm_section(tmp_path)
+    assert section.startswith("\n\n## Vision-language models")
+    assert ours in section and "\n### Test CPU (2 threads): float32" in section
+    assert report.vlm_section(tmp_path / "nothing") == ""

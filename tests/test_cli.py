@@ -302,6 +302,12 @@ def write_results(path, metrics, **fields):
     (["sweep", "--help"], 0, "--controls"),
     (["sweep", "--output_dir", "o", "--alpha", "0.5", "1.5"], 1,
      "--alpha must be a finite number in [0, 1], got 1.5"),
+    ([], 0, "generate"),
+    (["generate", "--help"], 0, "--compare"),
+    (["generate", "--model", "m", "--image", "x.png", "--prompt", "p", "--alpha", "2"], 1,
+     "--alpha must be a finite number in [0, 1], got 2.0"),
+    (["generate", "--model", "./m", "--image", "missing.png", "--prompt", "p"], 1,
+     "--image missing.png: no such file"),
 ])
 def test_fast_paths_import_no_torch(tmp_path, argv, status, message):
     """`--help`, bad pruning values, misspelled flags and `build` are answered without importing

@@ -157,7 +157,7 @@ def test_unsupported_towers(name, model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert remove_pruning(model) is model
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(UnsupportedModelError, match=f"{name}.*tokenprune supports OpenCLIP models"):
+    with pytest.raises(UnsupportedModelError, match=f"{name}.*tokenprune supports OpenCLIP, timm and Hugging Face models"):
         replace_last_block(model)
     with pytest.raises(UnsupportedModelError):
         apply_pruning_to_model(model)

@@ -1,4 +1,5 @@
-"""Training-free visual token pruning for OpenCLIP Vision Transformers."""
+"""Training-free visual token pruning for Vision Transformers (OpenCLIP, timm, Hugging Face
+transformers) and the image tokens of LLaVA-style vision-language models."""
 import importlib
 
 # Where each public name lives. They are imported on first use (PEP 562), so that the command
@@ -9,6 +10,7 @@ _PUBLIC = {
     "PrunedVisionEncoder": "patch",
     "UnsupportedModelError": "patch",
     "apply_pruning_to_model": "patch",
+    "prune_image_tokens": "vlm",
     "pruned_block": "patch",
     "remove_pruning": "patch",
     "replace_last_block": "patch",

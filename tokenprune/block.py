@@ -17,7 +17,8 @@ from .towers import block_adapter
 class PrunedBlock(nn.Module):
     """Replaces one block, sharing its submodules and parameters (same state_dict keys).
 
-    Blocks: OpenCLIP `ResidualAttentionBlock`, timm `Block`, timm `EvaBlock`. `num_prefix` and
+    Blocks: OpenCLIP `ResidualAttentionBlock`, timm `Block`, timm `EvaBlock`, transformers'
+    `CLIPEncoderLayer` and `SiglipEncoderLayer`. `num_prefix` and
     `class_token` describe the tower (SPEC.md, "Towers beyond OpenCLIP's ResidualAttentionBlock");
     the defaults are OpenCLIP's VisionTransformer (one class token at index 0);
     `replace_last_block` fills them in from the tower.

@@ -1,8 +1,10 @@
 """Patching models in place: the user-facing drop-in API.
 
 Works on OpenCLIP CLIP/CustomTextCLIP models, their `visual` towers (OpenCLIP's
-VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk) and timm
-VisionTransformer / Eva models used directly; tokenprune/towers/ says what each family is.
+VisionTransformer, or TimmModel with a timm VisionTransformer or Eva trunk), timm
+VisionTransformer / Eva models used directly, and Hugging Face CLIP / SigLIP models and vision
+models; tokenprune/towers/ says what each family is. LLaVA models have their own entry point,
+tokenprune.vlm.prune_image_tokens; pruned_block and remove_pruning handle them too.
 """
 import warnings
 from typing import Optional
@@ -12,7 +14,8 @@ import torch.nn as nn
 
 from .block import PrunedBlock
 from .config import PruneConfig
-from .towers import UnsupportedModelError, block_adapter, find_tower
+from .towers import UnsupportedModelError, block_adapter, find_tower, vision_language
+from .vlm import image_token_pruning, remove_image_token_pruning
 
 __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
            "pruned_block", "remove_pruning", "replace_last_block"]
@@ -25,8 +28,14 @@ def visual_tower(model: nn.Module) -> nn.Module:
     return getattr(model, "visual", model)
 
 
-def pruned_block(model: nn.Module) -> Optional[PrunedBlock]:
-    """The PrunedBlock of a patched model (or its tower), else None."""
+def pruned_block(model: nn.Module):
+    """The PrunedBlock of a patched model (or its tower), else None. For a LLaVA model patched
+    by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config` too)."""
+    state = image_token_pruning(model)
+    if state is not None:
+        return state
+    if vision_language(model):
+        return None
     for block in find_tower(model).blocks:
         if isinstance(block, PrunedBlock):
             return block
@@ -35,7 +44,11 @@ def pruned_block(model: nn.Module) -> Optional[PrunedBlock]:
 
 def remove_pruning(model: nn.Module) -> nn.Module:
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
-    cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged."""
+    cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged.
+    Also undoes `prune_image_tokens` on a LLaVA model (and the processors patched with it) or on
+    a LlavaProcessor."""
+    if remove_image_token_pruning(model):
+        return model
     try:
         blocks = find_tower(model).blocks
     except UnsupportedModelError:
@@ -51,9 +64,10 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
                        backend: str = "auto", config: Optional[PruneConfig] = None) -> nn.Module:
     """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
-    `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, or a timm
-    VisionTransformer / Eva model. Pass either the keyword parameters or a ready `PruneConfig`
-    as `config`. Patching an already patched model replaces the earlier pruning instead of
+    `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, a timm
+    VisionTransformer / Eva model, or a transformers CLIPVisionModel,
+    CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel or SiglipModel. Pass either the
+    keyword parameters or a ready `PruneConfig` as `config`. Patching an already patched model replaces the earlier pruning instead of
     stacking a second one. Returns `model`.
     """
     if config is None:

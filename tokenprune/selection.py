@@ -53,6 +53,21 @@ def random_keep_idx(batch, num_tokens, count, num_prefix, generator, device):
     return (draws.argsort(dim=-1)[:, :count].sort(dim=-1).values + num_prefix).to(device)
 
 
+def select_tokens(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
+                  generator=None):
+    """keep_idx (B, k + m) for block input x (B, T, C) and its qkv (B, T, 3C), without copying
+    any rows: for callers that take the kept rows from somewhere else (tokenprune.vlm)."""
+    if config.selection == "random":
+        return random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
+                               generator, x.device)
+    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
+            num_prefix, class_token, scale)
+    if resolve_backend(config.backend, x) == "triton":
+        from . import kernels
+        return kernels.select_tokens(*args)
+    return select_reference(*args)
+
+
 def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config: "PruneConfig",
                       num_prefix: int = 1, class_token: bool = True,
                       scale: Optional[float] = None,
@@ -62,18 +77,12 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
 
     num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
     (a CPU torch.Generator) is used by the random control only."""
-    if config.selection == "random":
-        keep_idx = random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
-                                   generator, x.device)
-        return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))
-    args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
-            num_prefix, class_token, scale)
-    if resolve_backend(config.backend, x) == "triton":
+    if (config.selection == "score" and resolve_backend(config.backend, x) == "triton"
+            and not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad))):
         from . import kernels
-        if not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)):
-            return kernels.select_and_gather(*args)
-        # Training: the kernels' row copy has no backward, so gather the kept rows with torch.
-        keep_idx = kernels.select_tokens(*args)
-    else:
-        keep_idx = select_reference(*args)
+        # The fused row copy; it has no backward, so in training the rows are gathered by torch.
+        return kernels.select_and_gather(x, qkv, num_heads, config.k_anchors, config.top_m,
+                                         config.alpha, config.score_norm, num_prefix,
+                                         class_token, scale)
+    keep_idx = select_tokens(x, qkv, num_heads, config, num_prefix, class_token, scale, generator)
     return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))

@@ -1,10 +1,12 @@
 """The `tokenprune` command line: `eval` (CLIP_benchmark's evaluation with token pruning),
-`sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV) and
-`visualize` (draw the kept tokens). One module per command beside this one; `common.py` holds
+`sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV),
+`visualize` (draw the kept tokens) and `generate` (a LLaVA model's answers with fewer image
+tokens). One module per command beside this one; `common.py` holds
 what they share. Commands sit on the library (tokenprune/); the library never imports them.
 
     tokenprune eval --dataset cifar10 --model ViT-B-16 --pretrained openai --enable_pruning
     tokenprune visualize                      # first-run demo, offline, writes kept.png
+    tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is it?"
 
 The command line is checked first with a light parser of our own (stdlib only: no torch,
 open_clip or clip_benchmark), so that `--help`, a misspelled flag or a bad pruning value are
@@ -21,6 +23,7 @@ import sys
 import traceback
 
 from .. import __version__
+from ..config import BACKENDS, SCORE_NORMS
 from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_verbose_argument,
@@ -48,6 +51,45 @@ def add_visualize_arguments(parser):
         action.help = action.help.replace("%(default)s", f"{shipped} for the shipped model, "
                                           f"else {action.default}")
         action.default = None
+
+
+def add_generate_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="a LLaVA model: hub id (llava-hf/llava-1.5-7b-hf) or a folder saved "
+                             "with save_pretrained (model and processor)")
+    parser.add_argument("--image", action="append", required=True, metavar="FILE",
+                        help="image file; repeat the flag for several (one batch, one answer "
+                             "each)")
+    parser.add_argument("--prompt", required=True,
+                        help="the question, asked about every image; the processor's chat "
+                             "template adds the image, unless the prompt holds <image> itself")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run the unpruned model on the same inputs, first")
+    parser.add_argument("--max_new_tokens", type=int, default=32,
+                        help="tokens to generate per answer (default %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                        default="auto", help="weights' dtype (default auto: float16 on CUDA, "
+                                             "float32 on the CPU)")
+    group = parser.add_argument_group(
+        "token pruning (tokenprune)",
+        "The language model sees k_anchors + top_m image tokens per image, selected at the "
+        "vision block whose output LLaVA uses.")
+    group.add_argument("--k_anchors", type=int, default=10,
+                       help="anchor patches chosen by the CLS attention (>= 1, default "
+                            "%(default)s)")
+    group.add_argument("--top_m", type=int, default=54,
+                       help="further patches kept by score (>= 0, default %(default)s: 64 image "
+                            "tokens with the default k_anchors)")
+    group.add_argument("--alpha", type=float, default=0.5,
+                       help="importance weight against diversity, in [0, 1] (default "
+                            "%(default)s)")
+    group.add_argument("--score_norm", choices=SCORE_NORMS, default="none",
+                       help="'none' (default) or 'minmax'")
+    group.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="'auto' (Triton on CUDA, else PyTorch; default), 'triton' or "
+                            "'reference'")
 
 
 def build_parser():
@@ -95,6 +137,17 @@ def build_parser():
                     "ViT-B-16 (no --pretrained): random weights, seeded, on the sample image.")
     add_visualize_arguments(visualize)
     visualize.set_defaults(which="visualize")
+
+    generate = commands.add_parser(
+        "generate", help="answer a prompt about images with a LLaVA model that sees fewer "
+                         "image tokens",
+        description="Answer --prompt about each --image (one batch) with a LLaVA model whose "
+                    "language model receives k_anchors + top_m image tokens per image; prints "
+                    "each answer, the image tokens per image before and after, and the time to "
+                    "the first token. --compare runs the unpruned model too. Works offline on a "
+                    "saved folder.")
+    add_generate_arguments(generate)
+    generate.set_defaults(which="generate")
 
     parser.subcommands = commands.choices
     return parser
@@ -147,6 +200,10 @@ def _run(which, args, argv):
         sweep_lists(args)  # bad values are answered before anything is imported
         from .sweep import run_sweep
         run_sweep(args)
+    elif which == "generate":
+        from .generate import check_generate_args, run_generate
+        check_generate_args(args)  # no torch yet: bad values and missing files are said at once
+        run_generate(args)
     elif which == "visualize":
         use_shipped_model(args)
         prune_config(args)

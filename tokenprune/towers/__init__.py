@@ -21,7 +21,8 @@ class UnsupportedModelError(TypeError):
 class Tower:
     """The part of a model that pruning needs to know.
 
-    module: the module whose forward runs the blocks (OpenCLIP VisionTransformer, timm trunk).
+    module: the module whose forward runs the blocks (OpenCLIP VisionTransformer, timm trunk,
+        transformers CLIPVisionModel / SiglipVisionModel).
     blocks: its sequence of blocks (nn.ModuleList / nn.Sequential), replaced in place.
     num_prefix: p, the leading non-patch tokens (class, registers, distillation).
     class_token: whether token 0 is a class token (SPEC: the anchor rule depends on it).
@@ -90,7 +91,7 @@ class BlockAdapter:
 
 
 # The registry: one module per family, each with a FAMILY, tried in this order.
-FAMILY_MODULES = ("openclip", "timm_vit", "timm_eva")
+FAMILY_MODULES = ("openclip", "timm_vit", "timm_eva", "hf_clip", "hf_siglip")
 
 
 def timm_tower(trunk, family):
@@ -130,18 +131,29 @@ def describe(visual):
     return f"{type(visual).__name__} with a timm {type(trunk).__name__} trunk"
 
 
+def vision_language(model):
+    """Whether `model` is a vision-language model as transformers builds them (LLaVA keeps its
+    image tower in `model.model.vision_tower`): tokenprune.prune_image_tokens' kind of model."""
+    return any(hasattr(m, "vision_tower") for m in (model, getattr(model, "model", None)))
+
+
 def find_tower(model):
     """The Tower of an OpenCLIP CLIP/CustomTextCLIP model, its `visual`, OpenCLIP's TimmModel,
-    or a timm model used directly. UnsupportedModelError names the tower type otherwise."""
+    a timm model used directly, or a Hugging Face CLIP / SigLIP model or vision model.
+    UnsupportedModelError names the tower type otherwise."""
     visual = getattr(model, "visual", model)
     trunk = _trunk(visual)
     for family in _families():
         tower = family.tower(trunk)
         if tower is not None:
             return tower
+    hint = ""
+    if vision_language(model):
+        hint = " (for a LLaVA model, use tokenprune.prune_image_tokens)"
     raise UnsupportedModelError(f"{type(model).__name__} has an image tower of type "
-                                f"{describe(visual)}; tokenprune supports OpenCLIP models and "
-                                f"timm models whose image tower is one of: {supported()}")
+                                f"{describe(visual)}; tokenprune supports OpenCLIP, timm and "
+                                f"Hugging Face models whose image tower is one of: "
+                                f"{supported()}{hint}")
 
 
 def refused_by_config(vision_cfg):
@@ -168,5 +180,5 @@ def block_adapter(block):
         if adapter is not None:
             return adapter
     raise UnsupportedModelError(f"tokenprune cannot prune a {type(block).__name__}; tokenprune "
-                                f"supports OpenCLIP models and timm models built from these "
+                                f"supports OpenCLIP, timm and Hugging Face models built from these "
                                 f"blocks: {supported_blocks()}")

@@ -1,0 +1,319 @@
+"""prune_image_tokens on tiny random-weight LLaVA models (tools/tiny_llava.py, made offline):
+the language model receives the projector applied to the rows SPEC's reference selection keeps
+of the feature layer, and is otherwise the unpatched model.
+
+Tiny shapes: 32 px images in 8 px patches (16 patches), 2 vision blocks of width 32, a 2-layer
+Llama of width 32. The expected features are computed here from the unpatched tower's hidden
+states and its own projections, not through the library's adapter.
+"""
+import numpy as np
+import pytest
+import torch
+
+import tokenprune
+from tokenprune import (UnsupportedModelError, prune_image_tokens, pruned_block, remove_pruning,
+                        select_reference)
+
+pytest.importorskip("transformers")
+from tiny_llava import build_llava  # noqa: E402  (tests/conftest.py puts tools/ on the path)
+
+K, M = 2, 4
+PROMPTS = ["USER: <image>\nwhat is this ? ASSISTANT:",
+           "USER: <image>\ndescribe the picture ASSISTANT:",
+           "USER: <image>\nhow many red cats are in the picture on the left ? ASSISTANT:"]
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+# name -> build_llava arguments; the names say what each covers.
+VARIANTS = {
+    "clip": dict(vision="clip"),                               # LLaVA-1.5's layer -2, "default"
+    "clip-full": dict(vision="clip", vision_feature_select_strategy="full"),  # class row first
+    "clip-layers": dict(vision="clip", vision_feature_layer=[-2, -1]),  # selected at the deepest
+    "siglip": dict(vision="siglip"),                           # no class token, row 0 dropped
+    "siglip-full": dict(vision="siglip", vision_feature_select_strategy="full"),
+    "clip-eager": dict(vision="clip", attn_implementation="eager"),
+}
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """get(name) -> (model, processor), built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = build_llava(size="tiny", seed=0, **VARIANTS[name])
+        return built[name]
+    return get
+
+
+def expected_features(model, pixel_values, k=K, m=M):
+    """(features (images, rows, D), keep_idx): the projector applied to the rows of the listed
+    hidden states that select_reference keeps, selected from the input of the block whose output
+    is the deepest listed hidden state, with that block's own q/k/v projections."""
+    cfg = model.config
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    listed = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) \
+        else cfg.vision_feature_layer
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+        deepest = max(layer % len(hidden) for layer in listed)
+        x = hidden[deepest - 1]  # the input of block deepest - 1
+        block = tower.encoder.layers[deepest - 1]
+        y = block.layer_norm1(x)
+        attn = block.self_attn
+        qkv = torch.cat([attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)], dim=-1)
+        class_token = "CLIP" in type(tower).__name__
+        default = cfg.vision_feature_select_strategy == "default"
+        p = 1 if class_token or default else 0
+        keep = select_reference(x, qkv, attn.num_heads, k, m, 0.5, "none", num_prefix=p,
+                                class_token=class_token)
+        rows = keep if default else torch.cat([torch.arange(p).expand(len(keep), -1), keep], 1)
+        kept = torch.cat([torch.stack([hidden[layer][b, rows[b]] for b in range(len(rows))])
+                          for layer in listed], dim=-1)
+        return projector(kept), keep
+
+
+def image_features(model, pixel_values):
+    with torch.no_grad():
+        return torch.stack(model.get_image_features(pixel_values).pooler_output)
+
+
+def inputs(processor, pictures, prompts=PROMPTS, side="left"):
+    processor.tokenizer.padding_side = side
+    try:
+        return processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = "left"
+
+
+@pytest.mark.parametrize("name", ["clip", "clip-full", "clip-layers", "siglip", "siglip-full"])
+def test_image_features_are_the_projector_on_the_reference_rows(llava, pictures, name):
+    model, processor = llava(name)
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    expected, keep = expected_features(model, pixel_values)
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    try:
+        features = image_features(model, pixel_values)
+        state = pruned_block(model)
+        assert torch.equal(state.last_keep_idx, keep)
+    finally:
+        remove_pruning(model)
+    count = K + M + (1 if name == "clip-full" else 0)
+    assert features.shape[:2] == (3, count) and state.image_seq_length == count
+    if name.startswith("siglip") and name != "siglip-full":
+        assert (keep >= 1).all()  # row 0, dropped by "default", is never chosen
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_equal_the_unpatched_model_fed_the_same_features(llava, pictures, side):
+    model, processor = llava("clip")
+    original = inputs(processor, pictures, side=side)
+    expected, _ = expected_features(model, original["pixel_values"])
+    prune_image_tokens(model, processor, k_anchors=K, top_m=M)
+    try:
+        batch = inputs(processor, pictures, side=side)
+        with torch.no_grad():
+            logits = model(**batch).logits
+    finally:
+        remove_pruning(model)
+    ids = batch["input_ids"]
+    image = ids == model.config.image_token_id
+    assert (image.sum(dim=1) == K + M).all()
+    assert ids.shape[1] == original["input_ids"].shape[1] - (16 - (K + M))  # 16 -> 6 per image
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(image[..., None], expected.reshape(-1, expected.shape[-1]))
+        unpatched = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], unpatched[real], atol=1e-5, rtol=1e-5)
+
+
+def generate(model, batch, tokens=6):
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def test_greedy_generate_of_a_batch_equals_each_sample_alone(llava, pictures):
+    model, processor = llava("clip")
+    prune_image_tokens(model, processor, k_anchors=K, top_m=M)
+    try:
+        batched = generate(model, inputs(processor, pictures))
+        alone = [generate(model, inputs(processor, [picture], [prompt]))[0]
+                 for picture, prompt in zip(pictures, PROMPTS)]
+        keep_alone = pruned_block(model).last_keep_idx
+    finally:
+        remove_pruning(model)
+    assert keep_alone.shape == (1, K + M)
+    for b in range(3):
+        assert torch.equal(batched[b], alone[b])
+
+
+def test_sdpa_and_eager_give_the_same_tokens_and_stay_as_they_were(llava, pictures):
+    tokens = {}
+    for name in ("clip", "clip-eager"):
+        model, processor = llava(name)
+        before = (model.config.text_config._attn_implementation,
+                  model.config.vision_config._attn_implementation)
+        prune_image_tokens(model, processor, k_anchors=K, top_m=M)
+        try:
+            tokens[name] = generate(model, inputs(processor, pictures))
+            assert (model.config.text_config._attn_implementation,
+                    model.config.vision_config._attn_implementation) == before
+        finally:
+            remove_pruning(model)
+        assert before == (("sdpa",) * 2 if name == "clip" else ("eager",) * 2)
+    assert torch.equal(tokens["clip"], tokens["clip-eager"])
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_triton_backend_equals_the_reference_backend(llava, pictures, name):
+    model, processor = llava(name)
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    features, keeps = {}, {}
+    for backend in ("reference", "triton"):
+        prune_image_tokens(model, k_anchors=K, top_m=M, backend=backend)
+        features[backend] = image_features(model, pixel_values)
+        keeps[backend] = pruned_block(model).last_keep_idx
+    remove_pruning(model)
+    assert torch.equal(keeps["triton"], keeps["reference"])
+    assert torch.equal(features["triton"], features["reference"])
+
+
+@pytest.mark.parametrize("name", ["clip-full", "clip-layers", "siglip"])
+def test_generate_runs_with_the_pruned_placeholder_count(llava, pictures, name):
+    model, processor = llava(name)
+    prune_image_tokens(model, processor, k_anchors=K, top_m=M)
+    try:
+        batch = inputs(processor, pictures)
+        out = generate(model, batch, tokens=3)
+        count = (batch["input_ids"] == model.config.image_token_id).sum(dim=1)
+        assert (count == model.config.image_seq_length).all()
+    finally:
+        remove_pruning(model)
+    assert out.shape == (3, 3)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_nothing_to_prune_is_bit_identical(llava, pictures, name):
+    model, processor = llava(name)
+    patches = 16 if name == "clip" else 15  # SigLIP under "default": row 0 is not a candidate
+    batch = inputs(processor, pictures)
+    with torch.no_grad():
+        before = model(**batch).logits
+        with pytest.warns(UserWarning, match="nothing to prune"):
+            prune_image_tokens(model, processor, k_anchors=10, top_m=patches - 10)
+        again = inputs(processor, pictures)
+        after = model(**again).logits
+    assert pruned_block(model) is None
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    assert torch.equal(before, after)
+
+
+def test_remove_pruning_restores_model_and_processor(llava, pictures):
+    model, processor = llava("clip")
+    blocks = model.model.vision_tower.encoder.layers
+    batch = inputs(processor, pictures)
+    seq_length = model.config.image_seq_length
+    with torch.no_grad():
+        before = model(**batch).logits
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    prune_image_tokens(model, processor, k_anchors=3, top_m=2)  # replaces the first pruning
+    assert model.config.image_seq_length == 5
+    assert (inputs(processor, pictures)["input_ids"] == model.config.image_token_id).sum() == 15
+    assert processor._get_num_multimodal_tokens([(32, 32)] * 2).num_image_tokens == [5, 5]
+    assert sum(len(block._forward_pre_hooks) for block in blocks) == 1
+    remove_pruning(model)  # the processor patched with it too
+    again = inputs(processor, pictures)
+    with torch.no_grad():
+        after = model(**again).logits
+    assert model.config.image_seq_length == seq_length
+    assert not any(block._forward_pre_hooks for block in blocks)
+    assert not model.model.multi_modal_projector._forward_pre_hooks
+    assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(before, after)
+    assert processor._get_num_multimodal_tokens([(32, 32)]).num_image_tokens == [16]
+    # A processor on its own: patched later with the same call, restored on its own.
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    prune_image_tokens(model, processor, k_anchors=K, top_m=M)
+    remove_pruning(processor)
+    assert torch.equal(inputs(processor, pictures)["input_ids"], batch["input_ids"])
+    remove_pruning(model)
+
+
+def test_bad_feature_layer_and_values_are_refused(llava):
+    model, _ = llava("clip")
+    layer = model.config.vision_feature_layer
+    try:
+        model.config.vision_feature_layer = 0
+        with pytest.raises(ValueError, match="vision_feature_layer 0 .*embeddings"):
+            prune_image_tokens(model)
+        model.config.vision_feature_layer = 5
+        with pytest.raises(ValueError, match=r"vision_feature_layer must be .*\[-3, 2\]"):
+            prune_image_tokens(model)
+    finally:
+        model.config.vision_feature_layer = layer
+    with pytest.raises(ValueError, match="alpha"):
+        prune_image_tokens(model, alpha=2)
+    assert pruned_block(model) is None
+
+
+def tiny_text_config():
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=64)
+
+
+def test_unsupported_models_are_refused(llava):
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=8)
+    next_model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=vision, text_config=tiny_text_config(), image_grid_pinpoints=[[32, 32]]))
+    with pytest.raises(UnsupportedModelError,
+                       match="any-resolution tiles .*supports LlavaForConditionalGeneration"):
+        prune_image_tokens(next_model)
+    with pytest.raises(UnsupportedModelError, match="supports LlavaForConditionalGeneration"):
+        prune_image_tokens(torch.nn.Linear(2, 2))
+    model, processor = llava("clip")
+    with pytest.raises(UnsupportedModelError, match="LlavaProcessor"):
+        prune_image_tokens(model, processor.tokenizer)
+    assert pruned_block(model) is None  # refused before anything was patched
+    with pytest.raises(UnsupportedModelError, match="prune_image_tokens"):
+        tokenprune.replace_last_block(model)
+
+
+def test_a_deep_copy_keeps_its_own_pruning(llava, pictures):
+    import copy
+    model, processor = llava("clip")
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    try:
+        twin = copy.deepcopy(model)
+        features = image_features(twin, pixel_values)
+        assert pruned_block(model).last_keep_idx is None
+        assert pruned_block(twin).last_keep_idx.shape == (3, K + M)
+        assert torch.equal(image_features(model, pixel_values), features)
+        remove_pruning(twin)
+        assert pruned_block(model) is not None and model.config.image_seq_length == K + M
+    finally:
+        remove_pruning(model)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("Qwen2VLForConditionalGeneration", "packed image sequences"),
+    ("LlavaNextVideoForConditionalGeneration", "tiles"),
+    ("VideoLlavaForConditionalGeneration", "video models"),
+])
+def test_the_refusal_says_what_is_not_supported_yet(name, why):
+    # A stand-in class of that name (building the real models is not needed for the message).
+    stand_in = type(name, (torch.nn.Module,), {"__module__": "transformers.models.stand_in"})()
+    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports Llava"):
+        prune_image_tokens(stand_in)
