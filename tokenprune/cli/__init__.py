@@ -24,7 +24,8 @@ from .. import __version__
 from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_verbose_argument,
-                     prune_config, sweep_lists, use_shipped_model)
+                     check_eval_output, check_run_flags, check_sweep_output, prune_config,
+                     sweep_lists, use_shipped_model, webdataset_workers)
 
 
 def add_visualize_arguments(parser):
@@ -141,10 +142,18 @@ def unrecognized(extras, parser):
 def _run(which, args, argv):
     if which == "eval":
         prune_config(args)  # before anything is imported: bad values are answered at once
+        check_run_flags(args)
+        check_eval_output(args)
+        workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
-        run_eval(parse_eval_args(argv))
+        eval_args = parse_eval_args(argv)
+        eval_args.num_workers = workers
+        run_eval(eval_args)
     elif which == "sweep":
         sweep_lists(args)  # bad values are answered before anything is imported
+        check_run_flags(args)
+        check_sweep_output(args)
+        args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
         run_sweep(args)
     elif which == "visualize":

@@ -11,7 +11,9 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 import warnings
+from itertools import product
 from contextlib import contextmanager
 from dataclasses import asdict
 from unittest import mock
@@ -38,6 +40,8 @@ LIST_FLAGS = {
 }
 LIST_DEFAULTS = {"k_anchors": [5, 10, 20], "top_m": [30, 50, 100], "alpha": [0.3, 0.5, 0.7],
                  "score_norm": ["none"], "layer": [-1]}
+# What `tokenprune sweep` writes into --output_dir.
+SWEEP_OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
 # 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
 SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
@@ -103,7 +107,11 @@ def add_sweep_arguments(parser):
                             "(default: random cls)")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="selection backend (default %(default)s)")
-    group.add_argument("--output_dir", required=True, help="where the results go")
+    group.add_argument("--output_dir", required=True,
+                       help=f"folder for {', '.join(SWEEP_OUTPUT_FILES)}; made if missing")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the results of an earlier sweep in --output_dir (without "
+                            "it, such a folder is refused)")
     group.add_argument("--no_speed", action="store_true",
                        help="do not time encode_image for each setting")
 
@@ -159,6 +167,126 @@ def prune_config(args):
 
 
 # ----- checks made before anything is loaded ------------------------------------------------
+
+def check_run_flags(args):
+    """eval's and sweep's flags that need nothing loaded: the batch size and the number of
+    workers (CLIP_benchmark's DataLoader would fail on them only after the model loaded)."""
+    if args.batch_size < 1:
+        raise CLIError(f"--batch_size must be an integer >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise CLIError(f"--num_workers must be an integer >= 0, got {args.num_workers}")
+
+
+def _can_write_in(folder):
+    """Whether a file can be made in `folder`: tried, since os.access says yes to root even on
+    a read-only filesystem."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".tokenprune-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.remove(probe)
+    return True
+
+
+def _check_writable(flag, given, folder, create=False):
+    """`folder` (or, with `create`, the nearest folder above it that exists) is a folder that
+    can be written in; else a CLIError naming `flag` and the value `given`."""
+    existing = os.path.abspath(folder)
+    if not create and not os.path.exists(existing):
+        raise CLIError(f"{flag} {given}: the folder {folder} does not exist; make it first")
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CLIError(f"{flag} {given}: {existing} is a file, not a folder")
+    if not _can_write_in(existing):
+        raise CLIError(f"{flag} {given}: cannot write in {existing} (no permission, or a "
+                       "read-only filesystem)")
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def eval_output_files(args):
+    """The results files `tokenprune eval` will write: CLIP_benchmark's --output template
+    filled in for each model, dataset and language ({task} stays as written)."""
+    template = args.output
+    models = [(m, p) for m, p in product(_as_list(args.model), _as_list(args.pretrained))]
+    files = []
+    for (model, pretrained), dataset, language in product(models, _as_list(args.dataset),
+                                                          _as_list(args.language)):
+        name = dataset.replace("wds/", "", 1) if dataset.startswith("wds/") else dataset
+        weights = os.path.basename(pretrained) if os.path.isfile(pretrained) else pretrained
+        full = pretrained.replace("/", "_") if os.path.isfile(pretrained) else pretrained
+        try:
+            files.append(template.format(model=model, pretrained=weights, language=language,
+                                         pretrained_full_path=full, task="{task}",
+                                         dataset=name.replace("/", "_")))
+        except (KeyError, IndexError, ValueError) as err:
+            raise CLIError(f"--output {template}: not a file name template ({err!r}); the "
+                           "fields are {dataset}, {model}, {pretrained}, "
+                           "{pretrained_full_path}, {language} and {task}") from err
+    return files
+
+
+def check_eval_output(args):
+    """`tokenprune eval --output`: each results file is a file (not a folder) in a folder that
+    exists and can be written (CLIP_benchmark opens it only after the whole run)."""
+    for path in eval_output_files(args):
+        if os.path.isdir(path):
+            raise CLIError(f"--output {args.output}: {path} is a folder; give a file name, "
+                           f"e.g. --output {os.path.join(path, 'results.json')}")
+        _check_writable("--output", args.output, os.path.dirname(path) or ".")
+
+
+def check_sweep_output(args):
+    """`tokenprune sweep --output_dir`: a folder (or a path where one can be made) that can be
+    written, and that holds no earlier results unless --overwrite."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--output_dir {out}: a file, not a folder")
+    found = [name for name in SWEEP_OUTPUT_FILES if os.path.exists(os.path.join(out, name))]
+    if found and not args.overwrite:
+        raise CLIError(f"--output_dir {out}: already holds sweep results ({', '.join(found)}); "
+                       "add --overwrite to replace them, or give another folder")
+    _check_writable("--output_dir", out, out, create=True)
+
+
+def webdataset_workers(args):
+    """eval's and sweep's checks of a local WebDataset (`--dataset wds/NAME`), made before the
+    model loads: its class names must be there for zero-shot classification, and no more
+    workers are used than it has shards (a worker without a shard fails in webdataset).
+    Returns the --num_workers to use; a note says when that is fewer than asked."""
+    workers = args.num_workers
+    for dataset in _as_list(args.dataset):
+        if not dataset.startswith("wds/") or "://" in args.dataset_root:
+            continue
+        name = dataset.replace("wds/", "", 1)
+        root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+        try:
+            with open(os.path.join(root, args.split, "nshards.txt"), encoding="utf-8") as f:
+                shards = int(f.read())
+        except (OSError, ValueError):
+            continue  # CLIP_benchmark's own loading says what is wrong with the folder
+        try:
+            with open(os.path.join(root, "dataset_type.txt"), encoding="utf-8") as f:
+                kind = f.read().strip().lower()
+        except OSError:
+            kind = "classification"
+        if (kind != "retrieval" and args.task in ("auto", "zeroshot_classification")
+                and not args.custom_classname_file
+                and not os.path.isfile(os.path.join(root, "classnames.txt"))):
+            raise CLIError(f"--dataset {dataset}: no classnames.txt in {root} (one class name a "
+                           "line, in label order), which zero-shot classification needs; add "
+                           "it, or pass --custom_classname_file")
+        if 0 < shards < workers:
+            note(f"note: --num_workers {args.num_workers}: {dataset} has {shards} "
+                 f"shard{'s' if shards > 1 else ''}, so {shards} worker{'s' if shards > 1 else ''} "
+                 f"read{'' if shards > 1 else 's'} it (a worker needs a shard of its own)")
+            workers = shards
+    return workers
+
 
 def check_device(device):
     """The torch device to use: `device`, or cuda when available, else cpu. A device that this

@@ -26,9 +26,9 @@ from ..config import CONTROLS, PruneConfig
 from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, tower_blocks,
                      tower_patches)
 from ..towers import find_tower
+from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
 from .common import CLIError, check_model, quiet_warnings, sweep_lists
 
-OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 SPEED_ROUNDS = 3  # timed encode_image calls per setting (after one warm-up); the median counts
 
 def _one(args, name):
@@ -340,12 +340,15 @@ def plot(meta, result, path):
 
 
 def write_outputs(output_dir, meta, result):
-    """All four files, or none: they are written to a folder beside output_dir, then moved in."""
+    """All four files, or none: they are written to a hidden folder inside output_dir, then
+    renamed into place. Inside, not beside it: output_dir may be a mount point, and a rename
+    cannot cross filesystems. A folder made here is removed again if the write fails."""
     rows = result["rows"]
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tokenprune-sweep-", dir=parent)
+    made = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=".tokenprune-sweep-", dir=output_dir)
         with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
             json.dump({**meta, "images": result["images"], "tokens": result["tokens"],
                        "num_blocks": result["num_blocks"], "primary_metric": result["primary"],
@@ -360,11 +363,15 @@ def write_outputs(output_dir, meta, result):
         with open(os.path.join(staging, "summary.md"), "w", encoding="utf-8") as f:
             f.write(summary_markdown(meta, result))
         plot(meta, result, os.path.join(staging, "accuracy_vs_tokens.png"))
-        os.makedirs(output_dir, exist_ok=True)
         for name in OUTPUT_FILES:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----- run ----------------------------------------------------------------------------------
