@@ -29,7 +29,12 @@ from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
 from .common import CLIError, check_model, quiet_warnings, sweep_lists
 
-SPEED_ROUNDS = 3  # timed encode_image calls per setting (after one warm-up); the median counts
+# The speed timing: encode_image on the first SPEED_IMAGES images of the first batch, once per
+# token budget (the unpruned model, and each distinct pruned block and kept patch count: the
+# settings and controls of a budget run the same blocks on the same tokens), SPEED_ROUNDS
+# calls after one warm-up, the median counts.
+SPEED_IMAGES = 16
+SPEED_ROUNDS = 3
 
 def _one(args, name):
     values = args.__dict__[name]
@@ -146,6 +151,14 @@ def _images_per_second(model, images, config, device, amp):
         remove_pruning(model)
 
 
+def _budget(config, patches):
+    """What a setting's speed depends on: None for the unpruned model (and a setting that
+    prunes nothing), else (pruned block, kept patches)."""
+    if config is None or config.kept_patches >= patches:
+        return None
+    return config.layer, config.kept_patches
+
+
 def _finite(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
@@ -164,10 +177,11 @@ def _sweep_classification(state, original_evaluate, zsc):
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed)
         encoder = GridEncoder(visual, [p.config for p in points], forward=model.encode_image)
-        timed = {p.config if p.config is not None and p.config.kept_patches < patches else None
-                 for p in points}  # a point that prunes nothing runs the unpruned model
+        budgets = {}  # budget -> the first setting of it, which is timed for all of them
+        for point in points:
+            budgets.setdefault(_budget(point.config, patches), point.config)
         if state.bar is not None and state.bar.total is not None and not args.no_speed:
-            state.bar.total += len(timed)
+            state.bar.total += len(budgets)
             state.bar.refresh()
         pred = [[] for _ in points]
         true, first_batch = [], None
@@ -195,15 +209,15 @@ def _sweep_classification(state, original_evaluate, zsc):
         if not args.no_speed and first_batch is not None:
             if state.bar is not None:
                 state.bar.set_description("timing encode_image")
+            sample = first_batch[:SPEED_IMAGES]
             done = {}
-            for i, point in enumerate(points):
-                key = point.config if point.config in timed else None
-                if key not in done:
-                    done[key] = _images_per_second(model, first_batch, key, device, amp)
-                    if state.bar is not None:
-                        state.bar.update(1)
-                speeds[i] = done[key]
-        state.result = _rows(points, metrics, speeds, visual, len(true), first_batch)
+            for budget, config in budgets.items():
+                done[budget] = _images_per_second(model, sample, config, device, amp)
+                if state.bar is not None:
+                    state.bar.update(1)
+            speeds = [done[_budget(point.config, patches)] for point in points]
+        state.result = _rows(points, metrics, speeds, visual, len(true),
+                             None if first_batch is None else first_batch[:SPEED_IMAGES])
         raise _Done()
 
     return run_classification
@@ -232,7 +246,8 @@ def _rows(points, metrics, speeds, visual, images, batch):
         kept = prefix + config.kept_patches if pruned else tokens
         score = point.kind == "score"
         row = {"kind": point.kind,
-               "block": config.layer if config is not None else None,
+               "block": config.layer if config is not None else None,  # 0-based, as in eval
+               "block_number": config.layer + 1 if config is not None else None,  # for people
                "num_blocks": depth,
                "k_anchors": config.k_anchors if config is not None else None,
                "top_m": config.top_m if config is not None else None,
@@ -267,6 +282,11 @@ def _label(row):
             f"{row['score_norm']}")
 
 
+def _block_name(block, blocks):
+    """A block for people: counted from 1, its 0-based index beside it ("12 of 12 (index 11)")."""
+    return f"{block + 1} of {blocks} (index {block})"
+
+
 def summary_markdown(meta, result):
     rows, primary = result["rows"], result["primary"]
     unpruned = rows[0]
@@ -291,7 +311,7 @@ def summary_markdown(meta, result):
         controls = {r["kind"]: r[primary] for r in rows
                     if r["kind"] in CONTROLS and (r["block"], r["kept_tokens"]) == (block, kept)}
         control = lambda kind: fmt(controls[kind]) if kind in controls else "-"  # noqa: E731
-        lines.append(f"| {block} of {result['num_blocks']} | {kept} | {_label(best)} | "
+        lines.append(f"| {_block_name(block, result['num_blocks'])} | {kept} | {_label(best)} | "
                      f"{fmt(best[primary])} | {fmt(best[f'{primary}_retained'])} | "
                      f"{control('cls')} | {control('random')} | {fmt(unpruned[primary])} | "
                      f"{best['relative_cost']:.3f} |")
@@ -302,29 +322,57 @@ def summary_markdown(meta, result):
     return "\n".join(lines) + "\n"
 
 
-def plot(meta, result, path):
+# The plot: a colour per pruned block; within a block, each series its own line style and
+# marker; markers and lines thinner with each series drawn, so that series with equal values
+# still show one around the other. The controls wear their block's colour.
+LINE_STYLES = ("-", "--", "-.", ":")
+SCORE_MARKERS = ("o", "^", "D", "v", "P", "<", ">", "h")
+CONTROL_MARKERS = {"cls": "s", "random": "X"}
+MARKER_SIZES = (13.0, 4.0)  # the first series drawn, the last
+LINE_WIDTHS = (4.0, 1.0)
+
+
+def plot_figure(meta, result):
+    """The accuracy-against-kept-tokens figure (matplotlib, not yet saved)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows, primary = result["rows"], result["primary"]
+    rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    series = {}
-    for row in rows[1:]:
-        if row["kind"] == "score":
-            series.setdefault((row["block"], row["alpha"], row["score_norm"]), []).append(row)
-    for (block, alpha, norm), members in series.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score",) + CONTROLS})
+    series = {}  # (block, kind, alpha, score_norm) -> rows, in drawing order
+    for block in blocks:
+        for row in rows[1:]:
+            if row["block"] == block and row["kind"] == "score":
+                series.setdefault((block, "score", row["alpha"], row["score_norm"]),
+                                  []).append(row)
+        for kind in CONTROLS:
+            members = [r for r in rows if r["kind"] == kind and r["block"] == block]
+            if members:
+                series[(block, kind, None, None)] = members
+
+    def shrinking(sizes, n):  # from sizes[0] for the first series to sizes[1] for the last
+        return sizes[0] - (sizes[0] - sizes[1]) * n / max(1, len(series) - 1)
+
+    in_block = {}
+    for n, ((block, kind, alpha, norm), members) in enumerate(series.items()):
+        colour = colours[blocks.index(block) % len(colours)]
+        i = in_block[block] = in_block.get(block, -1) + 1
         members = sorted(members, key=lambda r: r["kept_tokens"])
-        ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members], "o-",
-                alpha=0.85, label=f"block {block}/{result['num_blocks']}, alpha {alpha}, {norm}")
-    markers = {"cls": ("s", "cls control"), "random": ("X", "random control")}
-    for kind, (marker, name) in markers.items():
-        for block in sorted({r["block"] for r in rows if r["kind"] == kind}):
-            members = sorted((r for r in rows if r["kind"] == kind and r["block"] == block),
-                             key=lambda r: r["kept_tokens"])
+        if kind == "score":
+            marker, linestyle = SCORE_MARKERS[i % len(SCORE_MARKERS)], \
+                LINE_STYLES[i % len(LINE_STYLES)]
+            label = f"block {_block_name(block, depth)}, alpha {alpha}, {norm}"
+        else:
+            marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
-            ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members],
-                    linestyle="none", marker=marker, markersize=8, markeredgecolor="black",
-                    label=f"{name}{seed}, block {block}/{result['num_blocks']}")
+            label = f"{kind} control{seed}, block {_block_name(block, depth)}"
+        ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members],
+                color=colour, marker=marker, linestyle=linestyle,
+                linewidth=shrinking(LINE_WIDTHS, n),
+                markersize=shrinking(MARKER_SIZES, n), markerfacecolor=colour,
+                markeredgecolor="black", markeredgewidth=0.6, alpha=0.9, label=label)
     if rows[0][primary] is not None:
         ax.axhline(rows[0][primary], color="black", linestyle="--",
                    label=f"unpruned ({result['tokens']} tokens)")
@@ -335,8 +383,16 @@ def plot(meta, result, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot(meta, result, path):
+    import matplotlib.pyplot as plt
+    fig = plot_figure(meta, result)
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(output_dir, meta, result):
