@@ -308,6 +308,37 @@ def check_device(device):
     return device
 
 
+def cpu_has_native_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16),
+    where CLIP_benchmark's default bfloat16 autocast is fast; without it, autocast on the CPU
+    is often several times slower than float32. From the CPU's flags in `cpuinfo` (Linux);
+    None when they cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pretrained_hint(model_name):
+    """How to give `model_name` trained weights: its own OpenCLIP pretrained tags, or a file."""
+    from open_clip.pretrained import list_pretrained_tags_by_model
+    tags = list_pretrained_tags_by_model(model_name.replace("/", "-"))
+    if not tags:
+        return "--pretrained /path/to/checkpoint.bin"
+    tag = "openai" if "openai" in tags else tags[0]
+    others = f"; its tags: {', '.join(tags)}" if len(tags) > 1 else ""
+    return f"--pretrained {tag} (downloads once{others}) or --pretrained /path/to/checkpoint.bin"
+
+
 def check_model(model_name, pretrained, pruning_flag=None):
     """Fail early, before any download, on an unknown architecture or pretrained tag, and (when
     `pruning_flag` names the flag that asked for pruning, or is "" when pruning is implied) on

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ..patch import UnsupportedModelError, pruned_block, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
-from .common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
-                     use_shipped_model)
+from .common import (CLIError, check_device, check_model, loading_errors, note, pretrained_hint,
+                     prune_config, use_shipped_model)
 
 RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
@@ -263,8 +263,7 @@ def clip_model_input(args, config):
     if random_weights:
         note(f"note: no --pretrained given, so {args.model} has random weights (seeded: the same "
              "picture every run): it shows how the selection works, not what a trained CLIP "
-             "looks at. For trained weights add --pretrained openai (downloads once) or "
-             "--pretrained /path/to/checkpoint.bin")
+             f"looks at. For trained weights add {pretrained_hint(args.model)}")
     note(f"loading {args.model} on {device}...")
     with loading_errors(args.model, args.pretrained, random_weights_noted=random_weights), \
             torch.random.fork_rng(devices=[]):
