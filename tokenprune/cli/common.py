@@ -139,6 +139,14 @@ def sweep_lists(args):
     return lists
 
 
+def add_tokenizer_argument(parser):
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="folder holding the model's text tokenizer, saved with "
+                             "transformers' save_pretrained: for models whose tokenizer "
+                             "OpenCLIP loads from the Hugging Face hub (SigLIP, SigLIP2, ...), "
+                             "where the hub cannot be reached")
+
+
 def add_verbose_argument(parser):
     parser.add_argument("--verbose", dest="show_warnings", action="store_true", default=False,
                         help="also show the third-party warnings that tokenprune hides as "
@@ -339,6 +347,58 @@ def pretrained_hint(model_name):
     return f"--pretrained {tag} (downloads once{others}) or --pretrained /path/to/checkpoint.bin"
 
 
+def hub_tokenizer(model_name):
+    """The Hugging Face hub id OpenCLIP loads `model_name`'s text tokenizer from (its config's
+    text_cfg.hf_tokenizer_name), or None: OpenCLIP's own tokenizer, or a model folder or hub
+    repository that brings its tokenizer along."""
+    import open_clip
+    from open_clip.factory import parse_model_name
+    schema, _ = parse_model_name(model_name)
+    if schema is not None:
+        return None
+    config = open_clip.get_model_config(model_name.replace("/", "-")) or {}
+    return config.get("text_cfg", {}).get("hf_tokenizer_name") or None
+
+
+def tokenizer_cached(hub_id):
+    """Whether the Hugging Face cache (HF_HOME) holds the tokenizer `hub_id`."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(hub_id, "tokenizer_config.json"), str)
+
+
+def missing_tokenizer_message(model_name, hub_id, cause=None):
+    why = f" ({cause})" if cause else ""
+    return (f"the text tokenizer of {model_name} is missing: OpenCLIP loads it from the Hugging "
+            f"Face hub as {hub_id}{why}, which cannot be reached from here (HF_HUB_OFFLINE=1 or "
+            "no network), and the Hugging Face cache does not hold it. Where downloads work, "
+            f"either fill a cache (python -c \"from transformers import AutoTokenizer; "
+            f"AutoTokenizer.from_pretrained('{hub_id}')\") and point HF_HOME at a copy of it "
+            f"here, or save the tokenizer to a folder (AutoTokenizer.from_pretrained('{hub_id}')"
+            ".save_pretrained('DIR')), copy it here and pass --tokenizer DIR")
+
+
+def check_tokenizer(model_name, tokenizer_dir):
+    """Before the model loads: --tokenizer DIR fits the model, or the model's hub tokenizer can
+    be had (checked in the cache when the hub is switched off; a failure to reach it otherwise
+    is translated by loading_errors)."""
+    hub_id = hub_tokenizer(model_name)
+    if tokenizer_dir is not None:
+        if hub_id is None:
+            raise CLIError(f"--tokenizer {tokenizer_dir}: {model_name} does not load its "
+                           "tokenizer from the Hugging Face hub (it brings its own); leave "
+                           "--tokenizer out")
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+            raise CLIError(f"--tokenizer {tokenizer_dir}: no tokenizer_config.json there; give "
+                           "a folder written by the tokenizer's save_pretrained (the tokenizer "
+                           f"of {model_name} is {hub_id} on the Hugging Face hub)")
+        return
+    if hub_id is None:
+        return
+    import huggingface_hub.constants
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not tokenizer_cached(hub_id):
+        raise CLIError(missing_tokenizer_message(model_name, hub_id))
+
+
 def check_model(model_name, pretrained, pruning_flag=None):
     """Fail early, before any download, on an unknown architecture or pretrained tag, and (when
     `pruning_flag` names the flag that asked for pruning, or is "" when pruning is implied) on
@@ -474,14 +534,21 @@ class _DropLog(logging.Filter):
 
 
 @contextmanager
-def loading_errors(model_name, pretrained, random_weights_noted=False):
+def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer_dir=None):
     """Turn OpenCLIP's loading failures into one-line CLIErrors that say what failed and what to
     do, classified by the step that failed (download, reading the checkpoint file, loading it
     into the model), never by the words of an error message.
 
     OpenCLIP logs a download failure before raising it: our error says it, so that log is
-    dropped, as is its random-weights warning when the caller has already printed a note."""
+    dropped, as is its random-weights warning when the caller has already printed a note.
+    With `tokenizer_dir` (--tokenizer), OpenCLIP's Hugging Face tokenizer is read from there
+    instead of the hub."""
     from open_clip import factory
+
+    hf_tokenizer = factory.HFTokenizer
+
+    def make_tokenizer(source, *args, **kwargs):
+        return hf_tokenizer(tokenizer_dir or source, *args, **kwargs)
 
     prefixes = ("Failed to download weights", "Pretrained tag or path")
     log_filter = _DropLog(prefixes + (("No pretrained weights loaded",)
@@ -490,7 +557,9 @@ def loading_errors(model_name, pretrained, random_weights_noted=False):
              "download_pretrained_from_hf": _step("download",
                                                   factory.download_pretrained_from_hf),
              "load_state_dict": _step("read", factory.load_state_dict),
-             "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch)}
+             "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch),
+             "HFTokenizer": _step("tokenizer", make_tokenizer,
+                                  lambda source, *args, **kwargs: (source, tokenizer_dir))}
     logging.getLogger().addFilter(log_filter)
     try:
         with mock.patch.multiple(factory, **steps):
@@ -520,6 +589,12 @@ def loading_error_message(err, model_name, pretrained):
         return (f"--pretrained {pretrained}: not a readable checkpoint file "
                 f"({type(cause).__name__} while reading it). Expected a state_dict saved with "
                 "torch.save, a .safetensors file or an OpenCLIP .bin; is the file complete?")
+    if step == "tokenizer":
+        hub_id, tokenizer_dir = failed.detail
+        if tokenizer_dir:
+            return (f"--tokenizer {tokenizer_dir}: could not load the tokenizer of {model_name} "
+                    f"from it ({what}); give a folder written by save_pretrained of {hub_id}")
+        return missing_tokenizer_message(model_name, hub_id, type(cause).__name__)
     if step == "load" and failed.detail and any(failed.detail):
         return _mismatch_message(model_name, pretrained, failed.detail)
     return (f"could not load model {model_name!r} with pretrained {pretrained!r}: {what} "

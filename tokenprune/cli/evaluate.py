@@ -36,15 +36,14 @@ from ..patch import UnsupportedModelError, replace_last_block
 from ..selection import resolve_backend
 from ..towers import find_tower
 from .build import json_safe
+from .clip_benchmark_flags import AMP_HELP
 from .common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
-                     add_verbose_argument, check_model, cpu_has_native_bfloat16, loading_errors,
-                     note, prune_config, quiet_warnings)
+                     add_tokenizer_argument, add_verbose_argument, check_model, check_tokenizer,
+                     cpu_has_native_bfloat16, loading_errors, note, prune_config, quiet_warnings)
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
-AMP_HELP = ("turn off mixed precision (autocast), which CLIP_benchmark uses by default: float16 "
-            "on CUDA, bfloat16 on the CPU, where it is often several times slower")
 
 
 # ----- the command line: CLIP_benchmark's own parser, plus ours -----------------------------
@@ -86,6 +85,7 @@ def eval_parser():
         if action.dest == "amp":  # its own help ("whether to use mixed precision") reads inverted
             action.help = AMP_HELP
     add_pruning_arguments(evaluate)
+    add_tokenizer_argument(evaluate)
     add_verbose_argument(evaluate)
     return parser
 
@@ -163,10 +163,12 @@ class _Session:
     def wrap_load_clip(self, load_clip):
         @functools.wraps(load_clip)
         def load_clip_pruned(model_type, model_name, pretrained, cache_dir, device="cuda"):
+            tokenizer_dir = getattr(self.args, "tokenizer", None)
             if model_type == "open_clip":
                 check_model(model_name, pretrained,
                             pruning_flag="--enable_pruning" if self.enabled else None)
-            with loading_errors(model_name, pretrained):
+                check_tokenizer(model_name, tokenizer_dir)
+            with loading_errors(model_name, pretrained, tokenizer_dir=tokenizer_dir):
                 model, transform, tokenizer = load_clip(model_type=model_type,
                                                         model_name=model_name,
                                                         pretrained=pretrained,

@@ -27,7 +27,7 @@ from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, towe
                      tower_patches)
 from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
-from .common import CLIError, check_model, quiet_warnings, sweep_lists
+from .common import CLIError, check_model, check_tokenizer, quiet_warnings, sweep_lists
 
 # The speed timing: encode_image on the first SPEED_IMAGES images of the first batch, once per
 # token budget (the unpruned model, and each distinct pruned block and kept patch count: the
@@ -89,6 +89,7 @@ def check_sweep_args(args):
     if args.model_type != "open_clip":
         raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP models only")
     check_model(model, pretrained, pruning_flag="")
+    check_tokenizer(model, args.tokenizer)
     depth = _tower_depth(model)
     if depth is not None:
         _check_layers(lists["layer"], depth, model)
