@@ -138,7 +138,7 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     assert kept == [(8, 25, 64)] * 3 + [(6, 25, 64)]
     assert "65 -> 25 tokens" in err
     # Prose counts blocks from 1, the JSON's "block" is the 0-based index: both said.
-    assert "pruned at block 2 of 2, index 1" in err
+    assert "pruned at block 2 of 2 (index 1)" in err
     # No --no_amp on a CPU without native bfloat16: one line says that autocast is on and how
     # to turn it off.
     assert len([line for line in err.splitlines() if "--no_amp" in line]) == 1

@@ -124,7 +124,8 @@ def test_output_files(swept):
     assert (meta["dataset"], meta["model"], meta["images"]) == ("wds/tiny", TINY, 30)
     summary = (folder / "summary.md").read_text()
     assert "wds/tiny" in summary and TINY in summary and "30 images" in summary
-    assert summary.count("\n| 1 of 2 (index 0) |") + summary.count("\n| 2 of 2 (index 1) |") == 4  # one per budget
+    # One row per budget; blocks counted from 1, the 0-based index beside.
+    assert summary.count("\n| 1 of 2 (index 0) |") + summary.count("\n| 2 of 2 (index 1) |") == 4
     assert Image.open(folder / "accuracy_vs_tokens.png").size[0] > 400
     # One progress bar, with a total: 5 class names + 30 images.
     assert re.search(r"\b35/35\b", err), err

@@ -54,14 +54,14 @@ def test_speed_is_timed_once_per_budget(timed):
     keys = [key for key, _ in calls]
     assert len(keys) == len(set(keys))  # each budget timed once, whatever its settings
     assert set(keys) == {None} | budgets
-    assert all(images <= sweep_command.SPEED_IMAGES for _, images in calls)
+    assert all(images == min(8, sweep_command.CPU_SPEED_IMAGES) for _, images in calls)
     # Every row of a budget (its alphas, its controls) reports that budget's number.
     for block, kept in budgets:
         same = {r["images_per_s"] for r in rows
                 if r["pruned"] and (r["block"], r["kept_tokens"] - 1) == (block, kept)}
         assert len(same) == 1 and next(iter(same)) > 0
     meta = json.loads((out / "results.json").read_text())
-    assert meta["speed_batch"] == min(8, sweep_command.SPEED_IMAGES)
+    assert meta["speed_batch"] == min(8, sweep_command.CPU_SPEED_IMAGES)
 
 
 # ----- point 7: blocks counted from 1 for people --------------------------------------------

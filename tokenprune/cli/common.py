@@ -13,9 +13,9 @@ import os
 import sys
 import tempfile
 import warnings
-from itertools import product
 from contextlib import contextmanager
 from dataclasses import asdict
+from itertools import product
 from unittest import mock
 
 from ..config import BACKENDS, CONTROLS, SCORE_NORMS, PruneConfig
@@ -113,7 +113,9 @@ def add_sweep_arguments(parser):
                        help="replace the results of an earlier sweep in --output_dir (without "
                             "it, such a folder is refused)")
     group.add_argument("--no_speed", action="store_true",
-                       help="do not time encode_image for each setting")
+                       help="do not time encode_image (by default it is timed once per token "
+                            "budget: the unpruned model and each pruned block and kept-token "
+                            "count, on the first batch; on a CPU its first 8 images)")
 
 
 def sweep_lists(args):
@@ -242,6 +244,8 @@ def check_eval_output(args):
     """`tokenprune eval --output`: each results file is a file (not a folder) in a folder that
     exists and can be written (CLIP_benchmark opens it only after the whole run)."""
     for path in eval_output_files(args):
+        if "{task}" in os.path.dirname(path):
+            continue  # a folder per task: known only once CLIP_benchmark resolves --task auto
         if os.path.isdir(path):
             raise CLIError(f"--output {args.output}: {path} is a folder; give a file name, "
                            f"e.g. --output {os.path.join(path, 'results.json')}")
@@ -537,7 +541,7 @@ class _DropLog(logging.Filter):
 def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer_dir=None):
     """Turn OpenCLIP's loading failures into one-line CLIErrors that say what failed and what to
     do, classified by the step that failed (download, reading the checkpoint file, loading it
-    into the model), never by the words of an error message.
+    into the model, loading the text tokenizer), never by the words of an error message.
 
     OpenCLIP logs a download failure before raising it: our error says it, so that log is
     dropped, as is its random-weights warning when the caller has already printed a note.

@@ -276,8 +276,8 @@ class _Session:
         pruning = result["pruning"]
         if pruning.get("applied"):
             # 1-based in prose; the JSON's "block" is the 0-based index into resblocks.
-            mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']}, "
-                    f"index {pruning['block']}")
+            mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']} "
+                    f"(index {pruning['block']})")
         else:
             mode = "unpruned"
         note(f"{result['dataset']} / {result['model']} ({mode}): {metrics}; image encoding "
