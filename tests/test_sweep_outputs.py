@@ -27,18 +27,18 @@ def data_args(tiny):
 
 @pytest.fixture(scope="module")
 def timed(tiny, tmp_path_factory):
-    """A sweep with the default speed timing, the settings each timing call got recorded."""
+    """A sweep with the default speed timing, counting the encode_image calls it makes."""
+    import open_clip.model
     calls = []
-    measure = sweep_command._images_per_second
+    encode_image = open_clip.model.CLIP.encode_image
 
-    def spy(model, images, config, device, amp):
-        calls.append((None if config is None else (config.layer, config.kept_patches),
-                      len(images)))
-        return measure(model, images, config, device, amp)
+    def counted(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return encode_image(self, images, *args, **kwargs)
     out = tmp_path_factory.mktemp("sweep") / "out"
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
-        mp.setattr(sweep_command, "_images_per_second", spy)
+        mp.setattr(open_clip.model.CLIP, "encode_image", counted)
         status = main(["sweep", *data_args(tiny), *GRID, "--output_dir", str(out)])
     assert status == 0, err.getvalue()
     return out, calls
@@ -46,22 +46,18 @@ def timed(tiny, tmp_path_factory):
 
 # ----- point 5: the default speed timing costs little -------------------------------------
 
-def test_speed_is_timed_once_per_budget(timed):
+def test_speed_comes_from_the_sweeps_own_passes(timed):
+    """No encode_image call is made for the timing: per batch, one unpruned call and one per
+    setting that prunes, as with --no_speed; yet every row has its speed."""
     out, calls = timed
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    budgets = {(r["block"], r["kept_tokens"] - 1) for r in rows if r["pruned"]}
-    assert len(budgets) == 4 and len(rows) == 1 + 8 + 2 * 4
-    keys = [key for key, _ in calls]
-    assert len(keys) == len(set(keys))  # each budget timed once, whatever its settings
-    assert set(keys) == {None} | budgets
-    assert all(images == min(8, sweep_command.CPU_SPEED_IMAGES) for _, images in calls)
-    # Every row of a budget (its alphas, its controls) reports that budget's number.
-    for block, kept in budgets:
-        same = {r["images_per_s"] for r in rows
-                if r["pruned"] and (r["block"], r["kept_tokens"] - 1) == (block, kept)}
-        assert len(same) == 1 and next(iter(same)) > 0
     meta = json.loads((out / "results.json").read_text())
-    assert meta["speed_batch"] == min(8, sweep_command.CPU_SPEED_IMAGES)
+    rows = meta["rows"]
+    pruning = [r for r in rows if r["pruned"]]
+    assert len(rows) == 1 + 8 + 2 * 4 and len(pruning) == 16
+    batches = [8, 8, 8, 6]  # 30 images in batches of 8
+    assert calls == [n for n in batches for _ in range(1 + len(pruning))]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert meta["speed_images"] == 30 - 8  # the first batch warms up
 
 
 # ----- point 7: blocks counted from 1 for people --------------------------------------------

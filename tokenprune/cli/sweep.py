@@ -21,22 +21,13 @@ from unittest import mock
 
 import torch
 
-from ..patch import remove_pruning, replace_last_block, visual_tower
+from ..patch import visual_tower
 from ..config import CONTROLS, PruneConfig
 from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, tower_blocks,
                      tower_patches)
 from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
 from .common import CLIError, check_model, check_tokenizer, quiet_warnings, sweep_lists
-
-# The speed timing: encode_image once per token budget (the unpruned model, and each distinct
-# pruned block and kept patch count: the settings and controls of a budget run the same blocks
-# on the same number of tokens), on the first batch, one warm-up call then SPEED_ROUNDS timed
-# calls, the fastest counting. On a CPU only its first CPU_SPEED_IMAGES images, since there
-# each image timed costs as much as one evaluated; a GPU gets the whole batch, since a small
-# one would leave it idle and hide the saving.
-CPU_SPEED_IMAGES = 8
-SPEED_ROUNDS = 2
 
 def _one(args, name):
     values = args.__dict__[name]
@@ -134,28 +125,67 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _images_per_second(model, images, config, device, amp):
-    """encode_image images/s on `images`: the fastest of SPEED_ROUNDS calls after a warm-up."""
-    remove_pruning(model)
-    if config is not None:
-        replace_last_block(model, config=config)
-    try:
-        seconds = []
-        with torch.no_grad(), torch.autocast(device, enabled=amp):
-            for _ in range(1 + SPEED_ROUNDS):
-                _sync(device)
-                start = time.perf_counter()
-                model.encode_image(images)
-                _sync(device)
-                seconds.append(time.perf_counter() - start)
-        return len(images) / min(seconds[1:])
-    finally:
-        remove_pruning(model)
+class _PassTimer:
+    """Each setting's encode_image speed, from the passes the sweep makes anyway.
 
+    Per batch, GridEncoder calls encode_image once on the unpruned model, then once for each
+    setting that prunes, with the blocks before its layer skipped and their output injected
+    (tokenprune/sweep.py). Timed here: each of those calls, and, in the unpruned call, when
+    the first block and each pruned block start. A setting pruned at block L then takes what
+    its own model would: the unpruned call's time up to block L, plus its own call's time less
+    the part before the first block (patch embedding, positions, pre-norm), which it repeats.
+    The first batch warms up and is not counted, unless it is the only one (as in eval)."""
 
-def _speed_sample(batch, device):
-    """The images the speed is timed on (see CPU_SPEED_IMAGES)."""
-    return batch if torch.device(device).type == "cuda" else batch[:CPU_SPEED_IMAGES]
+    def __init__(self, blocks, layers, device):
+        self.device = torch.device(device)
+        self.starts = {}  # block index -> when it started in this batch's unpruned call
+        self.calls = []  # this batch's encode_image calls: (start, end)
+        self.batches = []  # (images, unpruned seconds, {block: seconds before it}, [reruns])
+        self.hooks = [blocks[layer].register_forward_pre_hook(functools.partial(self._start,
+                                                                                layer))
+                      for layer in sorted({0, *layers})]
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, layer, module, args):
+        # Only the unpruned call reaches the tower's own blocks here: a setting's call runs
+        # stand-ins before its layer, then its pruned block.
+        self.starts.setdefault(layer, self._now())
+
+    def wrap(self, encode_image):
+        @functools.wraps(encode_image)
+        def timed(images, *args, **kwargs):
+            start = self._now()
+            out = encode_image(images, *args, **kwargs)
+            self.calls.append((start, self._now()))
+            return out
+        return timed
+
+    def end_batch(self, images):
+        (start, end), reruns = self.calls[0], self.calls[1:]
+        before = {layer: t - start for layer, t in self.starts.items()}
+        self.batches.append((images, end - start, before, [e - s for s, e in reruns]))
+        self.calls, self.starts = [], {}
+
+    def close(self):
+        for hook in self.hooks:
+            hook.remove()
+
+    def images_per_second(self, layers, pruned):
+        """([images/s of each setting], images counted). `layers[i]`: setting i's pruned block,
+        None where it runs unpruned; `pruned`: the settings GridEncoder re-runs, in its order."""
+        counted = self.batches[1:] if len(self.batches) > 1 else self.batches
+        images = sum(batch[0] for batch in counted)
+        seconds = [0.0] * len(layers)
+        for _, unpruned, before, reruns in counted:
+            for i in range(len(layers)):
+                seconds[i] += unpruned
+            for i, rerun in zip(pruned, reruns):
+                seconds[i] += before[layers[i]] - unpruned + rerun - before[0]
+        return [images / s if s > 0 else None for s in seconds], images
 
 
 def _budget(config, patches):
@@ -183,15 +213,14 @@ def _sweep_classification(state, original_evaluate, zsc):
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed)
-        encoder = GridEncoder(visual, [p.config for p in points], forward=model.encode_image)
-        budgets = {}  # budget -> the first setting of it, which is timed for all of them
-        for point in points:
-            budgets.setdefault(_budget(point.config, patches), point.config)
-        if state.bar is not None and state.bar.total is not None and not args.no_speed:
-            state.bar.total += len(budgets)
-            state.bar.refresh()
+        # The speed comes from the passes below, which GridEncoder makes anyway (_PassTimer).
+        timer = None if args.no_speed else _PassTimer(
+            tower_blocks(visual), {p.config.layer for p in points
+                                   if _budget(p.config, patches) is not None}, device)
+        forward = model.encode_image if timer is None else timer.wrap(model.encode_image)
+        encoder = GridEncoder(visual, [p.config for p in points], forward=forward)
         pred = [[] for _ in points]
-        true, first_batch = [], None
+        true = []
         with torch.no_grad():
             for images, target in dataloader:  # run_classification's loop, every point at once
                 images = images.to(device)
@@ -200,11 +229,11 @@ def _sweep_classification(state, original_evaluate, zsc):
                     outputs = encoder(images)
                     logits = [100. * F.normalize(out.output, dim=-1) @ classifier
                               for out in outputs]
+                if timer is not None:
+                    timer.end_batch(len(images))
                 true.append(target.cpu())
                 for kept, batch_logits in zip(pred, logits):
                     kept.append(batch_logits.float().cpu())
-                if first_batch is None:
-                    first_batch = images
                 if state.bar is not None:
                     state.bar.update(len(images))
         true = torch.cat(true)
@@ -212,19 +241,14 @@ def _sweep_classification(state, original_evaluate, zsc):
         for logits in pred:
             metrics.append(_metrics(original_evaluate, zsc, torch.cat(logits), true, classifier,
                                     dataloader, device, amp))
-        speeds = [None] * len(points)
-        if not args.no_speed and first_batch is not None:
-            if state.bar is not None:
-                state.bar.set_description("timing encode_image")
-            sample = _speed_sample(first_batch, device)
-            done = {}
-            for budget, config in budgets.items():
-                done[budget] = _images_per_second(model, sample, config, device, amp)
-                if state.bar is not None:
-                    state.bar.update(1)
-            speeds = [done[_budget(point.config, patches)] for point in points]
-        state.result = _rows(points, metrics, speeds, visual, len(true),
-                             None if first_batch is None else _speed_sample(first_batch, device))
+        speeds, timed_images = [None] * len(points), None
+        if timer is not None:
+            timer.close()
+            pruned = [i for i, p in enumerate(points) if _budget(p.config, patches) is not None]
+            speeds, timed_images = timer.images_per_second(
+                [None if _budget(p.config, patches) is None else p.config.layer for p in points],
+                pruned)
+        state.result = _rows(points, metrics, speeds, visual, len(true), timed_images)
         raise _Done()
 
     return run_classification
@@ -238,7 +262,7 @@ def _metrics(original_evaluate, zsc, logits, target, classifier, dataloader, dev
         return original_evaluate(None, dataloader, None, None, None, device, amp=amp)
 
 
-def _rows(points, metrics, speeds, visual, images, batch):
+def _rows(points, metrics, speeds, visual, images, timed_images):
     tower = find_tower(visual)
     depth, patches, prefix = len(tower.blocks), tower.num_patches, tower.num_prefix
     tokens = prefix + patches
@@ -273,7 +297,7 @@ def _rows(points, metrics, speeds, visual, images, batch):
         rows.append(row)
     return {"rows": rows, "metrics": names, "primary": primary, "images": images,
             "tokens": tokens, "num_blocks": depth,
-            "speed_batch": None if batch is None or speeds[0] is None else len(batch)}
+            "speed_images": timed_images}
 
 
 # ----- outputs ------------------------------------------------------------------------------
@@ -415,7 +439,7 @@ def write_outputs(output_dir, meta, result):
         with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
             json.dump({**meta, "images": result["images"], "tokens": result["tokens"],
                        "num_blocks": result["num_blocks"], "primary_metric": result["primary"],
-                       "speed_batch": result["speed_batch"], "rows": rows},
+                       "speed_images": result["speed_images"], "rows": rows},
                       f, indent=2, allow_nan=False)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
