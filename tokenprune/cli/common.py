@@ -113,9 +113,8 @@ def add_sweep_arguments(parser):
                        help="replace the results of an earlier sweep in --output_dir (without "
                             "it, such a folder is refused)")
     group.add_argument("--no_speed", action="store_true",
-                       help="do not time encode_image (by default it is timed once per token "
-                            "budget: the unpruned model and each pruned block and kept-token "
-                            "count, on the first batch; on a CPU its first 8 images)")
+                       help="do not time encode_image (by default each setting's images/s are "
+                            "timed on the sweep's own passes over the data: no extra pass)")
 
 
 def sweep_lists(args):

@@ -120,11 +120,6 @@ def _dataset_size(dataset):
         return None
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _PassTimer:
     """Each setting's encode_image speed, from the passes the sweep makes anyway.
 
@@ -174,9 +169,10 @@ class _PassTimer:
         for hook in self.hooks:
             hook.remove()
 
-    def images_per_second(self, layers, pruned):
+    def images_per_second(self, layers):
         """([images/s of each setting], images counted). `layers[i]`: setting i's pruned block,
-        None where it runs unpruned; `pruned`: the settings GridEncoder re-runs, in its order."""
+        None where it runs unpruned; the others are those GridEncoder re-runs, in its order."""
+        pruned = [i for i, layer in enumerate(layers) if layer is not None]
         counted = self.batches[1:] if len(self.batches) > 1 else self.batches
         images = sum(batch[0] for batch in counted)
         seconds = [0.0] * len(layers)
@@ -188,12 +184,12 @@ class _PassTimer:
         return [images / s if s > 0 else None for s in seconds], images
 
 
-def _budget(config, patches):
-    """What a setting's speed depends on: None for the unpruned model (and a setting that
-    prunes nothing), else (pruned block, kept patches)."""
+def _pruned_layer(config, patches):
+    """The block a setting prunes; None where it runs unpruned (the unpruned row, and k + m >=
+    patches: GridEncoder gives those the unpruned output without a call of their own)."""
     if config is None or config.kept_patches >= patches:
         return None
-    return config.layer, config.kept_patches
+    return config.layer
 
 
 def _finite(value):
@@ -214,9 +210,9 @@ def _sweep_classification(state, original_evaluate, zsc):
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed)
         # The speed comes from the passes below, which GridEncoder makes anyway (_PassTimer).
+        layers = [_pruned_layer(p.config, patches) for p in points]
         timer = None if args.no_speed else _PassTimer(
-            tower_blocks(visual), {p.config.layer for p in points
-                                   if _budget(p.config, patches) is not None}, device)
+            tower_blocks(visual), {layer for layer in layers if layer is not None}, device)
         forward = model.encode_image if timer is None else timer.wrap(model.encode_image)
         encoder = GridEncoder(visual, [p.config for p in points], forward=forward)
         pred = [[] for _ in points]
@@ -244,10 +240,7 @@ def _sweep_classification(state, original_evaluate, zsc):
         speeds, timed_images = [None] * len(points), None
         if timer is not None:
             timer.close()
-            pruned = [i for i, p in enumerate(points) if _budget(p.config, patches) is not None]
-            speeds, timed_images = timer.images_per_second(
-                [None if _budget(p.config, patches) is None else p.config.layer for p in points],
-                pruned)
+            speeds, timed_images = timer.images_per_second(layers)
         state.result = _rows(points, metrics, speeds, visual, len(true), timed_images)
         raise _Done()
 
