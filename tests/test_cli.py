@@ -117,6 +117,8 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
         kept.append(tuple(out.shape))
         return out
     monkeypatch.setattr(PrunedResidualAttentionBlock, "forward", spy)
+    from tokenprune.cli import evaluate
+    monkeypatch.setattr(evaluate, "cpu_has_native_bfloat16", lambda: False)  # the advice's case
     status, _, err = run_main(eval_args(tiny, tmp_path / "pruned.json", "--enable_pruning",
                                         "--k_anchors", "4", "--top_m", "20", "--alpha", "0.3",
                                         "--score_norm", "minmax"), capsys)
@@ -136,8 +138,9 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     assert kept == [(8, 25, 64)] * 3 + [(6, 25, 64)]
     assert "65 -> 25 tokens" in err
     # Prose counts blocks from 1, the JSON's "block" is the 0-based index: both said.
-    assert "pruned at block 2 of 2, index 1" in err
-    # No --no_amp on the CPU: one line says that autocast is on and how to turn it off.
+    assert "pruned at block 2 of 2 (index 1)" in err
+    # No --no_amp on a CPU without native bfloat16: one line says that autocast is on and how
+    # to turn it off.
     assert len([line for line in err.splitlines() if "--no_amp" in line]) == 1
 
 

@@ -4,7 +4,9 @@ ViT-B-16-SigLIP2's tokenizer is Gemma's, which OpenCLIP loads from the Hugging F
 (`timm/ViT-B-16-SigLIP2`) through transformers' AutoTokenizer: it cannot be had offline. The
 eval test puts a small word-level stand-in tokenizer into a temporary Hugging Face cache under
 that repository name (what an offline machine that fetched the tokenizer once looks like to
-transformers) and runs the real command in a subprocess with HF_HOME pointing there. The
+transformers: one of the two ways tokenprune's error names, HF_HOME; the other, --tokenizer
+DIR, is tested in tests/test_cli_messages.py) and runs the real command in a subprocess with
+HF_HOME pointing there. The
 zero-shot prompts are then tokenized by the stand-in; the image tower, the checkpoint, the
 pruning and CLIP_benchmark's evaluation are the real ones.
 """

@@ -26,8 +26,10 @@ from .. import __version__
 from ..config import BACKENDS, SCORE_NORMS
 from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
-                     add_pruning_arguments, add_sweep_arguments, add_verbose_argument,
-                     prune_config, sweep_lists, use_shipped_model)
+                     add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
+                     add_verbose_argument, check_eval_output, check_run_flags,
+                     check_sweep_output, prune_config, sweep_lists, use_shipped_model,
+                     webdataset_workers)
 
 
 def add_visualize_arguments(parser):
@@ -101,12 +103,13 @@ def build_parser():
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     evaluate = commands.add_parser(
-        "eval", add_help=False, help="CLIP_benchmark's zero-shot evaluation, plus the pruning "
-                                     "flags (`tokenprune eval --help` lists them all)")
-    evaluate.add_argument("-h", "--help", action="store_true", default=False,
-                          help="show CLIP_benchmark's eval flags and ours, then exit")
+        "eval", help="CLIP_benchmark's zero-shot evaluation, plus the pruning flags "
+                     "(`tokenprune eval --help` lists them all)",
+        description="CLIP_benchmark's eval plus the pruning flags. Flags take hyphens or "
+                    "underscores.")
     clip_benchmark_flags.add_eval_flags(evaluate)
     add_pruning_arguments(evaluate)
+    add_tokenizer_argument(evaluate)
     add_verbose_argument(evaluate)
     evaluate.set_defaults(which="eval")
 
@@ -116,8 +119,9 @@ def build_parser():
                     "random and cls controls, in one pass over the dataset. Takes every flag of "
                     "eval. Writes results.csv, results.json, accuracy_vs_tokens.png and "
                     "summary.md.")
-    clip_benchmark_flags.add_eval_flags(sweep)
+    clip_benchmark_flags.add_eval_flags(sweep, shown=clip_benchmark_flags.SWEEP_FLAGS)
     add_sweep_arguments(sweep)
+    add_tokenizer_argument(sweep)
     add_verbose_argument(sweep)
     sweep.set_defaults(which="sweep")
 
@@ -194,10 +198,18 @@ def unrecognized(extras, parser):
 def _run(which, args, argv):
     if which == "eval":
         prune_config(args)  # before anything is imported: bad values are answered at once
+        check_run_flags(args)
+        check_eval_output(args)
+        workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
-        run_eval(parse_eval_args(argv))
+        eval_args = parse_eval_args(argv)
+        eval_args.num_workers = workers
+        run_eval(eval_args)
     elif which == "sweep":
         sweep_lists(args)  # bad values are answered before anything is imported
+        check_run_flags(args)
+        check_sweep_output(args)
+        args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
         run_sweep(args)
     elif which == "generate":
@@ -229,9 +241,6 @@ def main(argv=None):
         parser.print_help()
         return 0
     subparser = parser.subcommands[which]
-    if which == "eval" and args.help:
-        from .evaluate import eval_parser
-        eval_parser().parse_args(["eval", "--help"])
     # A clip-benchmark other than the one our copy of its flags came from may know more flags:
     # there, CLIP_benchmark's own parser judges them.
     if extras and not (which == "eval" and not clip_benchmark_flags.flags_trusted()):

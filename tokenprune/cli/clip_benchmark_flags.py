@@ -56,6 +56,90 @@ EVAL_FLAGS = (
     (("--wds_cache_dir",), "wds_cache_dir", None, "store", str, None, None),
 )
 
+# Their help text, by first option string (None: they give none); `tokenprune eval --help`
+# shows it from here, with HELP_OVERRIDES in its place where theirs misleads or is missing.
+EVAL_HELP = {
+    '--dataset': (
+        'Dataset(s) to use for the benchmark. Can be the name of a dataset, or a '
+        "collection name ('vtab', 'vtab+', 'imagenet_robustness', 'retrieval') or path "
+        'of a text file where each line is a dataset name'),
+    '--dataset_root': (
+        'dataset root folder where the datasets are downloaded. Can be in the form of a '
+        "template depending on dataset name, e.g., --dataset_root='datasets/{dataset}'. "
+        'This is useful if you evaluate on multiple datasets.'),
+    '--split': 'Dataset split to use',
+    '--test_split': 'Dataset split to use',
+    '--train_split': 'Dataset(s) train split names',
+    '--val_split': 'Dataset(s) validation split names. Mutually exclusive with val_proportion.',
+    '--val_proportion': (
+        'what is the share of the train dataset will be used for validation part, if it '
+        "doesn't predefined. Mutually exclusive with val_split"),
+    '--model': 'Model architecture to use from OpenCLIP',
+    '--pretrained': 'Model checkpoint name to use from OpenCLIP',
+    '--pretrained_model': (
+        'Pre-trained model(s) to use. Can be the full model name where `model` and '
+        '`pretrained` are comma separated (e.g., '
+        "--pretrained_model='ViT-B-32-quickgelu,laion400m_e32'), a model collection name "
+        "('openai' or 'openclip_base' or 'openclip_multilingual' or 'openclip_all'), or "
+        'path of a text file where each line is a model fullname where model and '
+        'pretrained are comma separated (e.g., ViT-B-32-quickgelu,laion400m_e32). '
+        '--model and --pretrained are ignored if --pretrained_model is used.'),
+    '--task': (
+        'Task to evaluate on. With --task=auto, the task is automatically inferred from '
+        'the dataset.'),
+    '--no_amp': 'whether to use mixed precision',
+    '--num_workers': None,
+    '--recall_k': 'for retrieval, select the k for Recall@K metric. ',
+    '--fewshot_k': 'for linear probe, how many shots. -1 = whole dataset.',
+    '--fewshot_epochs': 'for linear probe, how many epochs.',
+    '--fewshot_lr': 'for linear probe, what is the learning rate.',
+    '--skip_load': 'for linear probes, when everything is cached, no need to load model.',
+    '--distributed': 'evaluation in parallel',
+    '--seed': 'random seed.',
+    '--batch_size': None,
+    '--normalize': 'features normalization',
+    '--model_cache_dir': 'directory to where downloaded models are cached',
+    '--feature_root': 'feature root folder where the features are stored.',
+    '--annotation_file': (
+        'text annotation file for retrieval datasets. Only needed  for when `--task` is '
+        '`zeroshot_retrieval`.'),
+    '--custom_classname_file': (
+        'use custom json file with classnames for each dataset, where keys are dataset '
+        'names and values are list of classnames.'),
+    '--custom_template_file': (
+        'use custom json file with prompts for each dataset, where keys are dataset '
+        'names and values are list of prompts. For instance, to use CuPL prompts, use '
+        "--custom_template_file='cupl_prompts.json'"),
+    '--dump_classnames': 'dump classnames to the results json file.',
+    '--dump_templates': 'dump templates to the results json file.',
+    '--language': 'language(s) of classname and prompts to use for zeroshot classification.',
+    '--output': (
+        'output file where to dump the metrics. Can be in form of a template, e.g., '
+        "--output='{dataset}_{pretrained}_{model}_{language}_{task}.json'"),
+    '--quiet': 'suppress verbose messages',
+    '--save_clf': 'optionally save the classification layer output by the text tower',
+    '--load_clfs': 'optionally load and average mutliple layers output by text towers.',
+    '--skip_existing': 'whether to skip an evaluation if the output file exists.',
+    '--model_type': 'clip model type',
+    '--wds_cache_dir': 'optional cache directory for webdataset only',
+}
+
+AMP_HELP = ("turn off mixed precision (autocast), which CLIP_benchmark uses by default: float16 "
+            "on CUDA, bfloat16 on the CPU, where it is often several times slower unless the "
+            "CPU has native bfloat16 (AVX512-BF16 or AMX)")
+HELP_OVERRIDES = {
+    "--no_amp": AMP_HELP,  # theirs ("whether to use mixed precision") reads inverted
+    "--num_workers": "DataLoader worker processes (default 4; a local WebDataset gets no more "
+                     "than it has shards)",
+    "--batch_size": "images per batch (default 64)",
+}
+# The eval flags `tokenprune sweep` uses, listed by `sweep --help` (it takes them all; the rest
+# are linear-probe, retrieval or multi-run flags that it refuses or ignores).
+SWEEP_FLAGS = ("--dataset", "--dataset_root", "--split", "--model", "--pretrained", "--task",
+               "--no_amp", "--num_workers", "--seed", "--batch_size", "--model_cache_dir",
+               "--custom_classname_file", "--custom_template_file", "--language", "--quiet",
+               "--model_type", "--wds_cache_dir")
+
 
 def describe(action):
     """An argparse action as an EVAL_FLAGS row (what the test compares)."""
@@ -75,12 +159,17 @@ def flags_trusted():
         return False
 
 
-def add_eval_flags(parser):
-    """CLIP_benchmark's eval flags, without their help (see `tokenprune eval --help`)."""
+def add_eval_flags(parser, shown=None):
+    """CLIP_benchmark's eval flags, in a group of `parser`; `--help` shows those in `shown`
+    (default: all) with their help text."""
+    group = parser.add_argument_group("CLIP_benchmark's eval flags")
     for option_strings, dest, nargs, kind, type_, choices, default in EVAL_FLAGS:
+        flag = option_strings[0]
+        help_text = (argparse.SUPPRESS if shown is not None and flag not in shown else
+                     HELP_OVERRIDES.get(flag, EVAL_HELP[flag]))
         if kind == "store":
-            parser.add_argument(*option_strings, dest=dest, nargs=nargs, type=type_,
-                                choices=choices, default=default, help=argparse.SUPPRESS)
+            group.add_argument(*option_strings, dest=dest, nargs=nargs, type=type_,
+                               choices=choices, default=default, help=help_text)
         else:
-            parser.add_argument(*option_strings, dest=dest, action=kind, default=default,
-                                help=argparse.SUPPRESS)
+            group.add_argument(*option_strings, dest=dest, action=kind, default=default,
+                               help=help_text)

@@ -11,9 +11,11 @@ import functools
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
+from itertools import product
 from unittest import mock
 
 from ..config import BACKENDS, CONTROLS, SCORE_NORMS, PruneConfig
@@ -38,6 +40,8 @@ LIST_FLAGS = {
 }
 LIST_DEFAULTS = {"k_anchors": [5, 10, 20], "top_m": [30, 50, 100], "alpha": [0.3, 0.5, 0.7],
                  "score_norm": ["none"], "layer": [-1]}
+# What `tokenprune sweep` writes into --output_dir.
+SWEEP_OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
 # 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
 SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
@@ -103,9 +107,14 @@ def add_sweep_arguments(parser):
                             "(default: random cls)")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="selection backend (default %(default)s)")
-    group.add_argument("--output_dir", required=True, help="where the results go")
+    group.add_argument("--output_dir", required=True,
+                       help=f"folder for {', '.join(SWEEP_OUTPUT_FILES)}; made if missing")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the results of an earlier sweep in --output_dir (without "
+                            "it, such a folder is refused)")
     group.add_argument("--no_speed", action="store_true",
-                       help="do not time encode_image for each setting")
+                       help="do not time encode_image (by default each setting's images/s are "
+                            "timed on the sweep's own passes over the data: no extra pass)")
 
 
 def sweep_lists(args):
@@ -129,6 +138,14 @@ def sweep_lists(args):
                     "or none")
     lists["controls"] = [] if controls == ["none"] else controls
     return lists
+
+
+def add_tokenizer_argument(parser):
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="folder holding the model's text tokenizer, saved with "
+                             "transformers' save_pretrained: for models whose tokenizer "
+                             "OpenCLIP loads from the Hugging Face hub (SigLIP, SigLIP2, ...), "
+                             "where the hub cannot be reached")
 
 
 def add_verbose_argument(parser):
@@ -160,6 +177,128 @@ def prune_config(args):
 
 # ----- checks made before anything is loaded ------------------------------------------------
 
+def check_run_flags(args):
+    """eval's and sweep's flags that need nothing loaded: the batch size and the number of
+    workers (CLIP_benchmark's DataLoader would fail on them only after the model loaded)."""
+    if args.batch_size < 1:
+        raise CLIError(f"--batch_size must be an integer >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise CLIError(f"--num_workers must be an integer >= 0, got {args.num_workers}")
+
+
+def _can_write_in(folder):
+    """Whether a file can be made in `folder`: tried, since os.access says yes to root even on
+    a read-only filesystem."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".tokenprune-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.remove(probe)
+    return True
+
+
+def _check_writable(flag, given, folder, create=False):
+    """`folder` (or, with `create`, the nearest folder above it that exists) is a folder that
+    can be written in; else a CLIError naming `flag` and the value `given`."""
+    existing = os.path.abspath(folder)
+    if not create and not os.path.exists(existing):
+        raise CLIError(f"{flag} {given}: the folder {folder} does not exist; make it first")
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CLIError(f"{flag} {given}: {existing} is a file, not a folder")
+    if not _can_write_in(existing):
+        raise CLIError(f"{flag} {given}: cannot write in {existing} (no permission, or a "
+                       "read-only filesystem)")
+
+
+def _as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def eval_output_files(args):
+    """The results files `tokenprune eval` will write: CLIP_benchmark's --output template
+    filled in for each model, dataset and language ({task} stays as written)."""
+    template = args.output
+    models = [(m, p) for m, p in product(_as_list(args.model), _as_list(args.pretrained))]
+    files = []
+    for (model, pretrained), dataset, language in product(models, _as_list(args.dataset),
+                                                          _as_list(args.language)):
+        name = dataset.replace("wds/", "", 1) if dataset.startswith("wds/") else dataset
+        weights = os.path.basename(pretrained) if os.path.isfile(pretrained) else pretrained
+        full = pretrained.replace("/", "_") if os.path.isfile(pretrained) else pretrained
+        try:
+            files.append(template.format(model=model, pretrained=weights, language=language,
+                                         pretrained_full_path=full, task="{task}",
+                                         dataset=name.replace("/", "_")))
+        except (KeyError, IndexError, ValueError) as err:
+            raise CLIError(f"--output {template}: not a file name template ({err!r}); the "
+                           "fields are {dataset}, {model}, {pretrained}, "
+                           "{pretrained_full_path}, {language} and {task}") from err
+    return files
+
+
+def check_eval_output(args):
+    """`tokenprune eval --output`: each results file is a file (not a folder) in a folder that
+    exists and can be written (CLIP_benchmark opens it only after the whole run)."""
+    for path in eval_output_files(args):
+        if "{task}" in os.path.dirname(path):
+            continue  # a folder per task: known only once CLIP_benchmark resolves --task auto
+        if os.path.isdir(path):
+            raise CLIError(f"--output {args.output}: {path} is a folder; give a file name, "
+                           f"e.g. --output {os.path.join(path, 'results.json')}")
+        _check_writable("--output", args.output, os.path.dirname(path) or ".")
+
+
+def check_sweep_output(args):
+    """`tokenprune sweep --output_dir`: a folder (or a path where one can be made) that can be
+    written, and that holds no earlier results unless --overwrite."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--output_dir {out}: a file, not a folder")
+    found = [name for name in SWEEP_OUTPUT_FILES if os.path.exists(os.path.join(out, name))]
+    if found and not args.overwrite:
+        raise CLIError(f"--output_dir {out}: already holds sweep results ({', '.join(found)}); "
+                       "add --overwrite to replace them, or give another folder")
+    _check_writable("--output_dir", out, out, create=True)
+
+
+def webdataset_workers(args):
+    """eval's and sweep's checks of a local WebDataset (`--dataset wds/NAME`), made before the
+    model loads: its class names must be there for zero-shot classification, and no more
+    workers are used than it has shards (a worker without a shard fails in webdataset).
+    Returns the --num_workers to use; a note says when that is fewer than asked."""
+    workers = args.num_workers
+    for dataset in _as_list(args.dataset):
+        if not dataset.startswith("wds/") or "://" in args.dataset_root:
+            continue
+        name = dataset.replace("wds/", "", 1)
+        root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+        try:
+            with open(os.path.join(root, args.split, "nshards.txt"), encoding="utf-8") as f:
+                shards = int(f.read())
+        except (OSError, ValueError):
+            continue  # CLIP_benchmark's own loading says what is wrong with the folder
+        try:
+            with open(os.path.join(root, "dataset_type.txt"), encoding="utf-8") as f:
+                kind = f.read().strip().lower()
+        except OSError:
+            kind = "classification"
+        if (kind != "retrieval" and args.task in ("auto", "zeroshot_classification")
+                and not args.custom_classname_file
+                and not os.path.isfile(os.path.join(root, "classnames.txt"))):
+            raise CLIError(f"--dataset {dataset}: no classnames.txt in {root} (one class name a "
+                           "line, in label order), which zero-shot classification needs; add "
+                           "it, or pass --custom_classname_file")
+        if 0 < shards < workers:
+            note(f"note: --num_workers {args.num_workers}: {dataset} has {shards} "
+                 f"shard{'s' if shards > 1 else ''}, so {shards} worker{'s' if shards > 1 else ''} "
+                 f"read{'' if shards > 1 else 's'} it (a worker needs a shard of its own)")
+            workers = shards
+    return workers
+
+
 def check_device(device):
     """The torch device to use: `device`, or cuda when available, else cpu. A device that this
     machine does not have is a CLIError, before any model is loaded."""
@@ -178,6 +317,89 @@ def check_device(device):
             raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} "
                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def cpu_has_native_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, ARM BF16),
+    where CLIP_benchmark's default bfloat16 autocast is fast; without it, autocast on the CPU
+    is often several times slower than float32. From the CPU's flags in `cpuinfo` (Linux);
+    None when they cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pretrained_hint(model_name):
+    """How to give `model_name` trained weights: its own OpenCLIP pretrained tags, or a file."""
+    from open_clip.pretrained import list_pretrained_tags_by_model
+    tags = list_pretrained_tags_by_model(model_name.replace("/", "-"))
+    if not tags:
+        return "--pretrained /path/to/checkpoint.bin"
+    tag = "openai" if "openai" in tags else tags[0]
+    others = f"; its tags: {', '.join(tags)}" if len(tags) > 1 else ""
+    return f"--pretrained {tag} (downloads once{others}) or --pretrained /path/to/checkpoint.bin"
+
+
+def hub_tokenizer(model_name):
+    """The Hugging Face hub id OpenCLIP loads `model_name`'s text tokenizer from (its config's
+    text_cfg.hf_tokenizer_name), or None: OpenCLIP's own tokenizer, or a model folder or hub
+    repository that brings its tokenizer along."""
+    import open_clip
+    from open_clip.factory import parse_model_name
+    schema, _ = parse_model_name(model_name)
+    if schema is not None:
+        return None
+    config = open_clip.get_model_config(model_name.replace("/", "-")) or {}
+    return config.get("text_cfg", {}).get("hf_tokenizer_name") or None
+
+
+def tokenizer_cached(hub_id):
+    """Whether the Hugging Face cache (HF_HOME) holds the tokenizer `hub_id`."""
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(hub_id, "tokenizer_config.json"), str)
+
+
+def missing_tokenizer_message(model_name, hub_id, cause=None):
+    why = f" ({cause})" if cause else ""
+    return (f"the text tokenizer of {model_name} is missing: OpenCLIP loads it from the Hugging "
+            f"Face hub as {hub_id}{why}, which cannot be reached from here (HF_HUB_OFFLINE=1 or "
+            "no network), and the Hugging Face cache does not hold it. Where downloads work, "
+            f"either fill a cache (python -c \"from transformers import AutoTokenizer; "
+            f"AutoTokenizer.from_pretrained('{hub_id}')\") and point HF_HOME at a copy of it "
+            f"here, or save the tokenizer to a folder (AutoTokenizer.from_pretrained('{hub_id}')"
+            ".save_pretrained('DIR')), copy it here and pass --tokenizer DIR")
+
+
+def check_tokenizer(model_name, tokenizer_dir):
+    """Before the model loads: --tokenizer DIR fits the model, or the model's hub tokenizer can
+    be had (checked in the cache when the hub is switched off; a failure to reach it otherwise
+    is translated by loading_errors)."""
+    hub_id = hub_tokenizer(model_name)
+    if tokenizer_dir is not None:
+        if hub_id is None:
+            raise CLIError(f"--tokenizer {tokenizer_dir}: {model_name} does not load its "
+                           "tokenizer from the Hugging Face hub (it brings its own); leave "
+                           "--tokenizer out")
+        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+            raise CLIError(f"--tokenizer {tokenizer_dir}: no tokenizer_config.json there; give "
+                           "a folder written by the tokenizer's save_pretrained (the tokenizer "
+                           f"of {model_name} is {hub_id} on the Hugging Face hub)")
+        return
+    if hub_id is None:
+        return
+    import huggingface_hub.constants
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not tokenizer_cached(hub_id):
+        raise CLIError(missing_tokenizer_message(model_name, hub_id))
 
 
 def check_model(model_name, pretrained, pruning_flag=None):
@@ -315,14 +537,21 @@ class _DropLog(logging.Filter):
 
 
 @contextmanager
-def loading_errors(model_name, pretrained, random_weights_noted=False):
+def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer_dir=None):
     """Turn OpenCLIP's loading failures into one-line CLIErrors that say what failed and what to
     do, classified by the step that failed (download, reading the checkpoint file, loading it
-    into the model), never by the words of an error message.
+    into the model, loading the text tokenizer), never by the words of an error message.
 
     OpenCLIP logs a download failure before raising it: our error says it, so that log is
-    dropped, as is its random-weights warning when the caller has already printed a note."""
+    dropped, as is its random-weights warning when the caller has already printed a note.
+    With `tokenizer_dir` (--tokenizer), OpenCLIP's Hugging Face tokenizer is read from there
+    instead of the hub."""
     from open_clip import factory
+
+    hf_tokenizer = factory.HFTokenizer
+
+    def make_tokenizer(source, *args, **kwargs):
+        return hf_tokenizer(tokenizer_dir or source, *args, **kwargs)
 
     prefixes = ("Failed to download weights", "Pretrained tag or path")
     log_filter = _DropLog(prefixes + (("No pretrained weights loaded",)
@@ -331,7 +560,9 @@ def loading_errors(model_name, pretrained, random_weights_noted=False):
              "download_pretrained_from_hf": _step("download",
                                                   factory.download_pretrained_from_hf),
              "load_state_dict": _step("read", factory.load_state_dict),
-             "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch)}
+             "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch),
+             "HFTokenizer": _step("tokenizer", make_tokenizer,
+                                  lambda source, *args, **kwargs: (source, tokenizer_dir))}
     logging.getLogger().addFilter(log_filter)
     try:
         with mock.patch.multiple(factory, **steps):
@@ -361,6 +592,12 @@ def loading_error_message(err, model_name, pretrained):
         return (f"--pretrained {pretrained}: not a readable checkpoint file "
                 f"({type(cause).__name__} while reading it). Expected a state_dict saved with "
                 "torch.save, a .safetensors file or an OpenCLIP .bin; is the file complete?")
+    if step == "tokenizer":
+        hub_id, tokenizer_dir = failed.detail
+        if tokenizer_dir:
+            return (f"--tokenizer {tokenizer_dir}: could not load the tokenizer of {model_name} "
+                    f"from it ({what}); give a folder written by save_pretrained of {hub_id}")
+        return missing_tokenizer_message(model_name, hub_id, type(cause).__name__)
     if step == "load" and failed.detail and any(failed.detail):
         return _mismatch_message(model_name, pretrained, failed.detail)
     return (f"could not load model {model_name!r} with pretrained {pretrained!r}: {what} "

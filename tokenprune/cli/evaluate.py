@@ -36,15 +36,14 @@ from ..patch import UnsupportedModelError, replace_last_block
 from ..selection import resolve_backend
 from ..towers import find_tower
 from .build import json_safe
+from .clip_benchmark_flags import AMP_HELP
 from .common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
-                     add_verbose_argument, check_model, loading_errors, note, prune_config,
-                     quiet_warnings)
+                     add_tokenizer_argument, add_verbose_argument, check_model, check_tokenizer,
+                     cpu_has_native_bfloat16, loading_errors, note, prune_config, quiet_warnings)
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
-AMP_HELP = ("turn off mixed precision (autocast), which CLIP_benchmark uses by default: float16 "
-            "on CUDA, bfloat16 on the CPU, where it is often several times slower")
 
 
 # ----- the command line: CLIP_benchmark's own parser, plus ours -----------------------------
@@ -86,6 +85,7 @@ def eval_parser():
         if action.dest == "amp":  # its own help ("whether to use mixed precision") reads inverted
             action.help = AMP_HELP
     add_pruning_arguments(evaluate)
+    add_tokenizer_argument(evaluate)
     add_verbose_argument(evaluate)
     return parser
 
@@ -163,10 +163,12 @@ class _Session:
     def wrap_load_clip(self, load_clip):
         @functools.wraps(load_clip)
         def load_clip_pruned(model_type, model_name, pretrained, cache_dir, device="cuda"):
+            tokenizer_dir = getattr(self.args, "tokenizer", None)
             if model_type == "open_clip":
                 check_model(model_name, pretrained,
                             pruning_flag="--enable_pruning" if self.enabled else None)
-            with loading_errors(model_name, pretrained):
+                check_tokenizer(model_name, tokenizer_dir)
+            with loading_errors(model_name, pretrained, tokenizer_dir=tokenizer_dir):
                 model, transform, tokenizer = load_clip(model_type=model_type,
                                                         model_name=model_name,
                                                         pretrained=pretrained,
@@ -203,11 +205,8 @@ class _Session:
             if applied:
                 run["tokens_after"] = tower.num_prefix + cfg.kept_patches
             else:
-                size = "x".join(map(str, getattr(visual, "image_size", ("?",))))
-                note(f"warning: k_anchors + top_m = {cfg.kept_patches} >= {patches} patches of "
-                     f"{model_name} at {size} px: nothing to prune, the model runs unpruned "
-                     "(lower --k_anchors/--top_m, e.g. --k_anchors 5 --top_m 30, or use a model "
-                     "with more patches, e.g. ViT-B-16)")
+                note(nothing_to_prune_warning(model_name, getattr(visual, "image_size", None),
+                                              cfg.kept_patches, patches))
             run["pruning"] = {"enabled": True, "applied": applied, **_flags(cfg),
                               "block": cfg.layer % blocks, "num_blocks": blocks,
                               "backend_used": backend_used}
@@ -277,12 +276,26 @@ class _Session:
         pruning = result["pruning"]
         if pruning.get("applied"):
             # 1-based in prose; the JSON's "block" is the 0-based index into resblocks.
-            mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']}, "
-                    f"index {pruning['block']}")
+            mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']} "
+                    f"(index {pruning['block']})")
         else:
             mode = "unpruned"
         note(f"{result['dataset']} / {result['model']} ({mode}): {metrics}; image encoding "
              f"{speed}{tokens}")
+
+
+def nothing_to_prune_warning(model_name, image_size, kept_patches, patches):
+    """The warning for k + m >= the model's patches, with k and m that would prune it (about
+    a third of its patches kept, as the defaults keep 60 of ViT-B/16's 196)."""
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    size = "x".join(map(str, image_size)) + " px" if image_size else "its image size"
+    k = max(1, patches // 40)
+    m = max(0, min(patches // 4, patches - k - 1))
+    return (f"warning: k_anchors + top_m = {kept_patches} >= {patches} patches of {model_name} "
+            f"at {size}: nothing to prune, the model runs unpruned (keep fewer than {patches}, "
+            f"e.g. --k_anchors {k} --top_m {m}, or use a model with more patches: a smaller "
+            "patch or a larger image size)")
 
 
 class _JsonModule:
@@ -341,10 +354,10 @@ def run_eval(args):
             note(f"note: {', '.join(changed)} given without --enable_pruning: evaluating the "
                  "unpruned model")
     # CLIP_benchmark runs on CUDA when there is one, else on the CPU (it has no --device).
-    if args.amp and not torch.cuda.is_available():
+    if args.amp and not torch.cuda.is_available() and not cpu_has_native_bfloat16():
         note("note: running on the CPU with CLIP_benchmark's default mixed precision (bfloat16 "
-             "autocast), which is often several times slower there; add --no_amp to run in "
-             "float32")
+             "autocast), which is often several times slower on a CPU without native bfloat16 "
+             "(AVX512-BF16 or AMX), as this one seems to be; add --no_amp to run in float32")
     with quiet_warnings(args.show_warnings), clip_benchmark_hooks(args, config) as session:
         cb_cli.main_eval(args)
     return session.outputs

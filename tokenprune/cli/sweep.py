@@ -21,15 +21,13 @@ from unittest import mock
 
 import torch
 
-from ..patch import remove_pruning, replace_last_block, visual_tower
+from ..patch import visual_tower
 from ..config import CONTROLS, PruneConfig
 from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, tower_blocks,
                      tower_patches)
 from ..towers import find_tower
-from .common import CLIError, check_model, quiet_warnings, sweep_lists
-
-OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
-SPEED_ROUNDS = 3  # timed encode_image calls per setting (after one warm-up); the median counts
+from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
+from .common import CLIError, check_model, check_tokenizer, quiet_warnings, sweep_lists
 
 def _one(args, name):
     values = args.__dict__[name]
@@ -84,6 +82,7 @@ def check_sweep_args(args):
     if args.model_type != "open_clip":
         raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP models only")
     check_model(model, pretrained, pruning_flag="")
+    check_tokenizer(model, args.tokenizer)
     depth = _tower_depth(model)
     if depth is not None:
         _check_layers(lists["layer"], depth, model)
@@ -121,29 +120,76 @@ def _dataset_size(dataset):
         return None
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+class _PassTimer:
+    """Each setting's encode_image speed, from the passes the sweep makes anyway.
+
+    Per batch, GridEncoder calls encode_image once on the unpruned model, then once for each
+    setting that prunes, with the blocks before its layer skipped and their output injected
+    (tokenprune/sweep.py). Timed here: each of those calls, and, in the unpruned call, when
+    the first block and each pruned block start. A setting pruned at block L then takes what
+    its own model would: the unpruned call's time up to block L, plus its own call's time less
+    the part before the first block (patch embedding, positions, pre-norm), which it repeats.
+    The first batch warms up and is not counted, unless it is the only one (as in eval)."""
+
+    def __init__(self, blocks, layers, device):
+        self.device = torch.device(device)
+        self.starts = {}  # block index -> when it started in this batch's unpruned call
+        self.calls = []  # this batch's encode_image calls: (start, end)
+        self.batches = []  # (images, unpruned seconds, {block: seconds before it}, [reruns])
+        self.hooks = [blocks[layer].register_forward_pre_hook(functools.partial(self._start,
+                                                                                layer))
+                      for layer in sorted({0, *layers})]
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, layer, module, args):
+        # Only the unpruned call reaches the tower's own blocks here: a setting's call runs
+        # stand-ins before its layer, then its pruned block.
+        self.starts.setdefault(layer, self._now())
+
+    def wrap(self, encode_image):
+        @functools.wraps(encode_image)
+        def timed(images, *args, **kwargs):
+            start = self._now()
+            out = encode_image(images, *args, **kwargs)
+            self.calls.append((start, self._now()))
+            return out
+        return timed
+
+    def end_batch(self, images):
+        (start, end), reruns = self.calls[0], self.calls[1:]
+        before = {layer: t - start for layer, t in self.starts.items()}
+        self.batches.append((images, end - start, before, [e - s for s, e in reruns]))
+        self.calls, self.starts = [], {}
+
+    def close(self):
+        for hook in self.hooks:
+            hook.remove()
+
+    def images_per_second(self, layers):
+        """([images/s of each setting], images counted). `layers[i]`: setting i's pruned block,
+        None where it runs unpruned; the others are those GridEncoder re-runs, in its order."""
+        pruned = [i for i, layer in enumerate(layers) if layer is not None]
+        counted = self.batches[1:] if len(self.batches) > 1 else self.batches
+        images = sum(batch[0] for batch in counted)
+        seconds = [0.0] * len(layers)
+        for _, unpruned, before, reruns in counted:
+            for i in range(len(layers)):
+                seconds[i] += unpruned
+            for i, rerun in zip(pruned, reruns):
+                seconds[i] += before[layers[i]] - unpruned + rerun - before[0]
+        return [images / s if s > 0 else None for s in seconds], images
 
 
-def _images_per_second(model, images, config, device, amp):
-    """encode_image images/s on `images`, median of SPEED_ROUNDS calls after one warm-up."""
-    remove_pruning(model)
-    if config is not None:
-        replace_last_block(model, config=config)
-    try:
-        seconds = []
-        with torch.no_grad(), torch.autocast(device, enabled=amp):
-            for _ in range(1 + SPEED_ROUNDS):
-                _sync(device)
-                start = time.perf_counter()
-                model.encode_image(images)
-                _sync(device)
-                seconds.append(time.perf_counter() - start)
-        seconds = sorted(seconds[1:])
-        return len(images) / seconds[len(seconds) // 2]
-    finally:
-        remove_pruning(model)
+def _pruned_layer(config, patches):
+    """The block a setting prunes; None where it runs unpruned (the unpruned row, and k + m >=
+    patches: GridEncoder gives those the unpruned output without a call of their own)."""
+    if config is None or config.kept_patches >= patches:
+        return None
+    return config.layer
 
 
 def _finite(value):
@@ -163,14 +209,14 @@ def _sweep_classification(state, original_evaluate, zsc):
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed)
-        encoder = GridEncoder(visual, [p.config for p in points], forward=model.encode_image)
-        timed = {p.config if p.config is not None and p.config.kept_patches < patches else None
-                 for p in points}  # a point that prunes nothing runs the unpruned model
-        if state.bar is not None and state.bar.total is not None and not args.no_speed:
-            state.bar.total += len(timed)
-            state.bar.refresh()
+        # The speed comes from the passes below, which GridEncoder makes anyway (_PassTimer).
+        layers = [_pruned_layer(p.config, patches) for p in points]
+        timer = None if args.no_speed else _PassTimer(
+            tower_blocks(visual), {layer for layer in layers if layer is not None}, device)
+        forward = model.encode_image if timer is None else timer.wrap(model.encode_image)
+        encoder = GridEncoder(visual, [p.config for p in points], forward=forward)
         pred = [[] for _ in points]
-        true, first_batch = [], None
+        true = []
         with torch.no_grad():
             for images, target in dataloader:  # run_classification's loop, every point at once
                 images = images.to(device)
@@ -179,11 +225,11 @@ def _sweep_classification(state, original_evaluate, zsc):
                     outputs = encoder(images)
                     logits = [100. * F.normalize(out.output, dim=-1) @ classifier
                               for out in outputs]
+                if timer is not None:
+                    timer.end_batch(len(images))
                 true.append(target.cpu())
                 for kept, batch_logits in zip(pred, logits):
                     kept.append(batch_logits.float().cpu())
-                if first_batch is None:
-                    first_batch = images
                 if state.bar is not None:
                     state.bar.update(len(images))
         true = torch.cat(true)
@@ -191,19 +237,11 @@ def _sweep_classification(state, original_evaluate, zsc):
         for logits in pred:
             metrics.append(_metrics(original_evaluate, zsc, torch.cat(logits), true, classifier,
                                     dataloader, device, amp))
-        speeds = [None] * len(points)
-        if not args.no_speed and first_batch is not None:
-            if state.bar is not None:
-                state.bar.set_description("timing encode_image")
-            done = {}
-            for i, point in enumerate(points):
-                key = point.config if point.config in timed else None
-                if key not in done:
-                    done[key] = _images_per_second(model, first_batch, key, device, amp)
-                    if state.bar is not None:
-                        state.bar.update(1)
-                speeds[i] = done[key]
-        state.result = _rows(points, metrics, speeds, visual, len(true), first_batch)
+        speeds, timed_images = [None] * len(points), None
+        if timer is not None:
+            timer.close()
+            speeds, timed_images = timer.images_per_second(layers)
+        state.result = _rows(points, metrics, speeds, visual, len(true), timed_images)
         raise _Done()
 
     return run_classification
@@ -217,7 +255,7 @@ def _metrics(original_evaluate, zsc, logits, target, classifier, dataloader, dev
         return original_evaluate(None, dataloader, None, None, None, device, amp=amp)
 
 
-def _rows(points, metrics, speeds, visual, images, batch):
+def _rows(points, metrics, speeds, visual, images, timed_images):
     tower = find_tower(visual)
     depth, patches, prefix = len(tower.blocks), tower.num_patches, tower.num_prefix
     tokens = prefix + patches
@@ -232,7 +270,8 @@ def _rows(points, metrics, speeds, visual, images, batch):
         kept = prefix + config.kept_patches if pruned else tokens
         score = point.kind == "score"
         row = {"kind": point.kind,
-               "block": config.layer if config is not None else None,
+               "block": config.layer if config is not None else None,  # 0-based, as in eval
+               "block_number": config.layer + 1 if config is not None else None,  # for people
                "num_blocks": depth,
                "k_anchors": config.k_anchors if config is not None else None,
                "top_m": config.top_m if config is not None else None,
@@ -251,7 +290,7 @@ def _rows(points, metrics, speeds, visual, images, batch):
         rows.append(row)
     return {"rows": rows, "metrics": names, "primary": primary, "images": images,
             "tokens": tokens, "num_blocks": depth,
-            "speed_batch": None if batch is None or speeds[0] is None else len(batch)}
+            "speed_images": timed_images}
 
 
 # ----- outputs ------------------------------------------------------------------------------
@@ -265,6 +304,11 @@ def _weights(meta):
 def _label(row):
     return (f"k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
             f"{row['score_norm']}")
+
+
+def _block_name(block, blocks):
+    """A block for people: counted from 1, its 0-based index beside it ("12 of 12 (index 11)")."""
+    return f"{block + 1} of {blocks} (index {block})"
 
 
 def summary_markdown(meta, result):
@@ -291,7 +335,7 @@ def summary_markdown(meta, result):
         controls = {r["kind"]: r[primary] for r in rows
                     if r["kind"] in CONTROLS and (r["block"], r["kept_tokens"]) == (block, kept)}
         control = lambda kind: fmt(controls[kind]) if kind in controls else "-"  # noqa: E731
-        lines.append(f"| {block} of {result['num_blocks']} | {kept} | {_label(best)} | "
+        lines.append(f"| {_block_name(block, result['num_blocks'])} | {kept} | {_label(best)} | "
                      f"{fmt(best[primary])} | {fmt(best[f'{primary}_retained'])} | "
                      f"{control('cls')} | {control('random')} | {fmt(unpruned[primary])} | "
                      f"{best['relative_cost']:.3f} |")
@@ -302,29 +346,57 @@ def summary_markdown(meta, result):
     return "\n".join(lines) + "\n"
 
 
-def plot(meta, result, path):
+# The plot: a colour per pruned block; within a block, each series its own line style and
+# marker; markers and lines thinner with each series drawn, so that series with equal values
+# still show one around the other. The controls wear their block's colour.
+LINE_STYLES = ("-", "--", "-.", ":")
+SCORE_MARKERS = ("o", "^", "D", "v", "P", "<", ">", "h")
+CONTROL_MARKERS = {"cls": "s", "random": "X"}
+MARKER_SIZES = (13.0, 4.0)  # the first series drawn, the last
+LINE_WIDTHS = (4.0, 1.0)
+
+
+def plot_figure(meta, result):
+    """The accuracy-against-kept-tokens figure (matplotlib, not yet saved)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows, primary = result["rows"], result["primary"]
+    rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    series = {}
-    for row in rows[1:]:
-        if row["kind"] == "score":
-            series.setdefault((row["block"], row["alpha"], row["score_norm"]), []).append(row)
-    for (block, alpha, norm), members in series.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score",) + CONTROLS})
+    series = {}  # (block, kind, alpha, score_norm) -> rows, in drawing order
+    for block in blocks:
+        for row in rows[1:]:
+            if row["block"] == block and row["kind"] == "score":
+                series.setdefault((block, "score", row["alpha"], row["score_norm"]),
+                                  []).append(row)
+        for kind in CONTROLS:
+            members = [r for r in rows if r["kind"] == kind and r["block"] == block]
+            if members:
+                series[(block, kind, None, None)] = members
+
+    def shrinking(sizes, n):  # from sizes[0] for the first series to sizes[1] for the last
+        return sizes[0] - (sizes[0] - sizes[1]) * n / max(1, len(series) - 1)
+
+    in_block = {}
+    for n, ((block, kind, alpha, norm), members) in enumerate(series.items()):
+        colour = colours[blocks.index(block) % len(colours)]
+        i = in_block[block] = in_block.get(block, -1) + 1
         members = sorted(members, key=lambda r: r["kept_tokens"])
-        ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members], "o-",
-                alpha=0.85, label=f"block {block}/{result['num_blocks']}, alpha {alpha}, {norm}")
-    markers = {"cls": ("s", "cls control"), "random": ("X", "random control")}
-    for kind, (marker, name) in markers.items():
-        for block in sorted({r["block"] for r in rows if r["kind"] == kind}):
-            members = sorted((r for r in rows if r["kind"] == kind and r["block"] == block),
-                             key=lambda r: r["kept_tokens"])
+        if kind == "score":
+            marker, linestyle = SCORE_MARKERS[i % len(SCORE_MARKERS)], \
+                LINE_STYLES[i % len(LINE_STYLES)]
+            label = f"block {_block_name(block, depth)}, alpha {alpha}, {norm}"
+        else:
+            marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
-            ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members],
-                    linestyle="none", marker=marker, markersize=8, markeredgecolor="black",
-                    label=f"{name}{seed}, block {block}/{result['num_blocks']}")
+            label = f"{kind} control{seed}, block {_block_name(block, depth)}"
+        ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members],
+                color=colour, marker=marker, linestyle=linestyle,
+                linewidth=shrinking(LINE_WIDTHS, n),
+                markersize=shrinking(MARKER_SIZES, n), markerfacecolor=colour,
+                markeredgecolor="black", markeredgewidth=0.6, alpha=0.9, label=label)
     if rows[0][primary] is not None:
         ax.axhline(rows[0][primary], color="black", linestyle="--",
                    label=f"unpruned ({result['tokens']} tokens)")
@@ -335,21 +407,32 @@ def plot(meta, result, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot(meta, result, path):
+    import matplotlib.pyplot as plt
+    fig = plot_figure(meta, result)
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(output_dir, meta, result):
-    """All four files, or none: they are written to a folder beside output_dir, then moved in."""
+    """All four files, or none: they are written to a hidden folder inside output_dir, then
+    renamed into place. Inside, not beside it: output_dir may be a mount point, and a rename
+    cannot cross filesystems. A folder made here is removed again if the write fails."""
     rows = result["rows"]
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tokenprune-sweep-", dir=parent)
+    made = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    staging = None
     try:
+        staging = tempfile.mkdtemp(prefix=".tokenprune-sweep-", dir=output_dir)
         with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
             json.dump({**meta, "images": result["images"], "tokens": result["tokens"],
                        "num_blocks": result["num_blocks"], "primary_metric": result["primary"],
-                       "speed_batch": result["speed_batch"], "rows": rows},
+                       "speed_images": result["speed_images"], "rows": rows},
                       f, indent=2, allow_nan=False)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -360,11 +443,15 @@ def write_outputs(output_dir, meta, result):
         with open(os.path.join(staging, "summary.md"), "w", encoding="utf-8") as f:
             f.write(summary_markdown(meta, result))
         plot(meta, result, os.path.join(staging, "accuracy_vs_tokens.png"))
-        os.makedirs(output_dir, exist_ok=True)
         for name in OUTPUT_FILES:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----- run ----------------------------------------------------------------------------------

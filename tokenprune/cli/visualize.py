@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ..patch import UnsupportedModelError, pruned_block, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
-from .common import (CLIError, check_device, check_model, loading_errors, note, prune_config,
-                     use_shipped_model)
+from .common import (CLIError, check_device, check_model, loading_errors, note, pretrained_hint,
+                     prune_config, use_shipped_model)
 
 RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
@@ -177,8 +177,9 @@ def render(image, grid, keep_idx, anchors, title, subtitle):
 def run_visualize(args):
     shipped = use_shipped_model(args)
     config = prune_config(args)
+    demo = None  # the shipped model's label and unpruned prediction
     if shipped:
-        model, pixels, preprocess, name, weights, source = shipped_model_input(args, config)
+        model, pixels, preprocess, name, weights, source, demo = shipped_model_input(args, config)
     else:
         model, pixels, preprocess, name, weights, source = clip_model_input(args, config)
     tower = find_tower(model)
@@ -224,6 +225,11 @@ def run_visualize(args):
     else:
         print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
               f"= {config.kept_patches} >= {n_patches} patches); on {source}")
+    if demo is not None:  # the claim of the picture: the model still reads the digit
+        with torch.no_grad():
+            after = int(model(pixels).argmax(-1))
+        print(f"prediction: {demo['before']} before pruning, {after} after pruning (true label "
+              f"{demo['label']})")
     print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
     return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
             "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
@@ -232,18 +238,21 @@ def run_visualize(args):
 
 def shipped_model_input(args, config):
     """The first-run demo: the small ViT shipped with the package on a held-out canvas.
-    (model, pixels, preprocess, name, weights, source), the model already pruned."""
+    (model, pixels, preprocess, name, weights, source, {"label", "before"}), the model already
+    pruned; "before" is its prediction unpruned (the model's output is the digit's logits)."""
     from ..proxy import DEMO_INDEX, demo_inputs, describe
     device = check_device(args.device)
     note(f"loading the shipped small ViT on {device}...")
     model, pixels, preprocess, label, card = demo_inputs()
     print(f"model: {describe(card)}")
+    with torch.no_grad():
+        before = int(model(pixels).argmax(-1))
     try:
         replace_last_block(model, config=config)
     except ValueError as err:  # --layer out of range for this model
         raise CLIError(f"--{err}") from err
     return (model.to(device), pixels.to(device), preprocess, "shipped ViT", "trained",
-            f"held-out canvas #{DEMO_INDEX} (a {label})")
+            f"held-out canvas #{DEMO_INDEX} (a {label})", {"label": label, "before": before})
 
 
 def clip_model_input(args, config):
@@ -263,8 +272,7 @@ def clip_model_input(args, config):
     if random_weights:
         note(f"note: no --pretrained given, so {args.model} has random weights (seeded: the same "
              "picture every run): it shows how the selection works, not what a trained CLIP "
-             "looks at. For trained weights add --pretrained openai (downloads once) or "
-             "--pretrained /path/to/checkpoint.bin")
+             f"looks at. For trained weights add {pretrained_hint(args.model)}")
     note(f"loading {args.model} on {device}...")
     with loading_errors(args.model, args.pretrained, random_weights_noted=random_weights), \
             torch.random.fork_rng(devices=[]):

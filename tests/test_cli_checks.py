@@ -1,0 +1,207 @@
+"""What `tokenprune eval` and `tokenprune sweep` check before any model loads (bad batch size,
+output paths that cannot be written, results already there, WebDatasets with fewer shards than
+workers or no class names), and the sweep's all-or-nothing write across filesystems.
+Offline: the tiny OpenCLIP ViT and WebDataset of tests/helpers.py."""
+import errno
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+
+from tokenprune.cli import main  # noqa: E402
+from tokenprune.cli import sweep as sweep_command  # noqa: E402
+
+from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
+
+
+def data_args(tiny, data=None, workers="0"):
+    return ["--dataset", "wds/tiny", "--dataset_root", data or tiny["data"], "--model", TINY,
+            "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", workers]
+
+
+def run_main(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenprune: error: "), err
+    return lines[0]
+
+
+def unwritable_folder():
+    """A folder that even root cannot write in (sysfs), or None where there is none."""
+    try:
+        open("/sys/tokenprune-probe", "w").close()
+    except OSError:
+        return "/sys"
+    os.remove("/sys/tokenprune-probe")
+    return None
+
+
+# ----- point 1: everything that can be checked, before any model loads -------------------
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+@pytest.mark.parametrize("value", ["0", "-4"])
+def test_batch_size_below_one_is_refused_first(tiny, tmp_path, capsys, no_loading, command,
+                                               value):
+    argv = [command, *data_args(tiny)]
+    argv[argv.index("--batch_size") + 1] = value
+    argv += (["--output", str(tmp_path / "out.json")] if command == "eval" else
+             ["--output_dir", str(tmp_path / "out")])
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    assert one_error_line(err) == f"tokenprune: error: --batch_size must be an integer >= 1, " \
+                                  f"got {value}"
+
+
+def test_sweep_output_dir_naming_a_file_is_refused_first(tiny, tmp_path, capsys, no_loading):
+    existing = tmp_path / "results"
+    existing.write_text("not a folder")
+    status, _, err = run_main(["sweep", *data_args(tiny), "--output_dir", str(existing)], capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert f"--output_dir {existing}: " in line and "not a folder" in line
+
+
+def test_eval_output_naming_a_folder_is_refused_first(tiny, tmp_path, capsys, no_loading):
+    status, _, err = run_main(["eval", *data_args(tiny), "--output", str(tmp_path)], capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert f"--output {tmp_path}: " in line and "a folder" in line
+    assert os.path.join(str(tmp_path), "results.json") in line  # what to give instead
+
+
+def test_eval_output_in_a_missing_folder_is_refused_first(tiny, tmp_path, capsys, no_loading):
+    output = tmp_path / "missing" / "out.json"
+    status, _, err = run_main(["eval", *data_args(tiny), "--output", str(output)], capsys)
+    assert status == 1
+    assert f"--output {output}: the folder {tmp_path / 'missing'} does not exist" in \
+        one_error_line(err)
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_output_where_nothing_can_be_written_is_refused_first(tiny, tmp_path, capsys,
+                                                             no_loading, command):
+    folder = unwritable_folder()
+    if folder is None:
+        pytest.skip("no folder here that cannot be written")
+    target = os.path.join(folder, "tokenprune-out")
+    flag = "--output" if command == "eval" else "--output_dir"
+    status, _, err = run_main([command, *data_args(tiny), flag,
+                               target + (".json" if command == "eval" else "")], capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert f"{flag} {target}" in line and f"cannot write in {folder}" in line
+
+
+# ----- point 2: results already there; a destination on another filesystem ---------------
+
+def test_sweep_refuses_a_folder_that_holds_results(tiny, tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    status, _, err = run_main(["sweep", *data_args(tiny), "--output_dir", str(out)], capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert f"--output_dir {out}: already holds sweep results (results.json)" in line
+    assert "--overwrite" in line
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_sweep_writes_into_a_mount_point(tiny, tmp_path, capsys, monkeypatch):
+    """--output_dir on another filesystem than its parent: a rename between the two fails with
+    EXDEV, as os.rename, os.replace and shutil.move's rename do across filesystems. The
+    results arrive all the same; --overwrite replaces the old ones."""
+    out = tmp_path / "mounted"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    mount = str(out) + os.sep
+
+    def on_mount(path):
+        return os.path.abspath(path).startswith(mount)
+
+    def guarded(rename):
+        def rename_on_one_filesystem(src, dst, *args, **kwargs):
+            if on_mount(src) != on_mount(dst):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+            return rename(src, dst, *args, **kwargs)
+        return rename_on_one_filesystem
+
+    for name in ("rename", "replace"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
+    status, _, err = run_main(["sweep", *data_args(tiny), "--k_anchors", "4", "--top_m", "12",
+                               "--alpha", "0.5", "--controls", "none", "--no_speed", "--quiet",
+                               "--overwrite", "--output_dir", str(out)], capsys)
+    assert status == 0, err
+    assert sorted(os.listdir(out)) == sorted(sweep_command.OUTPUT_FILES + ("notes.txt",))
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["mounted"]  # no staging folder left anywhere
+
+
+def test_sweep_into_a_new_folder_leaves_nothing_when_writing_fails(tiny, tmp_path, capsys,
+                                                                   monkeypatch):
+    out = tmp_path / "new"
+
+    def failing_plot(meta, result, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sweep_command, "plot", failing_plot)
+    status, _, err = run_main(["sweep", *data_args(tiny), "--k_anchors", "4", "--top_m", "12",
+                               "--alpha", "0.5", "--controls", "none", "--no_speed", "--quiet",
+                               "--output_dir", str(out)], capsys)
+    assert status == 1 and "No space left on device" in err
+    assert os.listdir(tmp_path) == []
+
+
+# ----- point 3: WebDatasets: fewer shards than workers, no classnames.txt ----------------
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_webdataset_with_fewer_shards_than_workers_runs(tiny, tmp_path, capsys, command):
+    """CLIP_benchmark's default is 4 workers; a one-shard WebDataset then fails in worker 1.
+    tokenprune uses as many workers as there are shards, and says so in one line."""
+    argv = [command, *data_args(tiny, workers="4"), "--quiet"]
+    if command == "eval":
+        argv += ["--output", str(tmp_path / "out.json")]
+    else:
+        argv += ["--k_anchors", "4", "--top_m", "12", "--alpha", "0.5", "--controls", "none",
+                 "--no_speed", "--output_dir", str(tmp_path / "out")]
+    status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    notes = [line for line in err.splitlines() if "--num_workers" in line]
+    assert notes == ["tokenprune: note: --num_workers 4: wds/tiny has 1 shard, so 1 worker "
+                     "reads it (a worker needs a shard of its own)"]
+    if command == "eval":
+        assert json.loads((tmp_path / "out.json").read_text())["metrics"]["acc1"] is not None
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_webdataset_without_classnames_is_refused_first(tmp_path, tiny, capsys, no_loading,
+                                                        command):
+    data = write_webdataset(tmp_path / "wds", *class_images(4), CLASSES)
+    os.remove(os.path.join(data, "classnames.txt"))
+    argv = [command, *data_args(tiny, data)]
+    argv += (["--output", str(tmp_path / "out.json")] if command == "eval" else
+             ["--output_dir", str(tmp_path / "out")])
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert f"--dataset wds/tiny: no classnames.txt in {data}" in line
+    assert "--custom_classname_file" in line

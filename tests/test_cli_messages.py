@@ -1,0 +1,249 @@
+"""What the commands tell people: the text tokenizer a model fetches from the Hugging Face hub
+(and --tokenizer DIR offline), advice that holds on this machine (--no_amp, pretrained tags, the
+nothing-to-prune warning), `eval --help` and `sweep --help` without importing torch, and the
+shipped model's prediction before and after pruning. Offline."""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tokenprune.cli import clip_benchmark_flags, common, evaluate, main  # noqa: E402
+
+from helpers import CLASSES, TINY, TINY_CFG  # noqa: E402
+
+HF_TOKENIZED = "tokenprune-test-hf-tokenizer"
+TOKENIZER_HUB_ID = "tokenprune-test/no-such-tokenizer"  # not on the hub, not in any cache
+
+
+def run_main(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def data_args(tiny, model=TINY):
+    return ["--dataset", "wds/tiny", "--dataset_root", tiny["data"], "--model", model,
+            "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", "0"]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+
+
+# ----- point 4: a text tokenizer from the Hugging Face hub, offline -----------------------
+
+@pytest.fixture(scope="module")
+def hf_tokenized(tiny, tmp_path_factory):
+    """The tiny architecture with a Hugging Face text tokenizer (as SigLIP's configs name one),
+    and that tokenizer saved to a folder: (model name, tokenizer folder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("hf_tokenizer")
+    config = {**TINY_CFG, "text_cfg": {**TINY_CFG["text_cfg"],
+                                       "hf_tokenizer_name": TOKENIZER_HUB_ID}}
+    (root / "configs").mkdir()
+    (root / "configs" / f"{HF_TOKENIZED}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / "configs")
+    words = ["<pad>", "<unk>", "a", "photo", "of", "thing", *CLASSES]
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                            unk_token="<unk>"))
+    vocabulary.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = root / "tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=vocabulary, pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return HF_TOKENIZED, str(folder)
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_missing_hub_tokenizer_is_named_before_loading(tiny, hf_tokenized, tmp_path, capsys,
+                                                       no_loading, empty_hf_cache, command):
+    model, _ = hf_tokenized
+    out = (["--output", str(tmp_path / "out.json")] if command == "eval" else
+           ["--output_dir", str(tmp_path / "out")])
+    status, _, err = run_main([command, *data_args(tiny, model), "--enable_pruning"
+                               if command == "eval" else "--no_speed", *out], capsys)
+    assert status == 1
+    lines = [line for line in err.strip().splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith(f"tokenprune: error: the text tokenizer of {model} is missing")
+    assert f"Hugging Face hub as {TOKENIZER_HUB_ID}" in line
+    for way in ("HF_HOME", "--tokenizer DIR", "save_pretrained"):
+        assert way in line, way
+    assert "could not load model" not in line
+
+
+def test_missing_hub_tokenizer_after_loading_blames_the_tokenizer(tiny, hf_tokenized, tmp_path,
+                                                                  capsys, empty_hf_cache,
+                                                                  monkeypatch):
+    """Online as far as the flags know (HF_HUB_OFFLINE unset), but no hub to reach: the failure
+    comes from OpenCLIP's get_tokenizer, after the model loaded; it is named the same way."""
+    import huggingface_hub.constants
+    model, _ = hf_tokenized
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(common, "tokenizer_cached", lambda hub_id: True)  # the check passes
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    import transformers
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    status, _, err = run_main(["eval", *data_args(tiny, model), "--output",
+                               str(tmp_path / "out.json")], capsys)
+    assert status == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"tokenprune: error: the text tokenizer of {model} is missing")
+    assert TOKENIZER_HUB_ID in line and "--tokenizer DIR" in line
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_tokenizer_folder_works_offline(tiny, hf_tokenized, tmp_path, capsys, empty_hf_cache,
+                                        command):
+    model, folder = hf_tokenized
+    if command == "eval":
+        argv = ["eval", *data_args(tiny, model), "--tokenizer", folder, "--quiet",
+                "--output", str(tmp_path / "out.json")]
+    else:
+        argv = ["sweep", *data_args(tiny, model), "--tokenizer", folder, "--k_anchors", "4",
+                "--top_m", "12", "--alpha", "0.5", "--controls", "none", "--no_speed",
+                "--output_dir", str(tmp_path / "out")]
+    status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    results = (tmp_path / "out.json") if command == "eval" else (tmp_path / "out" / "results.json")
+    assert results.exists()
+
+
+def test_tokenizer_flag_on_a_model_without_one_is_refused(tiny, tmp_path, capsys, no_loading):
+    status, _, err = run_main(["eval", *data_args(tiny), "--tokenizer", str(tmp_path),
+                               "--output", str(tmp_path / "out.json")], capsys)
+    assert status == 1
+    assert f"--tokenizer {tmp_path}: {TINY} does not load its tokenizer from the Hugging Face " \
+        "hub" in err
+
+
+# ----- point 6: advice that holds here ---------------------------------------------------
+
+@pytest.mark.parametrize("native", [True, False])
+def test_no_amp_advice_only_without_native_bfloat16(tiny, tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(evaluate, "cpu_has_native_bfloat16", lambda: native)
+    status, _, err = run_main(["eval", *data_args(tiny), "--quiet", "--output",
+                               str(tmp_path / "out.json")], capsys)
+    assert status == 0, err
+    advice = [line for line in err.splitlines() if "--no_amp" in line]
+    assert len(advice) == (0 if native else 1), err
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16 amx_tile", True),
+    ("fpu sse2 avx2 amx_bf16 amx_tile", True),
+    ("fpu sse2 avx2 avx512f avx512bw", False),
+])
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+                       f"flags\t\t: {flags}\n")
+    assert common.cpu_has_native_bfloat16(str(cpuinfo)) is native
+
+
+def test_random_weights_note_suggests_the_models_own_tags(tmp_path, capsys, no_loading):
+    status, _, err = run_main(["visualize", "--model", "EVA02-B-16", "--out",
+                               str(tmp_path / "x.png")], capsys)
+    assert status == 1 and "a model was loaded" in err  # the note comes first
+    tags = open_clip.list_pretrained_tags_by_model("EVA02-B-16")
+    assert tags and "openai" not in tags
+    assert f"--pretrained {tags[0]}" in err and "--pretrained openai" not in err
+
+
+@pytest.mark.parametrize("patches", [16, 49, 64, 196, 576])
+def test_nothing_to_prune_warning_suggests_what_prunes(patches):
+    text = evaluate.nothing_to_prune_warning("ViT-B-16", (224, 224), patches, patches)
+    assert f"k_anchors + top_m = {patches} >= {patches} patches of ViT-B-16" in text
+    assert "e.g. ViT-B-16" not in text and text.count("ViT-B-16") == 1
+    words = text.split()
+    k = int(words[words.index("--k_anchors") + 1])
+    m = int(words[words.index("--top_m") + 1].rstrip(",);"))
+    assert k >= 1 and m >= 0 and k + m < patches
+
+
+# ----- point 9: help without importing torch ------------------------------------------------
+
+FAST_CHECK = r"""
+import json, sys
+from tokenprune.cli import main
+try:
+    status = main(json.loads(sys.argv[1]))
+except SystemExit as exc:
+    status = exc.code
+heavy = sorted(m for m in ("torch", "open_clip", "clip_benchmark") if m in sys.modules)
+print(json.dumps({"status": status, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("eval", ["--dataset_root", "dataset root folder where the datasets are downloaded",
+              "--pretrained_model", "--no_amp", "turn off mixed precision", "--k_anchors",
+              "--enable_pruning", "--tokenizer", "--verbose"]),
+    ("sweep", ["--dataset", "--dataset_root", "--model", "--pretrained", "--batch_size",
+               "--num_workers", "--no_amp", "--tokenizer", "--k_anchors", "--controls",
+               "--overwrite"]),
+])
+def test_help_lists_the_flags_without_importing_torch(tmp_path, command, shown):
+    proc = subprocess.run([sys.executable, "-c", FAST_CHECK, json.dumps([command, "--help"])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    *help_text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"status": 0, "heavy": []}, proc.stderr
+    text = " ".join(" ".join(help_text).split())  # argparse wraps lines
+    for flag in shown:
+        assert flag in text, flag
+
+
+def test_copy_of_clip_benchmark_help_matches_its_parser(monkeypatch):
+    import argparse
+    from clip_benchmark import cli as cb_cli
+    monkeypatch.setattr(sys, "argv", ["clip_benchmark"])
+    parser, _ = cb_cli.get_parser_args()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    theirs = {action.option_strings[0]: action.help
+              for action in subparsers.choices["eval"]._actions
+              if not isinstance(action, argparse._HelpAction)}
+    assert theirs == clip_benchmark_flags.EVAL_HELP
+
+
+# ----- point 10: the demo shows its claim --------------------------------------------------
+
+def test_visualize_shows_the_prediction_before_and_after_pruning(tmp_path, capsys, monkeypatch):
+    from tokenprune import replace_last_block
+    from tokenprune.proxy import demo_inputs
+    model, pixels, _, label, _ = demo_inputs()
+    with torch.no_grad():
+        before = int(model(pixels).argmax(-1))
+        replace_last_block(model, k_anchors=4, top_m=12)
+        after = int(model(pixels).argmax(-1))
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = run_main(["visualize"], capsys)
+    assert status == 0, err
+    assert (f"prediction: {before} before pruning, {after} after pruning (true label {label})"
+            in stdout)
