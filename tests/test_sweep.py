@@ -257,3 +257,58 @@ def test_non_finite_metrics_are_null_and_speed(tiny, tmp_path, capsys):
     assert all(0 <= r["acc1"] <= 1 for r in rows)
     with open(out / "results.csv", newline="") as f:
         assert {r["acc5"] for r in csv.DictReader(f)} == {""}
+
+
+# ----- where a simpler choice wins -----------------------------------------------------------
+
+def finding_row(kind, acc1, kept=17, block=1, alpha=None, **extra):
+    return {"kind": kind, "block": block, "num_blocks": 4, "k_anchors": 4, "top_m": kept - 5,
+            "alpha": alpha, "score_norm": None if alpha is None else "none", "seed": None,
+            "pruned": True, "kept_tokens": kept, "tokens": 65, "acc1": acc1, **extra}
+
+
+def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():
+    n = 1000
+    rows = [{**finding_row("unpruned", 0.9), "block": None, "pruned": False, "kept_tokens": 65},
+            # 17 tokens: cls 4 points above the best score setting (0.82); the noise there is
+            # 2 sqrt(0.82 * 0.18 / 1000) = 2.43 points. random is below.
+            finding_row("score", 0.80, alpha=0.3), finding_row("score", 0.82, alpha=0.7),
+            finding_row("cls", 0.86), finding_row("random", 0.50),
+            # 25 tokens: cls 2 points above 0.80, inside the noise (2.53 points): no line.
+            finding_row("score", 0.80, kept=25, alpha=0.5), finding_row("cls", 0.82, kept=25),
+            # 33 tokens: another selection of the grid (a score-kind row with its own
+            # selection) wins, and so does cls, by less; a row with no metric is skipped.
+            finding_row("score", 0.60, kept=33, alpha=0.5),
+            finding_row("score", 0.70, kept=33, selection="mmr", mmr_lambda=0.7),
+            finding_row("cls", 0.66, kept=33), finding_row("random", None, kept=33)]
+    result = {"rows": rows, "primary": "acc1", "images": n, "num_blocks": 4}
+    lines = sweep_command.simpler_choice_findings(result)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("at block 1 of 4, 17 tokens, cls keeps 4.0 points more acc1 "
+                               "than the best score setting (k=4, m=12, alpha=0.7, none: "
+                               "0.8200 against 0.8600; n = 1000, one image = 0.1 points, "
+                               "noise 2.4 points)"), lines[0]
+    assert "random" not in lines[0]
+    assert lines[1].startswith("at block 1 of 4, 33 tokens, mmr (mmr_lambda 0.7) keeps 10.0 "
+                               "points more"), lines[1]
+    assert lines[1].endswith("; so do cls (+6.0)"), lines[1]
+    # With all the seed's settings at least as good, nothing is said.
+    rows[3] = finding_row("cls", 0.82)
+    rows[8] = finding_row("score", 0.70, kept=33, alpha=0.7)
+    rows[10] = finding_row("cls", 0.60, kept=33)
+    assert sweep_command.simpler_choice_findings(result) == []
+
+
+def test_sweep_states_its_findings_in_summary_and_output(swept):
+    folder, err = swept
+    meta = json.loads((folder / "results.json").read_text())
+    result = {"rows": meta["rows"], "primary": meta["primary_metric"], "images": meta["images"],
+              "num_blocks": meta["num_blocks"]}
+    lines = sweep_command.simpler_choice_findings(result)
+    summary = (folder / "summary.md").read_text()
+    assert "## Where a simpler choice wins" in summary
+    for line in lines:
+        assert f"- {line}." in summary and f"tokenprune: {line}" in err
+    if not lines:
+        assert "At no budget does a control" in summary
+    assert err.count("tokenprune: at block") == len(lines)

@@ -267,6 +267,62 @@ def _label(row):
             f"{row['score_norm']}")
 
 
+def _is_seed_score(row):
+    """A pruned row of the seed's own selection (any alpha, score_norm)."""
+    return row["kind"] == "score" and row.get("selection", "score") == "score" and row["pruned"]
+
+
+def _method(row):
+    """What a row's selection is called in the sweep's findings: its kind (a control), or the
+    grid's other selection with its parameters."""
+    if row["kind"] != "score":
+        return row["kind"]
+    extra = [f"{key} {row[key]}" for key in ("mmr_lambda",) if row.get(key) is not None]
+    return row.get("selection", "score") + (f" ({', '.join(extra)})" if extra else "")
+
+
+def simpler_choice_findings(result):
+    """One line per budget (block, kept tokens) where a control, or another selection of the
+    grid, keeps more of the primary metric than every setting of the seed's score, by more
+    than the noise. Empty when there is none.
+
+    The noise: twice the binomial standard error of the best score setting's value p over the
+    n images, 2 sqrt(p (1 - p) / n), and never less than one image (1 / n). The rows are
+    measured on the same images, so their difference varies less than two independent
+    estimates would (standard error at most sqrt(2) sqrt(p (1 - p) / n) when p is close for
+    both): a difference above the margin is not sampling noise. The sweep runs the random
+    control with one seed, so its spread over seeds is not known here (bench/fidelity.py
+    measures it on the shipped models: about one to two points)."""
+    rows, primary, n = result["rows"], result["primary"], result["images"]
+    lines = []
+    budgets = {}
+    for row in rows[1:]:
+        if row["pruned"] and row[primary] is not None:
+            budgets.setdefault((row["block"], row["kept_tokens"]), []).append(row)
+    for (block, kept), members in sorted(budgets.items()):
+        score = [r for r in members if _is_seed_score(r)]
+        others = [r for r in members if not _is_seed_score(r)]
+        if not score or not others or not n:
+            continue
+        best = max(score, key=lambda r: r[primary])
+        p = best[primary]
+        noise = max(1 / n, 2 * math.sqrt(max(p * (1 - p), 0.0) / n))
+        winners = sorted((r for r in others if r[primary] - p > noise),
+                         key=lambda r: -r[primary])
+        if not winners:
+            continue
+        top, also = winners[0], winners[1:]
+        line = (f"at block {block} of {result['num_blocks']}, {kept} tokens, {_method(top)} "
+                f"keeps {100 * (top[primary] - p):.1f} points more {primary} than the best score "
+                f"setting ({_label(best)}: {p:.4f} against {top[primary]:.4f}; n = {n}, "
+                f"one image = {100 / n:.2g} points, noise {100 * noise:.1f} points)")
+        if also:
+            line += "; so do " + ", ".join(f"{_method(r)} (+{100 * (r[primary] - p):.1f})"
+                                          for r in also)
+        lines.append(line)
+    return lines
+
+
 def summary_markdown(meta, result):
     rows, primary = result["rows"], result["primary"]
     unpruned = rows[0]
@@ -299,6 +355,12 @@ def summary_markdown(meta, result):
     if skipped:
         lines += ["", f"Not pruned (k + m >= {result['tokens'] - 1} patches, the unpruned "
                       f"model's numbers): {'; '.join(_label(r) for r in skipped)}."]
+    findings = simpler_choice_findings(result)
+    lines += ["", "## Where a simpler choice wins", ""]
+    lines += [f"- {line}." for line in findings] or [
+        "At no budget does a control or another selection keep more than the best setting of "
+        "the seed's score by more than the noise (two binomial standard errors, at least one "
+        "image)."]
     return "\n".join(lines) + "\n"
 
 
@@ -438,4 +500,6 @@ def run_sweep(args):
     rows = state.result["rows"]
     print(f"tokenprune: sweep of {len(rows) - 1} settings on {state.result['images']} images: "
           f"wrote {', '.join(OUTPUT_FILES)} to {args.output_dir}", file=sys.stderr)
+    for line in simpler_choice_findings(state.result):
+        print(f"tokenprune: {line}", file=sys.stderr)
     return state.result
