@@ -5,6 +5,8 @@ OpenCLIP's VisionTransformer), C channels, H heads of size d = C / H.
 """
 import torch
 
+from .config import MMR_LAMBDA
+
 EPS_COS = 1e-8
 EPS_MINMAX = 1e-12
 
@@ -48,7 +50,8 @@ def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
 
 
 def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="none",
-                     num_prefix=1, class_token=True, scale=None):
+                     num_prefix=1, class_token=True, scale=None, selection="score",
+                     mmr_lambda=MMR_LAMBDA):
     """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending, >= p.
 
     x: block input (B, T, C), the residual stream before the block's first norm.
@@ -57,14 +60,17 @@ def select_reference(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm="non
     num_prefix: p, the leading tokens that are always kept and never chosen (class, registers).
     class_token: whether token 0 is a class token (anchor scores from its row) or not (from the
     attention each patch receives). scale: the attention's logit scale, d ** -0.5 when None.
+    selection: "score" (steps 1-5, alpha and score_norm), "cls" (the k + m patches with the
+    largest anchor scores) or "mmr" (maximal marginal relevance, weight mmr_lambda).
     """
     return select_from_attention(head_mean_attention(qkv, num_heads, scale), x, k_anchors, top_m,
-                                 alpha, score_norm, num_prefix, class_token)
+                                 alpha, score_norm, num_prefix, class_token, selection,
+                                 mmr_lambda)
 
 
 def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_prefix=1,
-                          class_token=True):
-    """Steps 1-5 on the head-averaged attention P (B, T, T) of step 0 and block input x."""
+                          class_token=True, selection="score", mmr_lambda=MMR_LAMBDA):
+    """The selection on the head-averaged attention P (B, T, T) of step 0 and block input x."""
     P = P.float()
     B, T, C = x.shape
     p = num_prefix
@@ -72,6 +78,12 @@ def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_
     if k_anchors + top_m > N:
         raise ValueError(f"k_anchors + top_m must be <= the {N} patch tokens, "
                          f"got {k_anchors} + {top_m}")
+    if selection == "cls":  # step 1 with k + m anchors
+        return anchor_indices(P, k_anchors + top_m, p, class_token).sort(dim=-1).values
+    if selection == "mmr":
+        return select_mmr(P, x, k_anchors, top_m, mmr_lambda, p, class_token)
+    if selection != "score":
+        raise ValueError(f"selection must be 'score', 'cls' or 'mmr' here, got {selection!r}")
     anchors = anchor_indices(P, k_anchors, p, class_token)                 # step 1, (B, k)
     patches = torch.arange(p, T, device=x.device)
     is_anchor = (patches[None, :, None] == anchors[:, None, :]).any(dim=-1)  # (B, N)
@@ -102,3 +114,42 @@ def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_
 
     # Step 5: anchors and chosen candidates, in ascending (spatial) order.
     return torch.cat([anchors, chosen], dim=1).sort(dim=-1).values
+
+
+def unit_rows(x):
+    """x / max(|x|, eps) per token, in float32: cos(u, v) of SPEC step 3 is unit(u) . unit(v)."""
+    xf = x.float()
+    return xf / xf.norm(dim=-1, keepdim=True).clamp_min(EPS_COS)
+
+
+def relevance(a):
+    """a / max(a) per image, max over the finite entries; all zero where that max is not > 0."""
+    top = a.masked_fill(~a.isfinite(), float("-inf")).amax(dim=-1, keepdim=True)
+    return torch.where(top > 0, a / top, torch.zeros_like(a))
+
+
+def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=True):
+    """SPEC.md, "Selection by maximal marginal relevance": the k anchors, then top_m greedy
+    steps, each keeping the candidate with the largest
+    g_i = lambda * a_i / max(a) - (1 - lambda) * max_{j kept} cos(X_i, X_j)."""
+    B, T, C = x.shape
+    p = num_prefix
+    anchors = anchor_indices(P, k_anchors, p, class_token)                 # (B, k)
+    rel = relevance(anchor_scores(P, p, class_token))                      # (B, N)
+    unit = unit_rows(x)[:, p:]                                             # (B, N, C)
+    kept = torch.zeros(B, T - p, dtype=torch.bool, device=x.device)
+    kept.scatter_(1, anchors - p, True)
+    # The running max over the kept patches of cos(X_i, X_j), for every patch i. A product and
+    # a row sum (not a matmul), so that equal tokens get bit-equal cosines and the tie rule holds.
+    anchor_unit = unit.gather(1, (anchors - p)[..., None].expand(B, k_anchors, C))
+    redundancy = (unit[:, :, None, :] * anchor_unit[:, None, :, :]).sum(dim=-1).amax(dim=-1)
+    chosen = []
+    for _ in range(top_m):
+        gain = mmr_lambda * rel - (1 - mmr_lambda) * redundancy
+        # Candidate gains are never -inf (rel is finite or NaN, cos in [-1, 1] or NaN).
+        pick = top_indices(gain.masked_fill(kept, float("-inf")), 1)          # (B, 1)
+        kept.scatter_(1, pick, True)
+        chosen.append(pick + p)
+        picked_unit = unit.gather(1, pick[..., None].expand(B, 1, C))
+        redundancy = torch.maximum(redundancy, (unit * picked_unit).sum(dim=-1))  # NaN stays
+    return torch.cat([anchors, *chosen], dim=1).sort(dim=-1).values

@@ -53,20 +53,22 @@ def select_and_gather(x, qkv, num_heads, config, num_prefix=1, class_token=True,
                       generator=None):
     """(keep_idx, x_kept, qkv_kept) for block input x (B, T, C) and its qkv (B, T, 3C).
 
-    num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
-    (a CPU torch.Generator) is used by the random control only."""
+    config.selection picks the rule ("score", "cls", "mmr": SPEC.md; "random": here, in torch on
+    the CPU, for both backends). num_prefix, class_token and scale describe the tower as in
+    `select_reference`; `generator` (a CPU torch.Generator) is used by the random control only."""
     if config.selection == "random":
         keep_idx = random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
                                    generator, x.device)
         return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))
     args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
             num_prefix, class_token, scale)
+    rule = dict(selection=config.selection, mmr_lambda=config.mmr_lambda)
     if resolve_backend(config.backend, x) == "triton":
         from . import kernels
         if not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)):
-            return kernels.select_and_gather(*args)
+            return kernels.select_and_gather(*args, **rule)
         # Training: the kernels' row copy has no backward, so gather the kept rows with torch.
-        keep_idx = kernels.select_tokens(*args)
+        keep_idx = kernels.select_tokens(*args, **rule)
     else:
-        keep_idx = select_reference(*args)
+        keep_idx = select_reference(*args, **rule)
     return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))
