@@ -41,7 +41,12 @@ def head_mean_attention(qkv, num_heads, scale=None):
 def anchor_scores(P, num_prefix=1, class_token=True):
     """Step 1's a_i for the patches p..T-1, (B, N): the class token's (index 0) attention row,
     or without a class token the attention each patch receives, averaged over all T queries."""
-    return P[:, 0, num_prefix:] if class_token else P[:, :, num_prefix:].mean(dim=1)
+    if class_token:
+        return P[:, 0, num_prefix:]
+    # Each column's mean taken as a row of its own: torch sums across the rows of (B, T, N) in
+    # vector lanes and a scalar tail, in different orders, so that equal patches could get
+    # unequal scores and break the tie rule.
+    return P[:, :, num_prefix:].transpose(1, 2).contiguous().mean(dim=-1)
 
 
 def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
