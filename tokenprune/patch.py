@@ -9,7 +9,7 @@ import warnings
 import torch.nn as nn
 
 from .block import PrunedBlock
-from .config import PruneConfig
+from .config import MMR_LAMBDA, PruneConfig
 from .towers import UnsupportedModelError, block_adapter, find_tower
 
 __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
@@ -45,17 +45,18 @@ def remove_pruning(model):
 
 
 def replace_last_block(model, k_anchors=10, top_m=50, alpha=0.5, score_norm="none", layer=-1,
-                       backend="auto", config=None):
+                       backend="auto", config=None, selection="score", mmr_lambda=MMR_LAMBDA):
     """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
     `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, or a timm
-    VisionTransformer / Eva model. Pass either the keyword parameters or a ready `PruneConfig`
-    as `config`. Patching an already patched model replaces the earlier pruning instead of
-    stacking a second one. Returns `model`.
+    VisionTransformer / Eva model. Pass either the keyword parameters (PruneConfig's) or a
+    ready `PruneConfig` as `config`. Patching an already patched model replaces the earlier
+    pruning instead of stacking a second one. Returns `model`.
     """
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
-                             score_norm=score_norm, layer=layer, backend=backend)
+                             score_norm=score_norm, layer=layer, backend=backend,
+                             selection=selection, mmr_lambda=mmr_lambda)
     tower = find_tower(model)
     blocks = tower.blocks
     depth = len(blocks)
