@@ -162,7 +162,8 @@ def _sweep_classification(state, original_evaluate, zsc):
         _check_layers(lists["layer"], depth, args.model)  # towers whose config we could not read
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
-                             patches, args.backend, args.seed)
+                             patches, args.backend, args.seed, selections=lists["selection"],
+                             mmr_lambdas=lists["mmr_lambda"])
         encoder = GridEncoder(visual, [p.config for p in points], forward=model.encode_image)
         timed = {p.config if p.config is not None and p.config.kept_patches < patches else None
                  for p in points}  # a point that prunes nothing runs the unpruned model
@@ -232,12 +233,14 @@ def _rows(points, metrics, speeds, visual, images, batch):
         kept = prefix + config.kept_patches if pruned else tokens
         score = point.kind == "score"
         row = {"kind": point.kind,
+               "selection": config.selection if config is not None else None,
                "block": config.layer if config is not None else None,
                "num_blocks": depth,
                "k_anchors": config.k_anchors if config is not None else None,
                "top_m": config.top_m if config is not None else None,
                "alpha": config.alpha if score else None,
                "score_norm": config.score_norm if score else None,
+               "mmr_lambda": config.mmr_lambda if point.kind == "mmr" else None,
                "seed": config.seed if point.kind == "random" else None,
                "pruned": pruned,
                "kept_tokens": kept,
@@ -263,6 +266,10 @@ def _weights(meta):
 
 
 def _label(row):
+    if row["kind"] == "mmr":
+        return f"mmr, k={row['k_anchors']}, m={row['top_m']}, lambda={row['mmr_lambda']}"
+    if row["kind"] != "score":  # cls, random: only k + m counts
+        return f"{row['kind']}, k+m={row['k_anchors'] + row['top_m']}"
     return (f"k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
             f"{row['score_norm']}")
 
@@ -275,7 +282,7 @@ def _is_seed_score(row):
 def _method(row):
     """What a row's selection is called in the sweep's findings: its kind (a control), or the
     grid's other selection with its parameters."""
-    if row["kind"] != "score":
+    if row["kind"] not in ("score", "mmr"):
         return row["kind"]
     extra = [f"{key} {row[key]}" for key in ("mmr_lambda",) if row.get(key) is not None]
     return row.get("selection", "score") + (f" ({', '.join(extra)})" if extra else "")
@@ -351,7 +358,7 @@ def summary_markdown(meta, result):
                      f"{fmt(best[primary])} | {fmt(best[f'{primary}_retained'])} | "
                      f"{control('cls')} | {control('random')} | {fmt(unpruned[primary])} | "
                      f"{best['relative_cost']:.3f} |")
-    skipped = [r for r in rows[1:] if r["kind"] == "score" and not r["pruned"]]
+    skipped = [r for r in rows[1:] if not r["pruned"]]
     if skipped:
         lines += ["", f"Not pruned (k + m >= {result['tokens'] - 1} patches, the unpruned "
                       f"model's numbers): {'; '.join(_label(r) for r in skipped)}."]
@@ -373,11 +380,14 @@ def plot(meta, result, path):
     series = {}
     for row in rows[1:]:
         if row["kind"] == "score":
-            series.setdefault((row["block"], row["alpha"], row["score_norm"]), []).append(row)
-    for (block, alpha, norm), members in series.items():
+            series.setdefault((row["block"], f"alpha {row['alpha']}, {row['score_norm']}"),
+                              []).append(row)
+        elif row["kind"] == "mmr":
+            series.setdefault((row["block"], f"mmr, lambda {row['mmr_lambda']}"), []).append(row)
+    for (block, setting), members in series.items():
         members = sorted(members, key=lambda r: r["kept_tokens"])
         ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members], "o-",
-                alpha=0.85, label=f"block {block}/{result['num_blocks']}, alpha {alpha}, {norm}")
+                alpha=0.85, label=f"block {block}/{result['num_blocks']}, {setting}")
     markers = {"cls": ("s", "cls control"), "random": ("X", "random control")}
     for kind, (marker, name) in markers.items():
         for block in sorted({r["block"] for r in rows if r["kind"] == kind}):
