@@ -297,10 +297,10 @@ def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():
             finding_row("cls", 0.86), finding_row("random", 0.50),
             # 25 tokens: cls 2 points above 0.80, inside the noise (2.53 points): no line.
             finding_row("score", 0.80, kept=25, alpha=0.5), finding_row("cls", 0.82, kept=25),
-            # 33 tokens: another selection of the grid (a score-kind row with its own
-            # selection) wins, and so does cls, by less; a row with no metric is skipped.
+            # 33 tokens: another selection of the grid wins, and so does cls, by less; a row
+            # with no metric is skipped.
             finding_row("score", 0.60, kept=33, alpha=0.5),
-            finding_row("score", 0.70, kept=33, selection="mmr", mmr_lambda=0.7),
+            finding_row("mmr", 0.70, kept=33, selection="mmr", mmr_lambda=0.7),
             finding_row("cls", 0.66, kept=33), finding_row("random", None, kept=33)]
     result = {"rows": rows, "primary": "acc1", "images": n, "num_blocks": 4}
     lines = sweep_command.simpler_choice_findings(result)
@@ -310,7 +310,7 @@ def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():
                                "0.8200 against 0.8600; n = 1000, one image = 0.1 points, "
                                "noise 2.4 points)"), lines[0]
     assert "random" not in lines[0]
-    assert lines[1].startswith("at block 1 of 4, 33 tokens, mmr (mmr_lambda 0.7) keeps 10.0 "
+    assert lines[1].startswith("at block 1 of 4, 33 tokens, mmr with lambda 0.7 keeps 10.0 "
                                "points more"), lines[1]
     assert lines[1].endswith("; so do cls (+6.0)"), lines[1]
     # With all the seed's settings at least as good, nothing is said.

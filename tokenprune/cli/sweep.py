@@ -276,16 +276,15 @@ def _label(row):
 
 def _is_seed_score(row):
     """A pruned row of the seed's own selection (any alpha, score_norm)."""
-    return row["kind"] == "score" and row.get("selection", "score") == "score" and row["pruned"]
+    return row["kind"] == "score" and row["pruned"]
 
 
 def _method(row):
     """What a row's selection is called in the sweep's findings: its kind (a control), or the
-    grid's other selection with its parameters."""
-    if row["kind"] not in ("score", "mmr"):
-        return row["kind"]
-    extra = [f"{key} {row[key]}" for key in ("mmr_lambda",) if row.get(key) is not None]
-    return row.get("selection", "score") + (f" ({', '.join(extra)})" if extra else "")
+    grid's other selection with its parameter ("mmr with lambda 0.7")."""
+    if row.get("mmr_lambda") is not None:
+        return f"{row['kind']} with lambda {row['mmr_lambda']}"
+    return row["kind"]
 
 
 def simpler_choice_findings(result):
