@@ -76,7 +76,7 @@ def test_eval_flags_are_clip_benchmarks_plus_pruning(monkeypatch):
         defaults = parser.parse_args(["eval"])
         assert (defaults.enable_pruning, defaults.k_anchors, defaults.top_m, defaults.alpha) == \
             (False, 10, 50, 0.5)
-        assert (defaults.selection, defaults.mmr_lambda) == ("score", 0.5)
+        assert (defaults.selection, defaults.mmr_lambda) == ("score", 0.8)
     # CLIP_benchmark's help for --no_amp ("whether to use mixed precision") says the opposite.
     evaluate = eval_parser()._subparsers._group_actions[0].choices["eval"]
     no_amp = next(action for action in evaluate._actions if "--no_amp" in action.option_strings)
@@ -131,7 +131,7 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     assert result["metrics"].keys() == theirs["metrics"].keys()
     assert result["pruning"] == {"enabled": True, "applied": True, "k_anchors": 4, "top_m": 20,
                                  "alpha": 0.3, "score_norm": "minmax", "layer": -1,
-                                 "backend": "auto", "selection": "score", "mmr_lambda": 0.5,
+                                 "backend": "auto", "selection": "score", "mmr_lambda": 0.8,
                                  "block": 1, "num_blocks": 2, "backend_used": "reference"}
     assert (result["tokens_before"], result["tokens_after"]) == (65, 25)
     assert result["throughput"]["images_per_second"] > 0

@@ -59,7 +59,7 @@ def test_mmr_lambda_is_validated(value):
 
 
 def test_mmr_lambda_default_and_edges():
-    assert PruneConfig().mmr_lambda == 0.5
+    assert PruneConfig().mmr_lambda == 0.8
     np = pytest.importorskip("numpy")
     for value in (0, 1, np.float32(0.25)):
         cfg = PruneConfig(selection="mmr", mmr_lambda=value)

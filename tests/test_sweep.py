@@ -17,6 +17,7 @@ from PIL import Image  # noqa: E402
 
 from tokenprune import PruneConfig, pruned_block, remove_pruning, replace_last_block  # noqa: E402
 from tokenprune import sweep  # noqa: E402
+from tokenprune.config import MMR_LAMBDA  # noqa: E402
 from tokenprune.cli import sweep as sweep_command  # noqa: E402
 from tokenprune.cli import main  # noqa: E402
 
@@ -351,7 +352,7 @@ def test_grid_points_multiply_each_selection_by_its_own_parameters():
     assert len(score) == 2 * 2 * 2  # alphas x score_norms x (k, m)
     assert {(c.alpha, c.score_norm) for c in score} == {(a, n) for a in (0.3, 0.7)
                                                        for n in ("none", "minmax")}
-    assert all(c.selection == "score" and c.mmr_lambda == 0.5 for c in score)
+    assert all(c.selection == "score" and c.mmr_lambda == MMR_LAMBDA for c in score)
     mmr = [p.config for p in points if p.kind == "mmr"]
     assert sorted((c.mmr_lambda, c.top_m) for c in mmr) == \
         [(lam, m) for lam in (0.3, 0.5, 0.7) for m in (6, 10)]

@@ -11,7 +11,7 @@ SELECTIONS = ("score", "cls", "mmr", "random")
 CONTROLS = ("random", "cls")
 # The mmr selection's weight of relevance against redundancy (SPEC.md, "Selection by maximal
 # marginal relevance", says why this default).
-MMR_LAMBDA = 0.5
+MMR_LAMBDA = 0.8
 
 
 def _require_int(name, value, minimum):
