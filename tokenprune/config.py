@@ -58,9 +58,9 @@ class PruneConfig:
         "random": a control, k_anchors + top_m patches drawn uniformly at random per image,
             from a generator seeded with `seed` when the pruned block is made, so a run over
             the same batches draws the same patches.
+    seed: the random control's seed (an integer >= 0).
     mmr_lambda: the mmr selection's weight of relevance (class-token attention) against
         redundancy (cosine to the patches kept), in [0, 1]; 1 is the cls selection's order.
-    seed: the random control's seed (an integer >= 0).
     """
 
     k_anchors: int = 10
@@ -70,8 +70,8 @@ class PruneConfig:
     layer: int = -1
     backend: str = "auto"
     selection: str = "score"
-    mmr_lambda: float = MMR_LAMBDA
     seed: int = 0
+    mmr_lambda: float = MMR_LAMBDA  # last, so that positional arguments keep their meaning
 
     def __post_init__(self):
         _require_int("k_anchors", self.k_anchors, 1)
