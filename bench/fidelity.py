@@ -3,8 +3,9 @@ on their held-out canvases, in two regimes side by side: a small digit (about 2 
 patches) and a large one (about 18 of 64). The seed's selection against the other selections
 (`mmr`, `cls`) and the `random` control.
 
-    python bench/fidelity.py   # all 2000 held-out canvases of each regime (minutes on 2 CPU
-                               # cores): bench/fidelity.md, fidelity.png, results/fidelity.json
+    python bench/fidelity.py   # all 2000 held-out canvases of each regime (20 minutes on the
+                               # 2-core VM shared with other jobs, 2026-11-30):
+                               # bench/fidelity.md, fidelity.png, results/fidelity.json
     python bench/fidelity.py --n 200 --md /tmp/f.md --plot /tmp/f.png --json /tmp/f.json
 
 Every setting runs through the sweep's engine (`tokenprune.sweep.GridEncoder`) batch by batch,
