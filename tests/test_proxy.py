@@ -206,8 +206,8 @@ def test_seed_selection_keeps_more_accuracy_than_random(shipped):
 
 # The large digit at the middle block, 16 of 64 patches: the case where the selections part
 # (docs/choosing-settings.md). Measured on these N canvases (2-core CPU, torch 2.14.1,
-# 2026-11-30): the seed's default selection 0.487, cls 0.717, mmr (lambda 0.5) 0.723, random
-# 0.390 (on all 2000: 0.4755, 0.6890, 0.6815, 0.3509). The smallest gap the docs rest on,
+# 2026-11-30): the seed's default selection 0.487, cls 0.717, mmr (its default lambda 0.8)
+# 0.723, random 0.390 (on all 2000: 0.4755, 0.6890, 0.7110, 0.3509). The smallest gap the docs rest on,
 # 0.230 (cls over the seed's default), halved (a safety factor of 2) gives the margin. A cls or
 # mmr that kept the wrong patches would fall towards random and fail it.
 LARGE_MARGIN = 0.11
