@@ -1,8 +1,9 @@
-"""Accuracy retention of the shipped small ViT (bench/fidelity.py), a small version: the first
-250 held-out canvases, the three budgets at both blocks, alpha 0.5, two random seeds; under
-TOKENPRUNE_BENCH_SMOKE=1, 16 canvases and one budget at the middle block. The time is that of
-the whole evaluation; the accuracies and recalls go into `extra_info` (kind `fidelity`, which
-report.py leaves out of RESULTS.md). The full run is `python bench/fidelity.py`.
+"""Accuracy retention of the shipped small ViTs (bench/fidelity.py), a small version: the first
+250 held-out canvases of each regime, the three budgets at both blocks, alpha 0.5, mmr lambda
+0.5, two random seeds; under TOKENPRUNE_BENCH_SMOKE=1, 16 canvases and one budget at the middle
+block. The time is that of the whole evaluation of both regimes; the accuracies and recalls go
+into `extra_info` (kind `fidelity`, which report.py leaves out of RESULTS.md). The full run is
+`python bench/fidelity.py`.
 """
 import importlib.util
 from pathlib import Path
@@ -15,9 +16,10 @@ fidelity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fidelity)
 
 SMALL = dict(n=250, batch=250, budgets=fidelity.BUDGETS, alphas=(0.5,), score_norms=("none",),
-             layers=fidelity.LAYERS, seeds=(0, 1))
+             mmr_lambdas=(0.5,), layers=fidelity.LAYERS, seeds=(0, 1))
 SMOKE = dict(n=16, batch=8, budgets=((4, 12),), alphas=(0.5,), score_norms=("none",),
-             layers=(1,), seeds=(0,))
+             mmr_lambdas=(0.5,), layers=(1,), seeds=(0,))
+REGIMES = ("small", "large")
 
 
 def test_fidelity(env, benchmark, tmp_path):
@@ -25,18 +27,20 @@ def test_fidelity(env, benchmark, tmp_path):
     result = {}
 
     def run():
-        result["meta"], result["rows"] = fidelity.run(**settings)
+        result["results"] = [fidelity.run(regime, **settings) for regime in REGIMES]
 
-    benchmark.group = f"fidelity, shipped small ViT, {settings['n']} canvases"
+    benchmark.group = f"fidelity, shipped small ViTs, {settings['n']} canvases per regime"
     benchmark.pedantic(run, rounds=1, iterations=1)  # minutes: one round is the measurement
-    meta, rows = result["meta"], result["rows"]
+    results = result["results"]
     budgets = len(settings["budgets"]) * len(settings["layers"])
-    assert len(rows) == 1 + budgets * (len(settings["alphas"]) * len(settings["score_norms"])
-                                       + 1 + len(settings["seeds"]))
-    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 for r in rows)
-    fidelity.write(meta, rows, tmp_path / "fidelity.md", tmp_path / "fidelity.png",
+    for meta, rows in results:
+        assert len(rows) == 1 + budgets * (len(settings["alphas"]) * len(settings["score_norms"])
+                                           + len(settings["mmr_lambdas"]) + 1
+                                           + len(settings["seeds"]))
+        assert all(0.0 <= r[key] <= 1.0 for r in rows for key in fidelity.KEYS)
+    fidelity.write(results, tmp_path / "fidelity.md", tmp_path / "fidelity.png",
                    tmp_path / "fidelity.json")
     assert (tmp_path / "fidelity.png").stat().st_size > 0
     benchmark.extra_info.update(
         kind="fidelity", device="cpu", torch_threads=torch.get_num_threads(),
-        images=meta["images"], rows=rows)
+        images=settings["n"], regimes={meta["regime"]: rows for meta, rows in results})

@@ -8,6 +8,8 @@
                                  T keys, or softmax_stats's), then the k anchor columns
     diversity         step 3     D: cosine against the k anchor rows of X
     select_topm       steps 4-5  score, top-m candidates, ascending keep_idx
+    mmr               -          the mmr selection: m greedy steps after the anchors, one
+                                 program per image (SPEC.md, maximal marginal relevance)
     gather_rows       -          the p prefix rows, then the kept rows, of x and qkv
     (dot.py and topk.py hold the tile product and the exact top-k that the kernels share.)
 
@@ -19,7 +21,9 @@ or not) and the logit scale are plain arguments. No host synchronisation. Launch
                         select_topm, gather_rows; the T x T logits are computed twice
                         (softmax_stats, then the column sums), and importance, reading the
                         stored normalisers, only the k anchor columns.
-select_tokens launches one fewer (no gather_rows). Extra memory: O(B * T) rows, plus with a
+The other selections reuse step 1: "cls" is the anchor pass with k + m anchors (2 launches
+with a class token, 3 without, then gather_rows); "mmr" is the anchor pass with k anchors, then
+mmr (3 or 4, then gather_rows). select_tokens launches one fewer (no gather_rows). Extra memory: O(B * T) rows, plus with a
 class token its logits (B, H, T) float32 (9.5 MB at B=256, T=577, H=16), without one the row
 max and sum, (B, H, T) float32 each (23.9 MB at B=256, T=729, H=16); never anything T x T.
 """
@@ -29,6 +33,7 @@ from .cls_anchors import cls_anchors
 from .diversity import diversity
 from .gather_rows import gather_rows
 from .importance import importance
+from .mmr import mmr
 from .received_anchors import received_anchors
 from .select_topm import select_topm
 from .softmax_stats import softmax_stats
@@ -54,21 +59,25 @@ def selection_scores(x, qkv, num_heads, k_anchors, num_prefix=1, class_token=Tru
     attention each token receives), `importance`, `diversity` (the prefix entries of all three
     unused), `anchor_mask` (B, T) int8 and `anchor_idx` (B, k) int32 ascending."""
     x, qkv = _kernel_layout(x), _kernel_layout(qkv)
-    if class_token:
-        row_stats = None  # importance computes each row's normaliser in its own pass
-        anchor_score, anchor_mask, anchor_idx = cls_anchors(qkv, num_heads, k_anchors,
-                                                            num_prefix, scale)
-    else:
-        row_stats = softmax_stats(qkv, num_heads, scale)
-        anchor_score, anchor_mask, anchor_idx = received_anchors(qkv, num_heads, k_anchors,
-                                                                 row_stats, num_prefix, scale)
+    anchor_score, anchor_mask, anchor_idx, row_stats = _anchors(qkv, num_heads, k_anchors,
+                                                                num_prefix, class_token, scale)
     return dict(anchor_score=anchor_score, anchor_mask=anchor_mask, anchor_idx=anchor_idx,
                 importance=importance(qkv, num_heads, anchor_idx, scale, row_stats),
                 diversity=diversity(x, anchor_idx))
 
 
+def _anchors(qkv, num_heads, count, num_prefix, class_token, scale):
+    """Step 1 with `count` anchors: (anchor_score (B, T), anchor_mask, anchor_idx, row_stats);
+    row_stats is softmax_stats's output without a class token, else None (importance then
+    computes each row's normaliser in its own pass)."""
+    if class_token:
+        return (*cls_anchors(qkv, num_heads, count, num_prefix, scale), None)
+    row_stats = softmax_stats(qkv, num_heads, scale)
+    return (*received_anchors(qkv, num_heads, count, row_stats, num_prefix, scale), row_stats)
+
+
 def _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix, class_token,
-                     scale):
+                     scale, selection="score", mmr_lambda=None):
     """ValueError for arguments the kernels cannot take; returns scale as a float (None stays)."""
     B, T, C = x.shape
     if qkv.shape != (B, T, 3 * C) or qkv.dtype != x.dtype or C % num_heads:
@@ -85,6 +94,12 @@ def _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix
                          f"tokens, got k_anchors={k_anchors}, top_m={top_m}")
     if score_norm not in ("none", "minmax"):
         raise ValueError(f"score_norm must be 'none' or 'minmax', got {score_norm!r}")
+    if selection not in ("score", "cls", "mmr"):
+        raise ValueError(f"selection must be 'score', 'cls' or 'mmr', got {selection!r}")
+    if selection == "mmr" and not (isinstance(mmr_lambda, (int, float))
+                                   and 0.0 <= mmr_lambda <= 1.0):
+        raise ValueError(f"mmr_lambda must be a number in [0, 1] for selection='mmr', "
+                         f"got {mmr_lambda!r}")
     if scale is None:
         return None
     try:
@@ -98,7 +113,7 @@ def _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix
 
 
 def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
-                  class_token=True, scale=None):
+                  class_token=True, scale=None, selection="score", mmr_lambda=None):
     """keep_idx (B, k+m) int64, ascending: the kept patch indices into the T tokens (all >= p).
 
     x: block input (B, T, C); qkv: (B, T, 3C), [q | k | v] as the block's attention uses them.
@@ -108,20 +123,32 @@ def select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_pr
     class token's row, or else from the attention each patch receives (SPEC.md). scale: the
     attention's logit scale, d ** -0.5 when None. Requires 1 <= k_anchors, 0 <= top_m,
     k_anchors + top_m <= T - p (the block never asks for more), score_norm in
-    {"none", "minmax"}.
+    {"none", "minmax"}. selection: "score" (SPEC steps 1-5, alpha and score_norm), "cls" (the
+    k + m patches with the largest anchor scores) or "mmr" (maximal marginal relevance with
+    weight mmr_lambda in [0, 1], required then).
     """
     scale = _check_arguments(x, qkv, num_heads, k_anchors, top_m, score_norm, num_prefix,
-                             class_token, scale)
+                             class_token, scale, selection, mmr_lambda)
+    if selection == "cls":
+        anchor_idx = _anchors(_kernel_layout(qkv), num_heads, k_anchors + top_m, num_prefix,
+                              class_token, scale)[2]
+        return anchor_idx.long()
+    if selection == "mmr":
+        anchor_score, anchor_mask, anchor_idx, _ = _anchors(_kernel_layout(qkv), num_heads,
+                                                            k_anchors, num_prefix, class_token,
+                                                            scale)
+        return mmr(_kernel_layout(x), anchor_score, anchor_mask, anchor_idx, top_m, mmr_lambda,
+                   num_prefix)
     s = selection_scores(x, qkv, num_heads, k_anchors, num_prefix, class_token, scale)
     return select_topm(s["importance"], s["diversity"], s["anchor_mask"], k_anchors, top_m,
                        alpha, score_norm, num_prefix)
 
 
 def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix=1,
-                      class_token=True, scale=None):
+                      class_token=True, scale=None, selection="score", mmr_lambda=None):
     """(keep_idx, x_kept (B, p+k+m, C), qkv_kept (B, p+k+m, 3C)): `select_tokens`, then the p
     prefix rows and the kept rows copied contiguously. The copy has no backward: where gradients
     must reach the kept rows, gather them with torch instead (tokenprune.selection does)."""
     keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix,
-                             class_token, scale)
+                             class_token, scale, selection, mmr_lambda)
     return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx, num_prefix))

@@ -21,7 +21,8 @@ def make_block(batch_first=True, ls_init_value=None, dtype=torch.float32, seed=0
 def expected_output(block, x, cfg):
     """SPEC.md: select with the reference, then run the unmodified block on CLS + kept rows."""
     qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
-    keep = select_reference(x, qkv, HEADS, cfg.k_anchors, cfg.top_m, cfg.alpha, cfg.score_norm)
+    keep = select_reference(x, qkv, HEADS, cfg.k_anchors, cfg.top_m, cfg.alpha, cfg.score_norm,
+                            selection=cfg.selection, mmr_lambda=cfg.mmr_lambda)
     rows = torch.cat([torch.zeros_like(keep[:, :1]), keep], dim=1)
     kept = torch.stack([x[b, rows[b]] for b in range(x.shape[0])])
     if not block.attn.batch_first:
@@ -34,6 +35,9 @@ def expected_output(block, x, cfg):
     (None, PruneConfig(k_anchors=5, top_m=12)),
     (0.1, PruneConfig(k_anchors=1, top_m=0, alpha=1.0, score_norm="minmax")),   # LayerScale, anchors only
     (None, PruneConfig(k_anchors=8, top_m=40, alpha=0.0)),                       # k + m = N - 1
+    (None, PruneConfig(k_anchors=3, top_m=14, selection="cls")),
+    (0.1, PruneConfig(k_anchors=3, top_m=14, selection="mmr", mmr_lambda=0.6)),  # LayerScale
+    (None, PruneConfig(k_anchors=1, top_m=47, selection="mmr")),                 # k + m = N - 1
 ])
 def test_matches_original_block_on_gathered_tokens(batch_first, ls_init_value, cfg):
     block = make_block(batch_first, ls_init_value)
@@ -146,3 +150,21 @@ def test_random_control_draws_seeded_distinct_patches_and_runs_the_block_on_them
     with torch.no_grad():
         expected = block(torch.stack([x[b, rows[b]] for b in range(4)]))
     torch.testing.assert_close(out1, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_selections_keep_different_tokens_and_cls_is_all_anchors():
+    """The block is not blind to the selection: score, cls and mmr keep different patches on
+    the same input, and cls keeps what score keeps with every patch an anchor."""
+    block = make_block()
+    x = torch.randn(2, T, C)
+    keeps = {}
+    with torch.no_grad():
+        for name, cfg in {"score": PruneConfig(k_anchors=3, top_m=12),
+                          "cls": PruneConfig(k_anchors=3, top_m=12, selection="cls"),
+                          "mmr": PruneConfig(k_anchors=3, top_m=12, selection="mmr"),
+                          "all anchors": PruneConfig(k_anchors=15, top_m=0)}.items():
+            pruned = PrunedResidualAttentionBlock(block, cfg)
+            pruned(x)
+            keeps[name] = pruned.last_keep_idx
+    assert torch.equal(keeps["cls"], keeps["all anchors"])
+    assert len({tuple(keeps[name].flatten().tolist()) for name in ("score", "cls", "mmr")}) == 3

@@ -67,13 +67,16 @@ def test_eval_flags_are_clip_benchmarks_plus_pruning(monkeypatch):
     _, theirs = cb_cli.get_parser_args()
     # The light parser (its copy of CLIP_benchmark's flags) and the one eval runs with.
     for parser in (build_parser(), eval_parser()):
-        ours = parser.parse_args(seed_command + ["--score_norm", "minmax", "--layer", "-2"])
+        ours = parser.parse_args(seed_command + ["--score_norm", "minmax", "--layer", "-2",
+                                                 "--selection", "mmr", "--mmr_lambda", "0.3"])
         assert vars(theirs).items() <= vars(ours).items()  # every CLIP_benchmark flag, same value
         assert (ours.enable_pruning, ours.k_anchors, ours.top_m, ours.alpha) == (True, 5, 30, 0.6)
         assert (ours.score_norm, ours.layer, ours.backend) == ("minmax", -2, "auto")
+        assert (ours.selection, ours.mmr_lambda) == ("mmr", 0.3)
         defaults = parser.parse_args(["eval"])
         assert (defaults.enable_pruning, defaults.k_anchors, defaults.top_m, defaults.alpha) == \
             (False, 10, 50, 0.5)
+        assert (defaults.selection, defaults.mmr_lambda) == ("score", 0.8)
     # CLIP_benchmark's help for --no_amp ("whether to use mixed precision") says the opposite.
     evaluate = eval_parser()._subparsers._group_actions[0].choices["eval"]
     no_amp = next(action for action in evaluate._actions if "--no_amp" in action.option_strings)
@@ -130,8 +133,8 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     assert result["metrics"].keys() == theirs["metrics"].keys()
     assert result["pruning"] == {"enabled": True, "applied": True, "k_anchors": 4, "top_m": 20,
                                  "alpha": 0.3, "score_norm": "minmax", "layer": -1,
-                                 "backend": "auto", "block": 1, "num_blocks": 2,
-                                 "backend_used": "reference"}
+                                 "backend": "auto", "selection": "score", "mmr_lambda": 0.8,
+                                 "block": 1, "num_blocks": 2, "backend_used": "reference"}
     assert (result["tokens_before"], result["tokens_after"]) == (65, 25)
     assert result["throughput"]["images_per_second"] > 0
     # CLIP_benchmark's evaluation really ran the pruned block: 4 batches of 8, 6 left over.
@@ -142,6 +145,38 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     # No --no_amp on a CPU without native bfloat16: one line says that autocast is on and how
     # to turn it off.
     assert len([line for line in err.splitlines() if "--no_amp" in line]) == 1
+
+
+@pytest.mark.parametrize("selection", ["mmr", "cls"])
+def test_eval_other_selections_reach_the_block_and_the_json(tiny, tmp_path, capsys, monkeypatch,
+                                                            selection):
+    seen = []
+    forward = PrunedResidualAttentionBlock.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.config)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(PrunedResidualAttentionBlock, "forward", spy)
+    status, _, err = run_main(eval_args(tiny, tmp_path / "out.json", "--enable_pruning",
+                                        "--k_anchors", "3", "--top_m", "9", "--layer", "0",
+                                        "--selection", selection, "--mmr_lambda", "0.25"),
+                              capsys)
+    assert status == 0, err
+    pruning = json.loads((tmp_path / "out.json").read_text())["pruning"]
+    assert (pruning["selection"], pruning["mmr_lambda"]) == (selection, 0.25)
+    assert seen and all((c.selection, c.mmr_lambda, c.kept_patches) == (selection, 0.25, 12)
+                        for c in seen)
+
+
+def test_visualize_other_selections_say_what_kept_the_patches(tiny, tmp_path, capsys):
+    for selection, line in (("cls", "CLS + 24 kept by CLS attention"),
+                            ("mmr", "CLS + 4 anchors + 20 kept by MMR"),
+                            ("random", "CLS + 24 kept by chance")):
+        status, stdout, err = run_main(visualize_args(tiny, tmp_path, "--pretrained",
+                                                      tiny["checkpoint"], "--selection",
+                                                      selection), capsys)
+        assert status == 0, err
+        assert f"65 -> 25 tokens at block 2 of 2 (index 1): {line}; 40 pruned" in stdout
 
 
 def test_eval_noop_warns_and_runs_unpruned(tiny, unpruned, tmp_path, capsys):
@@ -303,6 +338,15 @@ def write_results(path, metrics, **fields):
     (["visualize", "--enable-pruning"], 2, "tokenprune visualize always prunes"),
     (["build", "a.json", "b.json", "--output", "out.csv"], 0, "wrote out.csv (2 rows)"),
     (["sweep", "--help"], 0, "--controls"),
+    (["sweep", "--help"], 0, "--mmr_lambda"),
+    (["visualize", "--help"], 0, "--selection {score,cls,mmr,random}"),
+    (["eval", "--selection", "fastervlm"], 2,
+     "argument --selection: invalid choice: 'fastervlm'"),
+    (["eval", "--enable_pruning", "--selection", "mmr", "--mmr_lambda", "1.5"], 1,
+     "--mmr_lambda must be a finite number in [0, 1], got 1.5"),
+    (["visualize", "--mmr-lambda", "-1"], 1, "--mmr_lambda must be a finite number in [0, 1]"),
+    (["sweep", "--output_dir", "o", "--selection", "score", "cls", "best"], 1,
+     "--selection must be one of 'score', 'cls', 'mmr', 'random', got 'best'"),
     (["sweep", "--output_dir", "o", "--alpha", "0.5", "1.5"], 1,
      "--alpha must be a finite number in [0, 1], got 1.5"),
     ([], 0, "generate"),

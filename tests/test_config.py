@@ -42,7 +42,25 @@ def test_edges_of_the_ranges_are_allowed():
 
 def test_selection_and_seed_are_validated():
     assert PruneConfig().selection == "score" and PruneConfig().seed == 0
-    with pytest.raises(ValueError, match="selection must be one of 'score', 'random', got 'cls'"):
-        PruneConfig(selection="cls")
+    for selection in ("score", "cls", "mmr", "random"):
+        assert PruneConfig(selection=selection).selection == selection
+    with pytest.raises(ValueError, match="selection must be one of 'score', 'cls', 'mmr', "
+                                         "'random', got 'fastervlm'"):
+        PruneConfig(selection="fastervlm")
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         PruneConfig(seed=-1)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.01, math.nan, math.inf, "0.5", True, None])
+def test_mmr_lambda_is_validated(value):
+    with pytest.raises(ValueError) as err:
+        PruneConfig(selection="mmr", mmr_lambda=value)
+    assert str(err.value) == f"mmr_lambda must be a finite number in [0, 1], got {value!r}"
+
+
+def test_mmr_lambda_default_and_edges():
+    assert PruneConfig().mmr_lambda == 0.8
+    np = pytest.importorskip("numpy")
+    for value in (0, 1, np.float32(0.25)):
+        cfg = PruneConfig(selection="mmr", mmr_lambda=value)
+        assert type(cfg.mmr_lambda) is float and cfg.mmr_lambda == float(value)

@@ -326,3 +326,156 @@ def test_block_matches_reference_backend():
     # on the GPU leave room for cuBLAS/SDPA picking other algorithms between the two calls.
     exact = dict(rtol=0, atol=0) if DEVICE == "cpu" else {}
     torch.testing.assert_close(outs["triton"], outs["reference"], **exact)
+
+
+# ----- the other selections: cls (the anchor pass with k + m anchors) and mmr (mmr.py) ------
+
+def check_rule(x, qkv, H, k, m, p=1, class_token=True, scale=None, selection="mmr", lam=0.5):
+    """keep_idx of the kernels equal to the reference's for `selection`; the kept rows copied."""
+    tower = (p, class_token, scale)
+    rule = dict(selection=selection, mmr_lambda=lam)
+    keep_idx, x_kept, qkv_kept = select_and_gather(x, qkv, H, k, m, 0.5, "none", *tower, **rule)
+    want = select_reference(x, qkv, H, k, m, 0.5, "none", *tower, **rule)
+    assert keep_idx.dtype == torch.int64 and keep_idx.shape == (x.shape[0], k + m)
+    assert_same_idx(keep_idx, want)
+    x_want, qkv_want = gather_kept(x, qkv, want, p)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x_kept, x_want, **exact)
+    torch.testing.assert_close(qkv_kept, qkv_want, **exact)
+    return keep_idx
+
+
+# (B, T, C, H, p, class_token, scale, k, m, lambda): the mmr kernel holds one image's T tokens
+# in a BLOCK_T = next_power_of_2(T) row and reads X in BLOCK_C = min(64, C, 8192 / BLOCK_T)
+# channel chunks; the anchors come from cls_anchors.py (class token) or received_anchors.py.
+RULE_SHAPES = [
+    # T=17 (BLOCK_T 32), one 64-channel chunk, k=1, m=0: the anchors alone, no greedy step.
+    (2, 17, 64, 1, 1, True, None, 1, 0, 0.5),
+    # T=50 (ViT-B/32): C=80 is a full and a partial 64-channel chunk; several anchors.
+    (2, 50, 80, 2, 1, True, None, 4, 12, 0.5),
+    # k + m = N: the greedy steps take every candidate, the last one with a single candidate.
+    (1, 33, 64, 2, 1, True, None, 3, 29, 0.3),
+    # T=145: BLOCK_T 256, BLOCK_C 32 (two chunks of C=64); k=33 anchors seed the running max.
+    (1, 145, 64, 2, 1, True, None, 33, 16, 0.7),
+    # T=1025: BLOCK_T 2048, BLOCK_C 4: sixteen chunks per cosine pass.
+    (1, 1025, 64, 1, 1, True, None, 8, 12, 0.5),
+    # No class token, p=0 (SigLIP): anchors and relevance from the attention received.
+    (2, 25, 64, 1, 0, False, None, 3, 7, 0.5),
+    # No class token, p=2 registers, the block's own scale, T odd.
+    (2, 49, 128, 2, 2, False, 1.0, 4, 20, 0.6),
+    # Class token + 4 registers (p=5): prefix tokens never candidates nor in the running max.
+    (2, 41, 160, 2, 5, True, None, 6, 10, 0.5),
+    # Class + distillation token (p=2), non-default scale; lambda 0: redundancy alone.
+    (2, 51, 64, 2, 2, True, 0.3, 4, 15, 0.0),
+    # lambda 1: relevance alone (the cls order up to rounding).
+    (2, 50, 64, 2, 1, True, None, 4, 12, 1.0),
+]
+
+
+@pytest.mark.parametrize("B,T,C,H," + TOWER + ",k,m,lam", RULE_SHAPES)
+def test_mmr_and_cls_match_reference(B, T, C, H, p, class_token, scale, k, m, lam):
+    x, qkv = make_inputs(B, T, C)
+    tower = (p, class_token, scale)
+    check_rule(x, qkv, H, k, m, *tower, "mmr", lam)
+    cls = check_rule(x, qkv, H, k, m, *tower, "cls")
+    # FasterVLM's rule is the score selection with every kept patch an anchor, on the kernels
+    # (not at T=1025, where the score path's importance pass is slow under the interpreter).
+    if T < 1000:
+        assert_same_idx(cls, select_and_gather(x, qkv, H, k + m, 0, 0.5, "none", *tower)[0])
+
+
+def test_mmr_lambda_changes_the_selection():
+    """The shapes above are not blind to lambda: on the same data the reference keeps other
+    patches at 0, 0.5 and 1, so a kernel that ignored lambda would fail them."""
+    x, qkv = make_inputs(2, 50, 80)
+    keep = [select_reference(x, qkv, 2, 4, 12, 0.5, "none", selection="mmr", mmr_lambda=lam)
+            for lam in (0.0, 0.5, 1.0)]
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[1], keep[2])
+
+
+def test_mmr_worked_example():
+    """SPEC.md's mmr example: one head, d = 2, scale 1, Q = K = X."""
+    import math
+    x = torch.tensor([[math.log(2), 0], [2, 0], [2, 2], [1, 0], [0, 1], [1, -1]],
+                     device=DEVICE).view(1, 6, 2)
+    qkv = x.repeat(1, 1, 3)
+    for selection, lam, expected in (("mmr", 0.5, [1, 2, 5]), ("mmr", 1.0, [1, 2, 3]),
+                                     ("cls", 0.5, [1, 2, 3])):
+        keep = select_and_gather(x, qkv, 1, 1, 2, 0.5, "none", 1, True, 1.0, selection, lam)[0]
+        assert keep.tolist() == [expected], (selection, lam)
+
+
+@pytest.mark.parametrize("p,class_token", [(1, True), (0, False), (2, False), (5, True)])
+def test_mmr_ties_pick_the_lower_index(p, class_token):
+    """Tokens drawn from three distinct rows (equal tokens get bit-equal scores and cosines in
+    each backend) and one image where every token is the same."""
+    B, T, C, H, k, m = 3, 50, 64, 2, 5, 11
+    g = torch.Generator().manual_seed(1)
+    x_rows, qkv_rows = torch.randn(B, 3, C, generator=g), torch.randn(B, 3, 3 * C, generator=g)
+    which = torch.randint(0, 3, (B, T), generator=g)
+    which[2] = 0
+    x = x_rows.gather(1, which[..., None].expand(-1, -1, C)).to(DEVICE)
+    qkv = qkv_rows.gather(1, which[..., None].expand(-1, -1, 3 * C)).to(DEVICE)
+    for lam in (0.5, 1.0):
+        keep_idx = check_rule(x, qkv, H, k, m, p, class_token, None, "mmr", lam)
+        assert keep_idx[2].tolist() == list(range(p, p + k + m))
+    check_rule(x, qkv, H, k, m, p, class_token, None, "cls")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("p,class_token", [(1, True), (0, False), (2, False)])
+def test_mmr_nan_rows_follow_the_reference(p, class_token):
+    """SPEC's NaN rules, the same picks as the reference: a NaN block input (NaN cosines), a
+    NaN attention (no finite anchor score: relevance 0), an infinite token, a whole bad image."""
+    B, T, C, H, k, m = 4, 40, 64, 2, 4, 12
+    x, qkv = make_inputs(B, T, C)
+    x[0, 9] = float("nan")            # one token's cosines are NaN: its gain ranks first
+    qkv[1, 3] = float("nan")          # a NaN key (and query): NaN attention rows
+    x[2, 20] = float("inf")           # inf / inf: NaN cosines too
+    x[3], qkv[3] = float("nan"), float("nan")
+    keep_idx = check_rule(x, qkv, H, k, m, p, class_token, None, "mmr", 0.5)
+    for row in keep_idx.tolist():
+        assert all(p <= i <= T - 1 for i in row) and row == sorted(set(row)), row
+    check_rule(x, qkv, H, k, m, p, class_token, None, "cls")
+
+
+def test_mmr_strided_views():
+    B, T, C, H = 2, 50, 64, 2
+    x_tbc, wide = make_inputs(T, B, C)[0], make_inputs(B, T, 4 * C, seed=1)[0]
+    x, qkv = x_tbc.transpose(0, 1), wide[..., C:]
+    check_rule(x, qkv, H, 3, 9, 1, True, None, "mmr", 0.5)
+    check_rule(x, qkv, H, 3, 9, 0, False, None, "mmr", 0.5)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_mmr_low_precision(dtype):
+    """fp16/bf16 inputs: a near-tie may flip only through float32 rounding."""
+    x, qkv = make_inputs(2, 50, 128, dtype)
+    keep_idx = select_and_gather(x, qkv, 2, 4, 12, 0.5, "none", selection="mmr",
+                                 mmr_lambda=0.5)[0]
+    want = select_reference(x, qkv, 2, 4, 12, 0.5, "none", selection="mmr", mmr_lambda=0.5)
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(keep_idx.tolist(), want.tolist()))
+    assert want.numel() - overlap <= max(1, 0.05 * want.numel()), (keep_idx, want)
+
+
+@pytest.mark.parametrize("selection", ["cls", "mmr"])
+@pytest.mark.parametrize(TOWER, [(1, True, None), (2, False, 0.5)])
+def test_dispatch_passes_the_selection_through(selection, p, class_token, scale):
+    from tokenprune import PruneConfig
+    from tokenprune.selection import select_and_gather as dispatch
+    x, qkv = make_inputs(2, 33, 64)
+    config = PruneConfig(k_anchors=2, top_m=6, selection=selection, mmr_lambda=0.7,
+                         backend="triton")
+    keep_idx = dispatch(x, qkv, 2, config, p, class_token, scale)[0]
+    assert_same_idx(keep_idx, select_reference(x, qkv, 2, 2, 6, 0.5, "none", p, class_token,
+                                               scale, selection=selection, mmr_lambda=0.7))
+
+
+def test_rejects_bad_selection_arguments():
+    x, qkv = make_inputs(1, 17, 64)
+    with pytest.raises(ValueError, match="selection must be 'score', 'cls' or 'mmr', got 'random'"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", selection="random")
+    with pytest.raises(ValueError, match=r"mmr_lambda must be a number in \[0, 1\].*got None"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", selection="mmr")
+    with pytest.raises(ValueError, match=r"mmr_lambda .*got 1.5"):
+        select_and_gather(x, qkv, 1, 1, 1, 0.5, "none", selection="mmr", mmr_lambda=1.5)

@@ -38,7 +38,7 @@ def manual_pruned_features(visual, images, layer, cfg):
     block = blocks[layer]
     qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
     keep = select_reference(x, qkv, block.attn.num_heads, cfg.k_anchors, cfg.top_m, cfg.alpha,
-                            cfg.score_norm)
+                            cfg.score_norm, selection=cfg.selection, mmr_lambda=cfg.mmr_lambda)
     rows = F.pad(keep, (1, 0))
     x = torch.stack([x[b, rows[b]] for b in range(x.shape[0])])
     for block in blocks[layer:]:
@@ -47,9 +47,10 @@ def manual_pruned_features(visual, images, layer, cfg):
     return pooled @ visual.proj, tokens, keep
 
 
-@pytest.mark.parametrize("layer", [-1, 6])
-def test_encode_image_matches_the_tower_run_by_hand(vit_b16, images, layer):
-    cfg = PruneConfig(k_anchors=10, top_m=50, layer=layer)
+@pytest.mark.parametrize("layer, selection", [(-1, "score"), (6, "score"), (6, "cls"),
+                                              (6, "mmr")])
+def test_encode_image_matches_the_tower_run_by_hand(vit_b16, images, layer, selection):
+    cfg = PruneConfig(k_anchors=10, top_m=50, layer=layer, selection=selection)
     with torch.no_grad():
         expected, expected_tokens, keep = manual_pruned_features(vit_b16.visual, images, layer % 12, cfg)
         assert replace_last_block(vit_b16, config=cfg) is vit_b16

@@ -134,3 +134,141 @@ def test_non_finite_input_gives_valid_distinct_indices(bad):
 def test_more_kept_than_patches_is_an_error():
     with pytest.raises(ValueError, match="k_anchors \\+ top_m"):
         select_reference(torch.randn(1, 5, 4), torch.randn(1, 5, 12), 1, 2, 3, 0.5)
+
+
+# ----- the other selections: cls and mmr (SPEC.md, "Other selections") ------------------------
+
+def mmr_example_inputs():
+    # SPEC.md's mmr example: one head, d = 2, scale 1, Q = K = X; X_0 is the CLS token.
+    x = torch.tensor([[math.log(2), 0], [2, 0], [2, 2], [1, 0], [0, 1], [1, -1]]).view(1, 6, 2)
+    return x, x.repeat(1, 1, 3)
+
+
+@pytest.mark.parametrize("selection, mmr_lambda, expected", [
+    ("mmr", 0.5, [1, 2, 5]),    # the worked example
+    ("mmr", 1.0, [1, 2, 3]),    # g = r: patches 3 and 5 tie, the lower index wins
+    ("cls", 0.5, [1, 2, 3]),    # the k + m = 3 largest a: 1 and 2 tie, then 3 and 5 tie
+    ("score", 0.5, [1, 4, 5]),  # the seed's diversity against the anchor alone drops patch 2
+])
+def test_mmr_worked_example(selection, mmr_lambda, expected):
+    x, qkv = mmr_example_inputs()
+    keep = select_reference(x, qkv, 1, 1, 2, 0.5, scale=1.0, selection=selection,
+                            mmr_lambda=mmr_lambda)
+    assert keep.tolist() == [expected]
+
+
+def mmr_brute_force(x, qkv, H, k, m, lam, p=1, class_token=True, scale=None):
+    """SPEC.md's mmr with plain Python loops in float64: the anchor scores from the same
+    attention as `brute_force`, then m greedy steps over explicit sets."""
+    B, T, C = x.shape
+    d = C // H
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = []
+    for b in range(B):
+        P = [[0.0] * T for _ in range(T)]
+        for h in range(H):
+            q = qkv[b, :, h * d:(h + 1) * d].double()
+            kk = qkv[b, :, C + h * d:C + (h + 1) * d].double()
+            for i in range(T):
+                logits = [float(q[i] @ kk[j]) * scale for j in range(T)]
+                e = [math.exp(v - max(logits)) for v in logits]
+                for j in range(T):
+                    P[i][j] += e[j] / sum(e) / H
+        a = {i: P[0][i] if class_token else sum(P[r][i] for r in range(T)) / T
+             for i in range(p, T)}
+        kept = sorted(a, key=lambda i: (-a[i], i))[:k]
+        top = max(a.values())
+        xs = x[b].double()
+
+        def cos(i, j):
+            return float(xs[i] @ xs[j]) / (max(float(xs[i].norm()), 1e-8)
+                                           * max(float(xs[j].norm()), 1e-8))
+
+        for _ in range(m):
+            gain = {i: lam * a[i] / top - (1 - lam) * max(cos(i, j) for j in kept)
+                    for i in a if i not in kept}
+            kept.append(max(gain, key=lambda i: (gain[i], -i)))
+        out.append(sorted(kept))
+    return out
+
+
+@pytest.mark.parametrize("B, T, H, d, k, m, lam, p, class_token, scale", [
+    (2, 17, 2, 8, 3, 5, 0.5, 1, True, None),
+    (1, 10, 1, 4, 1, 8, 0.3, 1, True, None),     # k + m = N: every patch, in the greedy order
+    (2, 26, 4, 6, 5, 9, 0.8, 1, True, None),
+    (2, 21, 2, 4, 4, 6, 0.5, 5, True, None),     # class token + 4 registers
+    (2, 17, 2, 8, 3, 5, 0.6, 1, False, None),    # no class token: anchors by attention received
+    (2, 12, 2, 4, 3, 3, 0.2, 0, False, 0.7),     # no prefix token at all, own scale
+    (1, 30, 2, 8, 4, 0, 0.5, 1, True, None),     # m = 0: the anchors alone
+    (1, 30, 2, 8, 2, 10, 0.0, 1, True, None),    # lambda 0: redundancy alone after the anchors
+])
+def test_mmr_matches_brute_force(B, T, H, d, k, m, lam, p, class_token, scale):
+    gen = torch.Generator().manual_seed(T * 13 + k)
+    x = torch.randn(B, T, H * d, generator=gen)
+    qkv = torch.randn(B, T, 3 * H * d, generator=gen)
+    keep = select_reference(x, qkv, H, k, m, 0.5, num_prefix=p, class_token=class_token,
+                            scale=scale, selection="mmr", mmr_lambda=lam)
+    assert keep.tolist() == mmr_brute_force(x, qkv, H, k, m, lam, p, class_token, scale)
+
+
+@pytest.mark.parametrize("p, class_token", [(1, True), (0, False), (3, False), (5, True)])
+def test_cls_is_the_score_selection_with_every_patch_an_anchor(p, class_token):
+    gen = torch.Generator().manual_seed(p)
+    x, qkv = torch.randn(3, 40, 16, generator=gen), torch.randn(3, 40, 48, generator=gen)
+    for k, m in ((1, 0), (3, 9), (5, 20)):
+        cls = select_reference(x, qkv, 2, k, m, 0.5, num_prefix=p, class_token=class_token,
+                               selection="cls")
+        assert torch.equal(cls, select_reference(x, qkv, 2, k + m, 0, 0.5, num_prefix=p,
+                                                 class_token=class_token))
+        # And it is not blind to the rule: the seed's score keeps other patches.
+        if m:
+            assert not torch.equal(cls, select_reference(x, qkv, 2, k, m, 0.5, num_prefix=p,
+                                                         class_token=class_token))
+
+
+def test_mmr_differs_from_cls_and_from_the_seed():
+    gen = torch.Generator().manual_seed(3)
+    x, qkv = torch.randn(2, 50, 16, generator=gen), torch.randn(2, 50, 48, generator=gen)
+    keep = {sel: select_reference(x, qkv, 2, 4, 12, 0.5, selection=sel)
+            for sel in ("score", "cls", "mmr")}
+    assert not torch.equal(keep["mmr"], keep["cls"])
+    assert not torch.equal(keep["mmr"], keep["score"])
+
+
+def test_mmr_ties_and_identical_tokens():
+    # Every token the same: every a, r and cosine ties, so the lowest indices are kept.
+    x, qkv = torch.ones(2, 9, 4), torch.ones(2, 9, 12)
+    assert select_reference(x, qkv, 2, 2, 3, 0.5, selection="mmr").tolist() == \
+        [[1, 2, 3, 4, 5]] * 2
+
+
+def test_mmr_nan_rules():
+    """SPEC: a NaN gain ranks above every number; once a token with NaN cosines is kept every
+    candidate's redundancy is NaN, so the rest follow in index order."""
+    gen = torch.Generator().manual_seed(4)
+    x, qkv = torch.randn(1, 20, 8, generator=gen), torch.randn(1, 20, 24, generator=gen)
+    clean = select_reference(x, qkv, 2, 3, 4, 0.5, selection="mmr")[0].tolist()
+    candidates = [i for i in range(1, 20) if i not in clean]
+    bad = candidates[-1]                         # a patch the clean run does not keep
+    x[0, bad] = float("nan")
+    keep = select_reference(x, qkv, 2, 3, 4, 0.5, selection="mmr")[0].tolist()
+    anchors = select_reference(x, qkv, 2, 3, 0, 0.5)[0].tolist()
+    # Its cosines to the anchors are NaN, so its gain is NaN: picked first; then every
+    # candidate's redundancy is NaN: the three lowest-index candidates follow.
+    rest = [i for i in range(1, 20) if i not in anchors and i != bad][:3]
+    assert keep == sorted(anchors + [bad] + rest)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_mmr_non_finite_attention_gives_valid_distinct_indices(bad):
+    gen = torch.Generator().manual_seed(1)
+    x, qkv = torch.randn(3, 20, 8, generator=gen), torch.randn(3, 20, 24, generator=gen)
+    qkv[0, 0] = bad      # the CLS query: every a is NaN, so A has no finite entry: r = 0
+    qkv[1, 5] = bad      # one bad key
+    x[2] = bad           # a whole bad image
+    for p, class_token in ((1, True), (2, False)):
+        keep = select_reference(x, qkv, 2, 3, 6, 0.5, num_prefix=p, class_token=class_token,
+                                selection="mmr")
+        assert keep.shape == (3, 9)
+        assert ((keep >= p) & (keep <= 19)).all()
+        assert all(row == sorted(set(row)) and len(row) == 9 for row in keep.tolist())

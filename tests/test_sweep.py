@@ -17,15 +17,17 @@ from PIL import Image  # noqa: E402
 
 from tokenprune import PruneConfig, pruned_block, remove_pruning, replace_last_block  # noqa: E402
 from tokenprune import sweep  # noqa: E402
+from tokenprune.config import MMR_LAMBDA  # noqa: E402
 from tokenprune.cli import sweep as sweep_command  # noqa: E402
 from tokenprune.cli import main  # noqa: E402
 
 from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
 
 # Two layers (blocks 0 and 1 of 2), two budgets per layer, and one point that prunes nothing
-# (4 + 60 >= 64 patches).
+# (4 + 60 >= 64 patches); the seed's score and mmr at each, and cls, which is the cls control.
 GRID = ["--k_anchors", "4", "--top_m", "12", "20", "60", "--alpha", "0.3",
-        "--score_norm", "minmax", "--layer", "0", "-1"]
+        "--score_norm", "minmax", "--layer", "0", "-1", "--selection", "score", "mmr", "cls",
+        "--mmr_lambda", "0.6"]
 
 
 def data_args(tiny, data=None):
@@ -74,14 +76,21 @@ def test_every_point_equals_tokenprune_eval(tiny, swept, tmp_path):
     for row in rows:
         if row["kind"] == "random" or row["kind"] == "unpruned":
             continue
+        if row["kind"] == "mmr" and (row["block"], row["top_m"]) != (0, 12):
+            continue  # one mmr point through eval is enough: the rest differ only in k, m, layer
         flags = ["--enable_pruning", "--k_anchors", str(row["k_anchors"]), "--top_m",
                  str(row["top_m"]), "--layer", str(row["block"])]
-        if row["kind"] == "score":  # the cls control is eval with k = k + m, m = 0
+        if row["kind"] == "score":
             flags += ["--alpha", str(row["alpha"]), "--score_norm", row["score_norm"]]
+        elif row["kind"] == "mmr":
+            flags += ["--selection", "mmr", "--mmr_lambda", str(row["mmr_lambda"])]
+        # The cls rows go through eval's score selection with k = k + m, m = 0: the same tokens.
         expected = eval_metrics(tiny, tmp_path, *flags)
         assert {name: row[name] for name in metric_names} == expected, row  # float for float
         checked += 1
-    assert checked == 4 + 2 + 4  # grid points that prune, the two that do not, cls controls
+    # Score points that prune, the two that do not, cls (the grid's and the controls': one row
+    # per budget, and the grid's two that prune nothing), one mmr point.
+    assert checked == 4 + 2 + 4 + 2 + 1
     # The grid's settings really changed the predictions (the comparison is not blind).
     assert len({tuple(row[name] for name in metric_names) for row in rows}) > 2
 
@@ -99,10 +108,17 @@ def test_rows_layers_controls_and_not_pruned(swept):
             assert (row["acc1"], row["relative_cost"]) == (rows[0]["acc1"], 1.0)
     budgets = {(r["block"], r["kept_tokens"]) for r in score if r["pruned"]}
     for kind in ("cls", "random"):
-        controls = [r for r in rows if r["kind"] == kind]
+        controls = [r for r in rows if r["kind"] == kind and r["pruned"]]
         assert {(r["block"], r["kept_tokens"]) for r in controls} == budgets
         assert all(r["k_anchors"] == r["kept_tokens"] - 1 and r["top_m"] == 0 for r in controls)
     assert {r["seed"] for r in rows if r["kind"] == "random"} == {0}
+    mmr = [row for row in rows if row["kind"] == "mmr"]
+    assert sorted((r["block"], r["top_m"]) for r in mmr) == \
+        [(0, 12), (0, 20), (0, 60), (1, 12), (1, 20), (1, 60)]
+    assert all(r["mmr_lambda"] == 0.6 and r["alpha"] is None and r["selection"] == "mmr"
+               for r in mmr)
+    assert all(r["mmr_lambda"] is None for r in rows if r["kind"] != "mmr")
+    assert {r["selection"] for r in rows} == {None, "score", "mmr", "cls", "random"}
     # Costs fall with fewer tokens and an earlier layer; retained is relative to unpruned.
     by_budget = {(r["block"], r["kept_tokens"]): r for r in score if r["pruned"]}
     assert by_budget[(0, 17)]["relative_cost"] < by_budget[(0, 25)]["relative_cost"] \
@@ -140,7 +156,9 @@ def test_engine_matches_patched_model(tiny):
     configs = [None, PruneConfig(k_anchors=3, top_m=9, layer=0),
                PruneConfig(k_anchors=5, top_m=20, alpha=0.7, layer=1),
                PruneConfig(k_anchors=12, top_m=0, layer=1, selection="random", seed=3),
-               PruneConfig(k_anchors=4, top_m=60, layer=0)]  # 64 >= 64 patches: unpruned
+               PruneConfig(k_anchors=4, top_m=60, layer=0),  # 64 >= 64 patches: unpruned
+               PruneConfig(k_anchors=3, top_m=9, layer=0, selection="mmr", mmr_lambda=0.3),
+               PruneConfig(k_anchors=2, top_m=10, layer=1, selection="cls")]
     torch.manual_seed(0)
     batches = [torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)]
     encoder = sweep.GridEncoder(model.visual, configs)
@@ -180,6 +198,10 @@ def test_engine_matches_patched_model(tiny):
     (["--alpha"], "--alpha: give at least one value (numbers in [0, 1])"),
     (["--score_norm", "zscore"], "--score_norm must be one of 'none', 'minmax', got 'zscore'"),
     (["--controls", "random", "shuffled"], "--controls random shuffled: give random and/or cls"),
+    (["--selection", "score", "fastervlm"],
+     "--selection must be one of 'score', 'cls', 'mmr', 'random', got 'fastervlm'"),
+    (["--selection"], "--selection: give at least one value (any of score, cls, mmr, random"),
+    (["--mmr_lambda", "0.5", "-0.1"], "--mmr_lambda must be a finite number in [0, 1], got -0.1"),
     (["--task", "zeroshot_retrieval"], "--task zeroshot_retrieval (of --dataset wds/tiny): "
                                        "tokenprune sweep evaluates zero-shot classification only"),
     (["--language", "en", "fr"], "tokenprune sweep takes exactly one language"),
@@ -258,3 +280,98 @@ def test_non_finite_metrics_are_null_and_speed(tiny, tmp_path, capsys):
     assert all(0 <= r["acc1"] <= 1 for r in rows)
     with open(out / "results.csv", newline="") as f:
         assert {r["acc5"] for r in csv.DictReader(f)} == {""}
+
+
+# ----- where a simpler choice wins -----------------------------------------------------------
+
+def finding_row(kind, acc1, kept=17, block=1, alpha=None, **extra):
+    return {"kind": kind, "block": block, "num_blocks": 4, "k_anchors": 4, "top_m": kept - 5,
+            "alpha": alpha, "score_norm": None if alpha is None else "none", "seed": None,
+            "pruned": True, "kept_tokens": kept, "tokens": 65, "acc1": acc1, **extra}
+
+
+def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():
+    n = 1000
+    rows = [{**finding_row("unpruned", 0.9), "block": None, "pruned": False, "kept_tokens": 65},
+            # 17 tokens: cls 4 points above the best score setting (0.82); the noise there is
+            # 2 sqrt(0.82 * 0.18 / 1000) = 2.43 points. random is below.
+            finding_row("score", 0.80, alpha=0.3), finding_row("score", 0.82, alpha=0.7),
+            finding_row("cls", 0.86), finding_row("random", 0.50),
+            # 25 tokens: cls 2 points above 0.80, inside the noise (2.53 points): no line.
+            finding_row("score", 0.80, kept=25, alpha=0.5), finding_row("cls", 0.82, kept=25),
+            # 33 tokens: another selection of the grid wins, and so does cls, by less; a row
+            # with no metric is skipped.
+            finding_row("score", 0.60, kept=33, alpha=0.5),
+            finding_row("mmr", 0.70, kept=33, selection="mmr", mmr_lambda=0.7),
+            finding_row("cls", 0.66, kept=33), finding_row("random", None, kept=33)]
+    result = {"rows": rows, "primary": "acc1", "images": n, "num_blocks": 4}
+    lines = sweep_command.simpler_choice_findings(result)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("at block 2 of 4 (index 1), 17 tokens, cls keeps 4.0 points more acc1 "
+                               "than the best score setting (k=4, m=12, alpha=0.7, none: "
+                               "0.8200 against 0.8600; n = 1000, one image = 0.1 points, "
+                               "noise 2.4 points)"), lines[0]
+    assert "random" not in lines[0]
+    assert lines[1].startswith("at block 2 of 4 (index 1), 33 tokens, mmr with lambda 0.7 keeps 10.0 "
+                               "points more"), lines[1]
+    assert lines[1].endswith("; so do cls (+6.0)"), lines[1]
+    # With all the seed's settings at least as good, nothing is said.
+    rows[3] = finding_row("cls", 0.82)
+    rows[8] = finding_row("score", 0.70, kept=33, alpha=0.7)
+    rows[10] = finding_row("cls", 0.60, kept=33)
+    assert sweep_command.simpler_choice_findings(result) == []
+
+
+def test_sweep_states_its_findings_in_summary_and_output(swept):
+    folder, err = swept
+    meta = json.loads((folder / "results.json").read_text())
+    result = {"rows": meta["rows"], "primary": meta["primary_metric"], "images": meta["images"],
+              "num_blocks": meta["num_blocks"]}
+    lines = sweep_command.simpler_choice_findings(result)
+    summary = (folder / "summary.md").read_text()
+    assert "## Where a simpler choice wins" in summary
+    for line in lines:
+        assert f"- {line}." in summary and f"tokenprune: {line}" in err
+    if not lines:
+        assert "At no budget does a control" in summary
+    assert err.count("tokenprune: at block") == len(lines)
+
+
+def test_grid_points_multiply_each_selection_by_its_own_parameters():
+    """`--selection score mmr cls random --mmr_lambda 0.3 0.5 0.7`: lambda multiplies the mmr
+    points only, alpha and score_norm the score points only; cls and random depend on k + m
+    alone (as the controls do), and nothing is listed twice."""
+    points = sweep.grid_points([2], [6, 10], [0.3, 0.7], ["none", "minmax"], [1, -3],
+                               ["cls", "random"], 4, 64, "reference", 3,
+                               selections=["score", "mmr", "cls", "random", "mmr"],
+                               mmr_lambdas=[0.3, 0.5, 0.7])
+    kinds = [p.kind for p in points]
+    assert kinds[0] == "unpruned" and len(set(points)) == len(points)
+    # Layers 1 and -3 are the same block of 4: one layer.
+    assert {p.config.layer for p in points[1:]} == {1}
+    score = [p.config for p in points if p.kind == "score"]
+    assert len(score) == 2 * 2 * 2  # alphas x score_norms x (k, m)
+    assert {(c.alpha, c.score_norm) for c in score} == {(a, n) for a in (0.3, 0.7)
+                                                       for n in ("none", "minmax")}
+    assert all(c.selection == "score" and c.mmr_lambda == MMR_LAMBDA for c in score)
+    mmr = [p.config for p in points if p.kind == "mmr"]
+    assert sorted((c.mmr_lambda, c.top_m) for c in mmr) == \
+        [(lam, m) for lam in (0.3, 0.5, 0.7) for m in (6, 10)]
+    assert all(c.selection == "mmr" and (c.alpha, c.score_norm) == (0.5, "none") for c in mmr)
+    # One cls and one random row per budget (8 and 12 patches): the grid's are the controls.
+    for kind in ("cls", "random"):
+        rows = [p.config for p in points if p.kind == kind]
+        assert sorted((c.k_anchors, c.top_m) for c in rows) == [(8, 0), (12, 0)]
+        assert all(c.selection == kind and c.seed == 3 for c in rows)
+    assert len(points) == 1 + 8 + 6 + 2 + 2
+
+
+def test_grid_points_controls_stay_for_every_selection():
+    points = sweep.grid_points([4], [12], [0.5], ["none"], [-1], ["cls", "random"], 2, 64,
+                               "auto", 0, selections=["mmr"], mmr_lambdas=[0.2])
+    assert [p.kind for p in points] == ["unpruned", "mmr", "random", "cls"]
+    assert all(p.config.kept_patches == 16 for p in points[1:])
+    # The controls alone, when asked for none.
+    assert [p.kind for p in sweep.grid_points([4], [12], [0.5], ["none"], [-1], [], 2, 64,
+                                              "auto", 0, selections=["mmr"])] == \
+        ["unpruned", "mmr"]

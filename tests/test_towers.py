@@ -64,7 +64,7 @@ def kept_rows(keep, num_prefix):
 
 def select(P, x, cfg, num_prefix, class_token):
     return select_from_attention(P, x, cfg.k_anchors, cfg.top_m, cfg.alpha, cfg.score_norm,
-                                 num_prefix, class_token)
+                                 num_prefix, class_token, cfg.selection, cfg.mmr_lambda)
 
 
 def assert_close(actual, expected):
@@ -171,7 +171,11 @@ BLOCKS = {
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("cfg", [PruneConfig(k_anchors=5, top_m=12),
-                                 PruneConfig(k_anchors=2, top_m=30, alpha=0.2, score_norm="minmax")])
+                                 PruneConfig(k_anchors=2, top_m=30, alpha=0.2, score_norm="minmax"),
+                                 PruneConfig(k_anchors=4, top_m=12, selection="cls"),
+                                 PruneConfig(k_anchors=3, top_m=14, selection="mmr",
+                                             mmr_lambda=0.6)],
+                         ids=["score", "score-minmax", "cls", "mmr"])
 def test_block_adapter_matches_the_block_on_the_kept_tokens(name, cfg):
     factory, p, class_token, rotary = BLOCKS[name]
     block = randomise(factory())
@@ -272,6 +276,25 @@ def test_tower_matches_the_tower_run_by_hand(towers, images, name, layer):
         block = pruned_block(model)
         assert isinstance(block, PrunedBlock) and block is trunk_of(model).blocks[layer]
         assert torch.equal(block.last_keep_idx, keep)
+        assert_close(out, expected)
+    finally:
+        remove_pruning(model)
+
+
+@pytest.mark.parametrize("selection", ["cls", "mmr"])
+@pytest.mark.parametrize("name", ["ViT-B-16-SigLIP2", "EVA02-B-16", "vit_tiny_reg4_gap",
+                                  "deit_tiny_distilled"])
+def test_other_selections_match_the_tower_run_by_hand(towers, images, name, selection):
+    """cls and mmr in whole towers (OpenCLIP's timm towers and timm models): without a class
+    token, with rotary positions, with registers, with a distillation token; a middle block."""
+    model = towers(name)
+    cfg = PruneConfig(k_anchors=4, top_m=14, layer=1, selection=selection, mmr_lambda=0.4)
+    try:
+        with torch.no_grad():
+            expected, keep = run_by_hand(model, images, 1, cfg)
+            replace_last_block(model, config=cfg)
+            out = model(images)
+        assert torch.equal(pruned_block(model).last_keep_idx, keep)
         assert_close(out, expected)
     finally:
         remove_pruning(model)
@@ -389,15 +412,17 @@ def test_triton_backend_matches_the_reference_backend(small_towers, name, layer)
     model = small_towers(name)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     outs, keeps = {}, {}
-    for backend in ("reference", "triton"):
-        replace_last_block(model, k_anchors=3, top_m=5, layer=layer, backend=backend)
-        with torch.no_grad():
-            outs[backend] = model(images)
-        keeps[backend] = pruned_block(model).last_keep_idx
-    remove_pruning(model)
-    assert torch.equal(keeps["triton"], keeps["reference"])
-    # The same kept rows give the same computation after the selection.
-    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=0)
+    for selection in ("score", "mmr") if layer == 0 else ("score", "cls"):
+        for backend in ("reference", "triton"):
+            replace_last_block(model, k_anchors=3, top_m=5, layer=layer, backend=backend,
+                               selection=selection)
+            with torch.no_grad():
+                outs[backend] = model(images)
+            keeps[backend] = pruned_block(model).last_keep_idx
+        remove_pruning(model)
+        assert torch.equal(keeps["triton"], keeps["reference"]), selection
+        # The same kept rows give the same computation after the selection.
+        torch.testing.assert_close(outs["triton"], outs["reference"], rtol=0, atol=0)
 
 
 # ----- what stays refused -------------------------------------------------------------------

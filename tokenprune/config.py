@@ -5,10 +5,13 @@ from numbers import Integral, Real
 
 SCORE_NORMS = ("none", "minmax")
 BACKENDS = ("auto", "triton", "reference")
-SELECTIONS = ("score", "random")
+SELECTIONS = ("score", "cls", "mmr", "random")
 # The controls a sweep runs at each of its token budgets: random patches, and the patches the
 # class token attends to most (tokenprune.sweep.grid_points).
 CONTROLS = ("random", "cls")
+# The mmr selection's weight of relevance against redundancy (SPEC.md, section "`mmr`", says
+# why this default).
+MMR_LAMBDA = 0.8
 
 
 def _require_int(name, value, minimum):
@@ -16,6 +19,12 @@ def _require_int(name, value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_unit_interval(name, value):
+    if (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)
+            or not 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a finite number in [0, 1], got {value!r}")
 
 
 def _require_choice(name, value, choices):
@@ -38,14 +47,20 @@ class PruneConfig:
         the end (-1, the default, is the last block).
     backend: "auto" (Triton on CUDA tensors when Triton is installed, else the reference),
         "triton" (error where it cannot run) or "reference" (PyTorch).
-    selection: "score" (the seed's anchors + importance/diversity score, the default) or
-        "random", a control: k_anchors + top_m patches drawn uniformly at random per image
-        (alpha and score_norm unused), from a generator seeded with `seed` when the pruned
-        block is made, so a run over the same batches draws the same patches.
+    selection: which patches are kept (docs/selections.md; alpha and score_norm are used by
+        "score" only, mmr_lambda by "mmr" only):
+        "score": the seed's k anchors + top_m by the importance/diversity score (the default);
+        "cls": the k_anchors + top_m patches the class token attends to most (SPEC's anchor
+            rule without a class token), FasterVLM's rule; the same keep_idx as "score" with
+            k_anchors + top_m anchors and top_m = 0;
+        "mmr": the k anchors, then top_m patches added one at a time by maximal marginal
+            relevance, diversity against every patch kept so far (SPEC.md);
+        "random": a control, k_anchors + top_m patches drawn uniformly at random per image,
+            from a generator seeded with `seed` when the pruned block is made, so a run over
+            the same batches draws the same patches.
     seed: the random control's seed (an integer >= 0).
-
-    The other control, the k + m patches the class token attends to most, is the score
-    selection with k_anchors = k + m and top_m = 0.
+    mmr_lambda: the mmr selection's weight of relevance (class-token attention) against
+        redundancy (cosine to the patches kept), in [0, 1]; 1 is the cls selection's order.
     """
 
     k_anchors: int = 10
@@ -56,13 +71,13 @@ class PruneConfig:
     backend: str = "auto"
     selection: str = "score"
     seed: int = 0
+    mmr_lambda: float = MMR_LAMBDA  # last, so that positional arguments keep their meaning
 
     def __post_init__(self):
         _require_int("k_anchors", self.k_anchors, 1)
         _require_int("top_m", self.top_m, 0)
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, Real)
-                or not math.isfinite(self.alpha) or not 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"alpha must be a finite number in [0, 1], got {self.alpha!r}")
+        _require_unit_interval("alpha", self.alpha)
+        _require_unit_interval("mmr_lambda", self.mmr_lambda)
         if isinstance(self.layer, bool) or not isinstance(self.layer, Integral):
             raise ValueError(f"layer must be an integer block index (negative counts from the end), "
                              f"got {self.layer!r}")
@@ -74,6 +89,7 @@ class PruneConfig:
         object.__setattr__(self, "k_anchors", int(self.k_anchors))
         object.__setattr__(self, "top_m", int(self.top_m))
         object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "mmr_lambda", float(self.mmr_lambda))
         object.__setattr__(self, "layer", int(self.layer))
         object.__setattr__(self, "seed", int(self.seed))
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .block import PrunedBlock
-from .config import PruneConfig
+from .config import MMR_LAMBDA, PruneConfig
 from .towers import UnsupportedModelError, block_adapter, find_tower, vision_language
 from .vlm import image_token_pruning, remove_image_token_pruning
 
@@ -61,18 +61,20 @@ def remove_pruning(model: nn.Module) -> nn.Module:
 
 def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
                        alpha: float = 0.5, score_norm: str = "none", layer: int = -1,
-                       backend: str = "auto", config: Optional[PruneConfig] = None) -> nn.Module:
+                       backend: str = "auto", config: Optional[PruneConfig] = None,
+                       selection: str = "score", mmr_lambda: float = MMR_LAMBDA) -> nn.Module:
     """Prune tokens at one block (by default the last) of a ViT image tower, in place.
 
     `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, a timm
     VisionTransformer / Eva model, or a transformers CLIPVisionModel,
     CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel or SiglipModel. Pass either the
-    keyword parameters or a ready `PruneConfig` as `config`. Patching an already patched model replaces the earlier pruning instead of
-    stacking a second one. Returns `model`.
+    keyword parameters (PruneConfig's) or a ready `PruneConfig` as `config`. Patching an already
+    patched model replaces the earlier pruning instead of stacking a second one. Returns `model`.
     """
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
-                             score_norm=score_norm, layer=layer, backend=backend)
+                             score_norm=score_norm, layer=layer, backend=backend,
+                             selection=selection, mmr_lambda=mmr_lambda)
     tower = find_tower(model)
     blocks = tower.blocks
     depth = len(blocks)

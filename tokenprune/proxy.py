@@ -1,16 +1,21 @@
-"""The proxy task and the small trained ViT shipped with the package.
+"""The proxy task and the small trained ViTs shipped with the package.
 
 A scikit-learn digit (8x8, upscaled) is pasted at a random place (a patch cell, jittered) on a
-larger canvas of noise and random line segments, so the object covers a small minority of the
-patches (1-4 of 64) and which tokens a pruned model keeps decides whether it can still read the
-digit. `tools/train_proxy.py` trains an OpenCLIP `VisionTransformer` (the class tokenprune
-prunes) on it; the checkpoint and a JSON describing it live in `tokenprune/assets/`. The
-first-run demo, the tests and the benchmarks use this module's data recipe, so everything sees
-the same held-out canvases.
+larger canvas of noise and random line segments, and which tokens a pruned model keeps decides
+whether it can still read the digit. Two regimes (REGIMES), one model each:
+- "small" (the first-run demo's model): the digit is 16 px, so it covers a small minority of
+  the patches (1-4 of 64, 2.2 on average) and the class token's top patches cover it;
+- "large": the same digits 64 px, covering 8 to 25 of the 64 patches (29% on average), so the
+  class evidence is spread over many patches, as with most objects in natural images.
+`tools/train_proxy.py [--regime large]` trains an OpenCLIP `VisionTransformer` (the class
+tokenprune prunes) on a regime; the checkpoint and a JSON card describing it live in
+`tokenprune/assets/`. The first-run demo, the tests and the benchmarks use this module's data
+recipes, so everything sees the same held-out canvases.
 """
 import functools
 import json
 from importlib import resources
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +52,28 @@ ARCH = {"image_size": 128, "patch_size": 16, "width": 128, "layers": 4, "heads":
 
 CHECKPOINT = "proxy_vit.pt"
 CARD = "proxy_vit.json"
+
+
+class Regime(NamedTuple):
+    recipe: dict  # make_canvas_digits' parameters (overrides of RECIPE)
+    checkpoint: str  # file names in tokenprune/assets/
+    card: str
+
+
+REGIMES = {
+    "small": Regime(RECIPE, CHECKPOINT, CARD),
+    # 8 x 8 canvas pixels per digit pixel: a 64-px digit on 5 x 5 patch-cell places, each of
+    # its patches holding 2 x 2 digit pixels. Its ink box overlaps 18.3 of the 64 patches on
+    # average over the held-out canvases (8 to 25): no few patches carry the class.
+    "large": Regime({**RECIPE, "scale": 8}, "proxy_vit_large.pt", "proxy_vit_large.json"),
+}
+
+
+def regime_of(name):
+    """REGIMES[name], or an error naming the allowed regimes."""
+    if name not in REGIMES:
+        raise ValueError(f"regime must be one of {', '.join(map(repr, REGIMES))}, got {name!r}")
+    return REGIMES[name]
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,24 +177,26 @@ def _asset(name):
     return resources.files("tokenprune").joinpath("assets", name)
 
 
-def proxy_card():
-    """The JSON beside the checkpoint: architecture, data recipe, seed, command, accuracy."""
-    return json.loads(_asset(CARD).read_text(encoding="utf-8"))
+def proxy_card(regime="small"):
+    """The JSON beside a regime's checkpoint: architecture, data recipe, seed, command,
+    accuracy."""
+    return json.loads(_asset(regime_of(regime).card).read_text(encoding="utf-8"))
 
 
-def load_proxy_model():
-    """The shipped trained model in float32, eval mode, on the CPU, and its card."""
-    card = proxy_card()
+def load_proxy_model(regime="small"):
+    """A regime's shipped trained model in float32, eval mode, on the CPU, and its card."""
+    card = proxy_card(regime)
     model = build_proxy_model(**card["arch"])
-    with _asset(CHECKPOINT).open("rb") as f:
+    with _asset(regime_of(regime).checkpoint).open("rb") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     model.load_state_dict({name: value.float() for name, value in state.items()})
     return model.eval(), card
 
 
-def heldout_set(n, card=None):
-    """The first n canvases of the held-out set the card's accuracy was measured on."""
-    card = card or proxy_card()
+def heldout_set(n, card=None, regime="small"):
+    """The first n canvases of the held-out set the card's accuracy was measured on (the
+    regime's card when none is given)."""
+    card = card or proxy_card(regime)
     recipe = {key: tuple(v) if isinstance(v, list) else v for key, v in card["recipe"].items()}
     return make_canvas_digits(n, card["heldout_seed"], split="test", **recipe)
 

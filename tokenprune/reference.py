@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from .config import MMR_LAMBDA
+
 EPS_COS = 1e-8
 EPS_MINMAX = 1e-12
 
@@ -41,7 +43,12 @@ def head_mean_attention(qkv, num_heads, scale=None):
 def anchor_scores(P, num_prefix=1, class_token=True):
     """Step 1's a_i for the patches p..T-1, (B, N): the class token's (index 0) attention row,
     or without a class token the attention each patch receives, averaged over all T queries."""
-    return P[:, 0, num_prefix:] if class_token else P[:, :, num_prefix:].mean(dim=1)
+    if class_token:
+        return P[:, 0, num_prefix:]
+    # Each column's mean taken as a row of its own: torch sums across the rows of (B, T, N) in
+    # vector lanes and a scalar tail, in different orders, so that equal patches could get
+    # unequal scores and break the tie rule.
+    return P[:, :, num_prefix:].transpose(1, 2).contiguous().mean(dim=-1)
 
 
 def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
@@ -51,7 +58,8 @@ def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
 
 def select_reference(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, k_anchors: int,
                      top_m: int, alpha: float, score_norm: str = "none", num_prefix: int = 1,
-                     class_token: bool = True, scale: Optional[float] = None) -> torch.Tensor:
+                     class_token: bool = True, scale: Optional[float] = None,
+                     selection: str = "score", mmr_lambda: float = MMR_LAMBDA) -> torch.Tensor:
     """keep_idx (B, k_anchors + top_m): kept patch indices into the T tokens, ascending, >= p.
 
     x: block input (B, T, C), the residual stream before the block's first norm.
@@ -60,14 +68,17 @@ def select_reference(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, k_ancho
     num_prefix: p, the leading tokens that are always kept and never chosen (class, registers).
     class_token: whether token 0 is a class token (anchor scores from its row) or not (from the
     attention each patch receives). scale: the attention's logit scale, d ** -0.5 when None.
+    selection: "score" (steps 1-5, alpha and score_norm), "cls" (the k + m patches with the
+    largest anchor scores) or "mmr" (maximal marginal relevance, weight mmr_lambda).
     """
     return select_from_attention(head_mean_attention(qkv, num_heads, scale), x, k_anchors, top_m,
-                                 alpha, score_norm, num_prefix, class_token)
+                                 alpha, score_norm, num_prefix, class_token, selection,
+                                 mmr_lambda)
 
 
 def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_prefix=1,
-                          class_token=True):
-    """Steps 1-5 on the head-averaged attention P (B, T, T) of step 0 and block input x."""
+                          class_token=True, selection="score", mmr_lambda=MMR_LAMBDA):
+    """The selection on the head-averaged attention P (B, T, T) of step 0 and block input x."""
     P = P.float()
     B, T, C = x.shape
     p = num_prefix
@@ -75,6 +86,12 @@ def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_
     if k_anchors + top_m > N:
         raise ValueError(f"k_anchors + top_m must be <= the {N} patch tokens, "
                          f"got {k_anchors} + {top_m}")
+    if selection == "cls":  # step 1 with k + m anchors
+        return anchor_indices(P, k_anchors + top_m, p, class_token).sort(dim=-1).values
+    if selection == "mmr":
+        return select_mmr(P, x, k_anchors, top_m, mmr_lambda, p, class_token)
+    if selection != "score":
+        raise ValueError(f"selection must be 'score', 'cls' or 'mmr' here, got {selection!r}")
     anchors = anchor_indices(P, k_anchors, p, class_token)                 # step 1, (B, k)
     patches = torch.arange(p, T, device=x.device)
     is_anchor = (patches[None, :, None] == anchors[:, None, :]).any(dim=-1)  # (B, N)
@@ -105,3 +122,47 @@ def select_from_attention(P, x, k_anchors, top_m, alpha, score_norm="none", num_
 
     # Step 5: anchors and chosen candidates, in ascending (spatial) order.
     return torch.cat([anchors, chosen], dim=1).sort(dim=-1).values
+
+
+def unit_rows(x):
+    """x / max(|x|, eps) per token, in float32: cos(u, v) of SPEC step 3 is unit(u) . unit(v)."""
+    xf = x.float()
+    return xf / xf.norm(dim=-1, keepdim=True).clamp_min(EPS_COS)
+
+
+def relevance(a):
+    """a / max(a) per image, max over the finite entries; all zero where that max is not > 0."""
+    top = a.masked_fill(~a.isfinite(), float("-inf")).amax(dim=-1, keepdim=True)
+    return torch.where(top > 0, a / top, torch.zeros_like(a))
+
+
+def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=True):
+    """SPEC.md, "`mmr`: selection by maximal marginal relevance": the k anchors, then top_m
+    greedy steps, each keeping the candidate with the largest
+    g_i = lambda * a_i / max(a) - (1 - lambda) * max_{j kept} cos(X_i, X_j)."""
+    B, T, C = x.shape
+    p = num_prefix
+    anchors = anchor_indices(P, k_anchors, p, class_token)                 # (B, k)
+    rel = relevance(anchor_scores(P, p, class_token))                      # (B, N)
+    unit = unit_rows(x)[:, p:]                                             # (B, N, C)
+    kept = torch.zeros(B, T - p, dtype=torch.bool, device=x.device)
+    kept.scatter_(1, anchors - p, True)
+
+    def cos_to(j):
+        """cos(X_i, X_j) for every patch i, (B, N), j (B, 1) patch positions. A product and a
+        row sum (not a matmul), so that equal tokens get bit-equal cosines (the tie rule)."""
+        return (unit * unit.gather(1, j[..., None].expand(B, 1, C))).sum(dim=-1)
+
+    # The running max over the kept patches of cos(X_i, X_j), for every patch i; NaN stays.
+    redundancy = torch.full((B, T - p), float("-inf"), device=x.device)
+    for s in range(k_anchors):
+        redundancy = torch.maximum(redundancy, cos_to(anchors[:, s:s + 1] - p))
+    chosen = []
+    for _ in range(top_m):
+        gain = mmr_lambda * rel - (1 - mmr_lambda) * redundancy
+        # Candidate gains are never -inf (rel is finite or NaN, cos in [-1, 1] or NaN).
+        pick = top_indices(gain.masked_fill(kept, float("-inf")), 1)          # (B, 1)
+        kept.scatter_(1, pick, True)
+        chosen.append(pick + p)
+        redundancy = torch.maximum(redundancy, cos_to(pick))
+    return torch.cat([anchors, *chosen], dim=1).sort(dim=-1).values

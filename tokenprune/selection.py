@@ -56,16 +56,20 @@ def random_keep_idx(batch, num_tokens, count, num_prefix, generator, device):
 def select_tokens(x, qkv, num_heads, config, num_prefix=1, class_token=True, scale=None,
                   generator=None):
     """keep_idx (B, k + m) for block input x (B, T, C) and its qkv (B, T, 3C), without copying
-    any rows: for callers that take the kept rows from somewhere else (tokenprune.vlm)."""
+    any rows: for callers that take the kept rows from somewhere else (tokenprune.vlm).
+
+    config.selection picks the rule ("score", "cls", "mmr": SPEC.md; "random": here, in torch on
+    the CPU, for both backends)."""
     if config.selection == "random":
         return random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
                                generator, x.device)
     args = (x, qkv, num_heads, config.k_anchors, config.top_m, config.alpha, config.score_norm,
             num_prefix, class_token, scale)
+    rule = dict(selection=config.selection, mmr_lambda=config.mmr_lambda)
     if resolve_backend(config.backend, x) == "triton":
         from . import kernels
-        return kernels.select_tokens(*args)
-    return select_reference(*args)
+        return kernels.select_tokens(*args, **rule)
+    return select_reference(*args, **rule)
 
 
 def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config: "PruneConfig",
@@ -77,12 +81,13 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
 
     num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
     (a CPU torch.Generator) is used by the random control only."""
-    if (config.selection == "score" and resolve_backend(config.backend, x) == "triton"
+    if (config.selection != "random" and resolve_backend(config.backend, x) == "triton"
             and not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad))):
         from . import kernels
         # The fused row copy; it has no backward, so in training the rows are gathered by torch.
         return kernels.select_and_gather(x, qkv, num_heads, config.k_anchors, config.top_m,
                                          config.alpha, config.score_norm, num_prefix,
-                                         class_token, scale)
+                                         class_token, scale, selection=config.selection,
+                                         mmr_lambda=config.mmr_lambda)
     keep_idx = select_tokens(x, qkv, num_heads, config, num_prefix, class_token, scale, generator)
     return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))

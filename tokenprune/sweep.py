@@ -6,7 +6,8 @@
   configuration prunes; each configuration then re-runs the tower with the blocks before its
   layer skipped and that recorded input injected, so it only pays for its own layer onwards
   (plus the patch embedding). The outputs are those of the patched model, float for float.
-- `grid_points`: the grid's settings and the controls at each of its token budgets.
+- `grid_points`: the grid's settings (per selection) and the controls at each of its token
+  budgets.
 - `relative_cost`: the tower's multiply-adds with pruning, relative to unpruned.
 
 `tokenprune sweep` (tokenprune/cli/sweep.py) is the command built on this engine.
@@ -20,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .config import CONTROLS, PruneConfig
+from .config import CONTROLS, MMR_LAMBDA, PruneConfig
 from .patch import pruned_block, remove_pruning, replace_last_block, visual_tower
 from .towers import find_tower
 
@@ -173,29 +174,50 @@ def relative_cost(tokens, kept_tokens, layer, depth, width, mlp_width):
 
 @dataclass(frozen=True)
 class Point:
-    """One row of the results: a grid point ("score"), a control ("cls", "random"), or the
-    unpruned model ("unpruned", config None)."""
+    """One row of the results: a grid point or a control, named by its selection ("score",
+    "mmr", "cls", "random"), or the unpruned model ("unpruned", config None)."""
     kind: str
     config: Optional[PruneConfig]
 
 
-def grid_points(ks, ms, alphas, score_norms, layers, controls, depth, patches, backend, seed):
+def grid_points(ks, ms, alphas, score_norms, layers, controls, depth, patches, backend, seed,
+                selections=("score",), mmr_lambdas=(MMR_LAMBDA,)):
     """The grid (every combination, duplicates dropped, layers as 0-based block indices) and
-    one control row per kind for each distinct (block, kept patches) that really prunes."""
+    one control row per kind for each distinct (block, kept patches) that really prunes.
+
+    Each selection multiplies only its own parameters: score points every alpha and
+    score_norm, mmr points every mmr_lambda; cls and random points depend on k + m alone, so
+    they are made as the controls are (k_anchors = k + m, top_m = 0) and a control that the
+    grid already holds is not repeated."""
     points = [Point("unpruned", None)]
     budgets = []
-    for layer, norm, alpha, k, m in product(layers, score_norms, alphas, ks, ms):
-        config = PruneConfig(k_anchors=k, top_m=m, alpha=alpha, score_norm=norm,
-                             layer=layer % depth, backend=backend)
-        point = Point("score", config)
+
+    def add(kind, config):
+        point = Point(kind, config)
         if point not in points:
             points.append(point)
             if config.kept_patches < patches and (config.layer, config.kept_patches) not in budgets:
                 budgets.append((config.layer, config.kept_patches))
-    for (layer, kept), kind in product(budgets, [c for c in CONTROLS if c in controls]):
-        # Both controls keep the same number of patches, all as "anchors": the cls control is
-        # the score selection with top_m = 0, the random one ignores alpha and score_norm.
-        config = PruneConfig(k_anchors=kept, top_m=0, layer=layer, backend=backend,
-                             selection="random" if kind == "random" else "score", seed=seed)
-        points.append(Point(kind, config))
+
+    for selection in selections:
+        if selection == "score":
+            for layer, norm, alpha, k, m in product(layers, score_norms, alphas, ks, ms):
+                add("score", PruneConfig(k_anchors=k, top_m=m, alpha=alpha, score_norm=norm,
+                                         layer=layer % depth, backend=backend))
+        elif selection == "mmr":
+            for layer, lam, k, m in product(layers, mmr_lambdas, ks, ms):
+                add("mmr", PruneConfig(k_anchors=k, top_m=m, layer=layer % depth,
+                                       backend=backend, selection="mmr", mmr_lambda=lam))
+        else:
+            for layer, k, m in product(layers, ks, ms):
+                add(selection, _control(selection, layer % depth, k + m, backend, seed))
+    for (layer, kept), kind in product(list(budgets), [c for c in CONTROLS if c in controls]):
+        add(kind, _control(kind, layer, kept, backend, seed))
     return points
+
+
+def _control(kind, layer, kept, backend, seed):
+    """The cls or random selection of `kept` patches at block `layer`, all of them "anchors"
+    (the split into k and m means nothing to either; the random one uses `seed`)."""
+    return PruneConfig(k_anchors=kept, top_m=0, layer=layer, backend=backend, selection=kind,
+                       seed=seed)

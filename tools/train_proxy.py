@@ -1,12 +1,15 @@
-"""Train the small ViT that ships in tokenprune/assets/ (the first-run demo's model).
+"""Train a small ViT that ships in tokenprune/assets/, one per regime of tokenprune.proxy.
 
-    python tools/train_proxy.py            # the recorded run (see the card for its time)
+    python tools/train_proxy.py                    # "small": the first-run demo's model
+    python tools/train_proxy.py --regime large --steps 1600   # "large": digits over ~29% of
+                                                   # the patches (see each card for its time)
 
 Trains an OpenCLIP VisionTransformer (tokenprune.proxy.ARCH) to classify the digit on
-tokenprune.proxy's canvases (fresh canvases every step, drawn from the training digits), then
-measures held-out accuracy on canvases of digits it never saw, and writes the checkpoint
-(float16) and its card (JSON) to tokenprune/assets/. Deterministic from --seed on a given
-machine and thread count: the data are a function of (seed, step), the weights of torch's seed.
+tokenprune.proxy's canvases of the regime (fresh canvases every step, drawn from the training
+digits), then measures held-out accuracy on canvases of digits it never saw, and writes the
+checkpoint (float16) and its card (JSON) to tokenprune/assets/ under the regime's names.
+Deterministic from --seed on a given machine and thread count: the data are a function of
+(seed, step), the weights of torch's seed.
 """
 import argparse
 import datetime
@@ -22,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tokenprune.proxy import (ARCH, CARD, CHECKPOINT, PIXEL_MEAN, PIXEL_STD, RECIPE,  # noqa: E402
-                              build_proxy_model, make_canvas_digits, preprocess)
+from tokenprune.proxy import (ARCH, PIXEL_MEAN, PIXEL_STD, REGIMES,  # noqa: E402
+                              build_proxy_model, make_canvas_digits, object_patches, preprocess)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenprune", "assets")
 
@@ -44,6 +47,8 @@ def learning_rate(step, steps, peak, warmup):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="small",
+                        help="which data recipe and asset names (default small)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=64)
@@ -58,6 +63,7 @@ def main(argv=None):
     parser.add_argument("--log_every", type=int, default=25)
     parser.add_argument("--out", default=ASSETS, help="folder for the checkpoint and its card")
     args = parser.parse_args(argv)
+    regime = REGIMES[args.regime]
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -69,12 +75,13 @@ def main(argv=None):
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.99))
     normalize = preprocess()
-    heldout = make_canvas_digits(args.heldout, args.heldout_seed, split="test")
+    heldout = make_canvas_digits(args.heldout, args.heldout_seed, split="test", **regime.recipe)
 
     start = time.time()
     for step in range(args.steps):
         model.train()
-        images, labels, _ = make_canvas_digits(args.batch, [args.seed, step], split="train")
+        images, labels, _ = make_canvas_digits(args.batch, [args.seed, step], split="train",
+                                               **regime.recipe)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         loss = F.cross_entropy(model(normalize(images)), labels)
@@ -96,7 +103,7 @@ def main(argv=None):
           f"({acc_float32:.4f} before rounding them), training {train_seconds:.0f} s", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
-    torch.save(state, os.path.join(args.out, CHECKPOINT))
+    torch.save(state, os.path.join(args.out, regime.checkpoint))
     script = os.path.relpath(os.path.abspath(__file__), os.getcwd())
     card = {
         "model": "open_clip.transformer.VisionTransformer(**arch); visual(images) gives the 10 "
@@ -105,12 +112,13 @@ def main(argv=None):
         "pixel_mean": PIXEL_MEAN,
         "pixel_std": PIXEL_STD,
         "arch": ARCH,
-        "recipe": RECIPE,
+        "recipe": regime.recipe,
         "seed": args.seed,
         "training": {"steps": args.steps, "batch": args.batch,
                      "optimizer": "AdamW, betas (0.9, 0.99)", "lr": args.lr, "warmup": args.warmup, "schedule": "linear warm-up, cosine",
                      "weight_decay": args.weight_decay, "grad_clip": 1.0,
-                     "data": "make_canvas_digits(batch, [seed, step], split='train') each step",
+                     "data": "make_canvas_digits(batch, [seed, step], split='train', "
+                             "**recipe) each step",
                      "threads": args.threads},
         "command": " ".join(["python", script] + [shlex.quote(a) for a in (argv or sys.argv[1:])]),
         "heldout_seed": args.heldout_seed,
@@ -123,10 +131,17 @@ def main(argv=None):
         "torch": torch.__version__,
         "storage": "float16 state dict; load_proxy_model() casts it back to float32",
     }
-    with open(os.path.join(args.out, CARD), "w", encoding="utf-8") as f:
+    if args.regime != "small":  # the small card's keys stay those it shipped with
+        objects = object_patches(heldout[2])  # (canvases, patches), over the held-out set
+        per_canvas = objects.sum(1).float()
+        card = {"regime": args.regime, **card,
+                "object_patches_mean": round(per_canvas.mean().item(), 2),
+                "object_patches_fraction": round(per_canvas.mean().item() / objects.shape[1], 4),
+                "object_patches_range": [int(per_canvas.min()), int(per_canvas.max())]}
+    with open(os.path.join(args.out, regime.card), "w", encoding="utf-8") as f:
         json.dump(card, f, indent=2)
         f.write("\n")
-    print(f"wrote {os.path.join(args.out, CHECKPOINT)} and {CARD}")
+    print(f"wrote {os.path.join(args.out, regime.checkpoint)} and {regime.card}")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,15 @@ from dataclasses import asdict
 from itertools import product
 from unittest import mock
 
-from ..config import BACKENDS, CONTROLS, SCORE_NORMS, PruneConfig
+from ..config import BACKENDS, CONTROLS, MMR_LAMBDA, SCORE_NORMS, SELECTIONS, PruneConfig
 
 PROG = "tokenprune"
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
 # The PruneConfig fields that have a flag (`--k_anchors` ...); any other field keeps its
 # PruneConfig default. The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50,
 # alpha 0.5, and ours).
-PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend")
+PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend", "selection",
+                 "mmr_lambda")
 PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
                     if name in PRUNING_FLAGS}
 # `tokenprune sweep`: the list-valued pruning flags (each a PruneConfig field) -> (type, what
@@ -37,9 +38,13 @@ LIST_FLAGS = {
     "alpha": (float, "numbers in [0, 1]"),
     "score_norm": (str, f"{' or '.join(SCORE_NORMS)}"),
     "layer": (int, "block indices, negative from the end"),
+    "selection": (str, f"any of {', '.join(SELECTIONS)}; alpha and score_norm multiply the "
+                       "score points only, mmr_lambda the mmr points only"),
+    "mmr_lambda": (float, "numbers in [0, 1], the mmr selection's weight of CLS attention"),
 }
 LIST_DEFAULTS = {"k_anchors": [5, 10, 20], "top_m": [30, 50, 100], "alpha": [0.3, 0.5, 0.7],
-                 "score_norm": ["none"], "layer": [-1]}
+                 "score_norm": ["none"], "layer": [-1], "selection": ["score"],
+                 "mmr_lambda": [MMR_LAMBDA]}
 # What `tokenprune sweep` writes into --output_dir.
 SWEEP_OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
@@ -90,6 +95,14 @@ def add_pruning_arguments(parser, always_on=False):
     group.add_argument("--backend", choices=BACKENDS, default=d["backend"],
                        help="'auto' (Triton on CUDA, else PyTorch; default), 'triton' or "
                             "'reference'")
+    group.add_argument("--selection", choices=SELECTIONS, default=d["selection"],
+                       help="which patches are kept (docs/selections.md): 'score' (the seed's "
+                            "anchors + importance/diversity score; default), 'cls' (the k + m "
+                            "the CLS token attends to most), 'mmr' (anchors, then maximal "
+                            "marginal relevance against every kept patch) or 'random'")
+    group.add_argument("--mmr_lambda", type=float, default=d["mmr_lambda"],
+                       help="--selection mmr: weight of CLS attention against similarity to "
+                            "the kept patches, in [0, 1] (default %(default)s)")
     return group
 
 

@@ -97,7 +97,7 @@ def parse_eval_args(argv):
 
 
 def _flags(config):
-    """The configuration as eval's flags set it (the controls' selection and seed are no flags)."""
+    """The configuration as eval's flags set it (the random selection's seed is no flag: 0)."""
     return {name: getattr(config, name) for name in PRUNING_DEFAULTS}
 
 

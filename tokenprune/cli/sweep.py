@@ -208,7 +208,8 @@ def _sweep_classification(state, original_evaluate, zsc):
         _check_layers(lists["layer"], depth, args.model)  # towers whose config we could not read
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
-                             patches, args.backend, args.seed)
+                             patches, args.backend, args.seed, selections=lists["selection"],
+                             mmr_lambdas=lists["mmr_lambda"])
         # The speed comes from the passes below, which GridEncoder makes anyway (_PassTimer).
         layers = [_pruned_layer(p.config, patches) for p in points]
         timer = None if args.no_speed else _PassTimer(
@@ -270,6 +271,7 @@ def _rows(points, metrics, speeds, visual, images, timed_images):
         kept = prefix + config.kept_patches if pruned else tokens
         score = point.kind == "score"
         row = {"kind": point.kind,
+               "selection": config.selection if config is not None else None,
                "block": config.layer if config is not None else None,  # 0-based, as in eval
                "block_number": config.layer + 1 if config is not None else None,  # for people
                "num_blocks": depth,
@@ -277,6 +279,7 @@ def _rows(points, metrics, speeds, visual, images, timed_images):
                "top_m": config.top_m if config is not None else None,
                "alpha": config.alpha if score else None,
                "score_norm": config.score_norm if score else None,
+               "mmr_lambda": config.mmr_lambda if point.kind == "mmr" else None,
                "seed": config.seed if point.kind == "random" else None,
                "pruned": pruned,
                "kept_tokens": kept,
@@ -302,6 +305,10 @@ def _weights(meta):
 
 
 def _label(row):
+    if row["kind"] == "mmr":
+        return f"mmr, k={row['k_anchors']}, m={row['top_m']}, lambda={row['mmr_lambda']}"
+    if row["kind"] != "score":  # cls, random: only k + m counts
+        return f"{row['kind']}, k+m={row['k_anchors'] + row['top_m']}"
     return (f"k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
             f"{row['score_norm']}")
 
@@ -309,6 +316,61 @@ def _label(row):
 def _block_name(block, blocks):
     """A block for people: counted from 1, its 0-based index beside it ("12 of 12 (index 11)")."""
     return f"{block + 1} of {blocks} (index {block})"
+
+
+def _is_seed_score(row):
+    """A pruned row of the seed's own selection (any alpha, score_norm)."""
+    return row["kind"] == "score" and row["pruned"]
+
+
+def _method(row):
+    """What a row's selection is called in the sweep's findings: its kind (a control), or the
+    grid's other selection with its parameter ("mmr with lambda 0.7")."""
+    if row.get("mmr_lambda") is not None:
+        return f"{row['kind']} with lambda {row['mmr_lambda']}"
+    return row["kind"]
+
+
+def simpler_choice_findings(result):
+    """One line per budget (block, kept tokens) where a control, or another selection of the
+    grid, keeps more of the primary metric than every setting of the seed's score, by more
+    than the noise. Empty when there is none.
+
+    The noise: twice the binomial standard error of the best score setting's value p over the
+    n images, 2 sqrt(p (1 - p) / n), and never less than one image (1 / n). The rows are
+    measured on the same images, so their difference varies less than two independent
+    estimates would (standard error at most sqrt(2) sqrt(p (1 - p) / n) when p is close for
+    both): a difference above the margin is not sampling noise. The sweep runs the random
+    control with one seed, so its spread over seeds is not known here (bench/fidelity.py
+    measures it on the shipped models: about one to two points)."""
+    rows, primary, n = result["rows"], result["primary"], result["images"]
+    lines = []
+    budgets = {}
+    for row in rows[1:]:
+        if row["pruned"] and row[primary] is not None:
+            budgets.setdefault((row["block"], row["kept_tokens"]), []).append(row)
+    for (block, kept), members in sorted(budgets.items()):
+        score = [r for r in members if _is_seed_score(r)]
+        others = [r for r in members if not _is_seed_score(r)]
+        if not score or not others or not n:
+            continue
+        best = max(score, key=lambda r: r[primary])
+        p = best[primary]
+        noise = max(1 / n, 2 * math.sqrt(max(p * (1 - p), 0.0) / n))
+        winners = sorted((r for r in others if r[primary] - p > noise),
+                         key=lambda r: -r[primary])
+        if not winners:
+            continue
+        top, also = winners[0], winners[1:]
+        line = (f"at block {_block_name(block, result['num_blocks'])}, {kept} tokens, {_method(top)} "
+                f"keeps {100 * (top[primary] - p):.1f} points more {primary} than the best score "
+                f"setting ({_label(best)}: {p:.4f} against {top[primary]:.4f}; n = {n}, "
+                f"one image = {100 / n:.2g} points, noise {100 * noise:.1f} points)")
+        if also:
+            line += "; so do " + ", ".join(f"{_method(r)} (+{100 * (r[primary] - p):.1f})"
+                                          for r in also)
+        lines.append(line)
+    return lines
 
 
 def summary_markdown(meta, result):
@@ -339,10 +401,16 @@ def summary_markdown(meta, result):
                      f"{fmt(best[primary])} | {fmt(best[f'{primary}_retained'])} | "
                      f"{control('cls')} | {control('random')} | {fmt(unpruned[primary])} | "
                      f"{best['relative_cost']:.3f} |")
-    skipped = [r for r in rows[1:] if r["kind"] == "score" and not r["pruned"]]
+    skipped = [r for r in rows[1:] if not r["pruned"]]
     if skipped:
         lines += ["", f"Not pruned (k + m >= {result['tokens'] - 1} patches, the unpruned "
                       f"model's numbers): {'; '.join(_label(r) for r in skipped)}."]
+    findings = simpler_choice_findings(result)
+    lines += ["", "## Where a simpler choice wins", ""]
+    lines += [f"- {line}." for line in findings] or [
+        "At no budget does a control or another selection keep more than the best setting of "
+        "the seed's score by more than the noise (two binomial standard errors, at least one "
+        "image)."]
     return "\n".join(lines) + "\n"
 
 
@@ -364,13 +432,15 @@ def plot_figure(meta, result):
     rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score",) + CONTROLS})
-    series = {}  # (block, kind, alpha, score_norm) -> rows, in drawing order
+    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
+    series = {}  # (block, kind, alpha or mmr_lambda, score_norm) -> rows, in drawing order
     for block in blocks:
         for row in rows[1:]:
             if row["block"] == block and row["kind"] == "score":
                 series.setdefault((block, "score", row["alpha"], row["score_norm"]),
                                   []).append(row)
+            elif row["block"] == block and row["kind"] == "mmr":
+                series.setdefault((block, "mmr", row["mmr_lambda"], None), []).append(row)
         for kind in CONTROLS:
             members = [r for r in rows if r["kind"] == kind and r["block"] == block]
             if members:
@@ -384,10 +454,11 @@ def plot_figure(meta, result):
         colour = colours[blocks.index(block) % len(colours)]
         i = in_block[block] = in_block.get(block, -1) + 1
         members = sorted(members, key=lambda r: r["kept_tokens"])
-        if kind == "score":
+        if kind in ("score", "mmr"):
             marker, linestyle = SCORE_MARKERS[i % len(SCORE_MARKERS)], \
                 LINE_STYLES[i % len(LINE_STYLES)]
-            label = f"block {_block_name(block, depth)}, alpha {alpha}, {norm}"
+            setting = f"alpha {alpha}, {norm}" if kind == "score" else f"mmr, lambda {alpha}"
+            label = f"block {_block_name(block, depth)}, {setting}"
         else:
             marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
@@ -525,4 +596,6 @@ def run_sweep(args):
     rows = state.result["rows"]
     print(f"tokenprune: sweep of {len(rows) - 1} settings on {state.result['images']} images: "
           f"wrote {', '.join(OUTPUT_FILES)} to {args.output_dir}", file=sys.stderr)
+    for line in simpler_choice_findings(state.result):
+        print(f"tokenprune: {line}", file=sys.stderr)
     return state.result

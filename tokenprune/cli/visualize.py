@@ -69,7 +69,10 @@ def kept_tokens(model, pixels):
         getattr(model, "encode_image", model)(pixels)  # a CLIP model or a bare image tower
     finally:
         handle.remove()
-    anchors = anchors_of(block, *captured["call"])[0]
+    # Only the score and mmr selections start from anchors (cls keeps the k + m top patches
+    # alike, random draws them).
+    anchors = (anchors_of(block, *captured["call"])[0]
+               if block.config.selection in ("score", "mmr") else torch.zeros(0, dtype=torch.long))
     if block.last_keep_idx is None:
         x, _ = block.adapter.tokens(*captured["call"][0], **captured["call"][1])
         keep = torch.arange(block.num_prefix, x.shape[1], device=x.device)
@@ -117,9 +120,10 @@ def patch_box(token, grid, patch, scale, origin):
     return (x0, y0, x0 + patch[1] * scale - 1, y0 + patch[0] * scale - 1)
 
 
-def render(image, grid, keep_idx, anchors, title, subtitle):
+def render(image, grid, keep_idx, anchors, title, subtitle, kept_by="score"):
     """The figure: `image` (H, W, 3) uint8, the patch grid (rows, cols), kept and anchor token
-    indices (>= 1). Returns (PIL image, layout(H, W))."""
+    indices (>= 1); `kept_by` names what kept the patches that are not anchors (the legend).
+    Returns (PIL image, layout(H, W))."""
     height, width = image.shape[:2]
     patch = (height // grid[0], width // grid[1])
     geo = layout(height, width)
@@ -157,7 +161,7 @@ def render(image, grid, keep_idx, anchors, title, subtitle):
     x, y, font = MARGIN, 64, _font(14)
     n_patches = grid[0] * grid[1]
     for colour, fill, label in ((ANCHOR_RGB, None, f"anchor ({len(anchors)})"),
-                                (KEPT_RGB, None, f"kept by score ({len(kept) - len(anchors)})"),
+                                (KEPT_RGB, None, f"kept by {kept_by} ({len(kept) - len(anchors)})"),
                                 (PRUNED_RGB, PRUNED_RGB, f"pruned ({n_patches - len(kept)})")):
         draw.rectangle((x, y, x + 14, y + 14), outline=colour, fill=fill, width=3)
         draw.text((x + 20, y), label, fill=TEXT_RGB, font=font)
@@ -173,6 +177,20 @@ def render(image, grid, keep_idx, anchors, title, subtitle):
 
 
 # ----- the command ------------------------------------------------------------------------
+
+# What keeps the patches that are not anchors, per selection (the legend and the summary line).
+KEPT_BY = {"score": "score", "mmr": "MMR", "cls": "CLS attention", "random": "chance"}
+
+
+def selection_settings(config):
+    """The settings that the configuration's selection uses, for the subtitle."""
+    kept = f"k_anchors={config.k_anchors}, top_m={config.top_m}"
+    if config.selection == "score":
+        return f"{kept}, alpha={config.alpha:g}, score_norm={config.score_norm}"
+    if config.selection == "mmr":
+        return f"selection=mmr, {kept}, mmr_lambda={config.mmr_lambda:g}"
+    seed = f", seed={config.seed}" if config.selection == "random" else ""
+    return f"selection={config.selection}, {config.kept_patches} patches{seed}"
 
 def run_visualize(args):
     shipped = use_shipped_model(args)
@@ -207,11 +225,11 @@ def run_visualize(args):
     title = (f"tokenprune  |  {name} ({weights})  |  " +
              (f"pruned at {where}" if pruned else
               f"nothing pruned: k_anchors + top_m >= {n_patches} patches"))
-    subtitle = (f"k_anchors={config.k_anchors}, top_m={config.top_m}, alpha={config.alpha:g}, "
-                f"score_norm={config.score_norm}  |  tokens {tokens_before} -> {tokens_after}")
+    subtitle = (f"{selection_settings(config)}  |  tokens {tokens_before} -> {tokens_after}")
     note(f"drawing {args.out}...")
+    kept_by = KEPT_BY[config.selection]
     figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
-                         subtitle)
+                         subtitle, kept_by)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -219,8 +237,9 @@ def run_visualize(args):
     except (OSError, ValueError) as err:
         raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
     if pruned:
+        anchor_part = f"{len(anchors)} anchors + " if anchors else ""
         print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}: {lead} + "
-              f"{len(anchors)} anchors + {tokens_after - prefix - len(anchors)} kept by score; "
+              f"{anchor_part}{tokens_after - prefix - len(anchors)} kept by {kept_by}; "
               f"{tokens_before - tokens_after} pruned; on {source}")
     else:
         print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
