@@ -296,7 +296,7 @@ def fidelity_section(folder):
     if start < 0:
         return ""
     summary = text[start + len("## Summary"):end if end > 0 else None].strip()
-    return ("\n\n## Accuracy retention (the shipped small ViT, trained attention)\n\n"
+    return ("\n\n## Accuracy retention (the shipped small ViTs, trained attention, two regimes)\n\n"
             "From `python bench/fidelity.py`; the measurement details and every setting are in "
             "[fidelity.md](fidelity.md).\n\n" + summary + "\n")
 

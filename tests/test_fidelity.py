@@ -1,4 +1,4 @@
-"""bench/fidelity.py, the accuracy-retention benchmark on the shipped small ViT: its grid holds
+"""bench/fidelity.py, the accuracy-retention benchmark on the two shipped small ViTs: its grid holds
 the controls as `tokenprune sweep` defines them, its accuracy and recall through the sweep
 engine equal those of the patched model computed directly, and its summary pools the random
 control's seeds into mean and range."""
