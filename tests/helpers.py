@@ -32,6 +32,17 @@ COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40), (150, 50
 TEMPLATES = ["a photo of a {c}.", "a {c} thing."]
 
 
+def run_main(argv, capsys):
+    """(exit status, stdout, stderr) of an in-process `tokenprune ...` (argparse errors exit)."""
+    from tokenprune.cli import main
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 def class_images(count, seed=0, size=32, classes=len(CLASSES)):
     """(images, labels): a square of the class colour, of random size and place, on noise."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from tokenprune.block import PrunedResidualAttentionBlock  # noqa: E402
 from tokenprune.cli import build_parser, main  # noqa: E402
 from tokenprune.cli.evaluate import accuracy, eval_parser  # noqa: E402
 
-from helpers import TINY  # noqa: E402
+from helpers import TINY, run_main  # noqa: E402
 
 
 def eval_args(tiny, output, *extra):
@@ -29,14 +29,6 @@ def eval_args(tiny, output, *extra):
             "--output", str(output), "--quiet", *extra]
 
 
-def run_main(argv, capsys):
-    """(exit status, stdout, stderr) of an in-process `tokenprune ...`."""
-    try:
-        status = main(argv)
-    except SystemExit as exc:  # argparse errors
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")

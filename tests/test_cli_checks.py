@@ -11,10 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import pytest  # noqa: E402
 
-from tokenprune.cli import main  # noqa: E402
 from tokenprune.cli import sweep as sweep_command  # noqa: E402
 
-from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
+from helpers import CLASSES, TINY, class_images, run_main, write_webdataset  # noqa: E402
 
 
 def data_args(tiny, data=None, workers="0"):
@@ -22,13 +21,6 @@ def data_args(tiny, data=None, workers="0"):
             "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", workers]
 
 
-def run_main(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture

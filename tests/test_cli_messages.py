@@ -13,21 +13,14 @@ import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tokenprune.cli import clip_benchmark_flags, common, evaluate, main  # noqa: E402
+from tokenprune.cli import clip_benchmark_flags, common, evaluate  # noqa: E402
 
-from helpers import CLASSES, TINY, TINY_CFG  # noqa: E402
+from helpers import CLASSES, TINY, TINY_CFG, run_main  # noqa: E402
 
 HF_TOKENIZED = "tokenprune-test-hf-tokenizer"
 TOKENIZER_HUB_ID = "tokenprune-test/no-such-tokenizer"  # not on the hub, not in any cache
 
 
-def run_main(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def data_args(tiny, model=TINY):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import run_main
 from tiny_llava import build_llava, save_llava
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenprune",
@@ -72,15 +73,6 @@ def test_llava_1_5_7b_configuration_has_its_shapes():
 
 # ----- tokenprune generate -------------------------------------------------------------------
 
-def run_main(argv, capsys):
-    """(exit status, stdout, stderr) of an in-process `tokenprune ...`."""
-    from tokenprune.cli import main
-    try:
-        status = main(argv)
-    except SystemExit as exc:  # argparse errors
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def answers_of(out, label):

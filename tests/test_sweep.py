@@ -21,7 +21,7 @@ from tokenprune.config import MMR_LAMBDA  # noqa: E402
 from tokenprune.cli import sweep as sweep_command  # noqa: E402
 from tokenprune.cli import main  # noqa: E402
 
-from helpers import CLASSES, TINY, class_images, write_webdataset  # noqa: E402
+from helpers import CLASSES, TINY, class_images, run_main, write_webdataset  # noqa: E402
 
 # Two layers (blocks 0 and 1 of 2), two budgets per layer, and one point that prunes nothing
 # (4 + 60 >= 64 patches); the seed's score and mmr at each, and cls, which is the cls control.
@@ -35,13 +35,6 @@ def data_args(tiny, data=None):
             "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", "0"]
 
 
-def run_main(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
