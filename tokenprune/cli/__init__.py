@@ -97,8 +97,9 @@ def add_generate_arguments(parser):
 def build_parser():
     """The light parser: every subcommand and flag, nothing imported. Subcommand parsers are
     reachable as `parser.subcommands[name]`."""
-    parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for OpenCLIP "
-                                            "ViTs. Flags take hyphens or underscores.")
+    parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for Vision "
+                                            "Transformers (OpenCLIP, timm, Hugging Face) and "
+                                            "LLaVA. Flags take hyphens or underscores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
