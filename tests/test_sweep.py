@@ -283,6 +283,30 @@ def finding_row(kind, acc1, kept=17, block=1, alpha=None, **extra):
             "pruned": True, "kept_tokens": kept, "tokens": 65, "acc1": acc1, **extra}
 
 
+def test_summary_table_takes_the_best_of_every_selection_in_the_grid():
+    """A grid of mmr points only (no score points) still gets its table, and where mmr beats the
+    seed's score, the best setting is the mmr one."""
+    meta = {"model": "tiny", "pretrained": "none", "dataset": "wds/tiny", "date": "today",
+            "device": "cpu", "amp": False, "batch_size": 8}
+    unpruned = {**finding_row("unpruned", 0.9), "block": None, "pruned": False,
+                "kept_tokens": 65, "acc1_retained": 1.0, "relative_cost": 1.0}
+
+    def grid_row(kind, acc1, **extra):
+        return {**finding_row(kind, acc1, **extra), "acc1_retained": acc1 / 0.9,
+                "relative_cost": 0.8}
+
+    mmr_only = [unpruned, grid_row("mmr", 0.7, mmr_lambda=0.8), grid_row("cls", 0.6)]
+    result = {"rows": mmr_only, "primary": "acc1", "images": 100, "tokens": 65, "num_blocks": 4}
+    table = [line for line in sweep_command.summary_markdown(meta, result).splitlines()
+             if line.startswith("| 2 of 4 (index 1) |")]
+    assert len(table) == 1 and "| mmr, k=4, m=12, lambda=0.8 | 0.7000 |" in table[0], table
+    both = mmr_only + [grid_row("score", 0.5, alpha=0.5)]
+    result["rows"] = both
+    table = [line for line in sweep_command.summary_markdown(meta, result).splitlines()
+             if line.startswith("| 2 of 4 (index 1) |")]
+    assert len(table) == 1 and "mmr, k=4" in table[0], table
+
+
 def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():
     n = 1000
     rows = [{**finding_row("unpruned", 0.9), "block": None, "pruned": False, "kept_tokens": 65},

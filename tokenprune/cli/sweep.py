@@ -388,9 +388,9 @@ def summary_markdown(meta, result):
              f"| block | kept tokens | best setting | {primary} | retained | cls control | "
              f"random control | unpruned | cost |",
              "|---|---|---|---|---|---|---|---|---|"]
-    budgets = {}
+    budgets = {}  # the grid's own settings (the seed's score, mmr), not the controls
     for row in rows[1:]:
-        if row["kind"] == "score" and row["pruned"]:
+        if row["kind"] not in CONTROLS and row["pruned"]:
             budgets.setdefault((row["block"], row["kept_tokens"]), []).append(row)
     for (block, kept), candidates in sorted(budgets.items()):
         best = max(candidates, key=lambda r: -math.inf if r[primary] is None else r[primary])
