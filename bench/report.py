@@ -44,22 +44,24 @@ TARGETS = [
 COMPARE = {">=": operator.ge, "<=": operator.le}
 
 
-def read_rows(path):
-    """One dict per benchmark of a pytest-benchmark JSON file: its extra_info, the median time
-    and the run's metadata."""
+def read_rows(path, kinds=("e2e", "selection")):
+    """One dict per benchmark of a pytest-benchmark JSON file whose extra_info `kind` is one of
+    `kinds`: its extra_info, the median and fastest times and the run's metadata."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     machine = data.get("machine_info", {}).get("tokenprune_bench", {})
     info = data.get("commit_info") or {}
     commit = (info.get("id") or "")[:10] + (" (uncommitted changes)" if info.get("dirty") else "")
     rows = []
     for bench in data["benchmarks"]:
-        if bench["extra_info"].get("kind") not in ("e2e", "selection"):
+        if bench["extra_info"].get("kind") not in kinds:
             continue  # e.g. bench_sweep.py's rows: pytest-benchmark's own table shows them
         row = dict(bench["extra_info"], name=bench["name"], median_s=bench["stats"]["median"],
-                   rounds=bench["stats"]["rounds"], source=str(path),
-                   date=data.get("datetime", "?"), versions=machine.get("versions", {}),
+                   min_s=bench["stats"]["min"], rounds=bench["stats"]["rounds"],
+                   source=str(path), date=data.get("datetime", "?"),
+                   versions=machine.get("versions", {}),
                    timer=bench.get("options", {}).get("timer"), commit=commit)
-        row["images_per_s"] = row["batch"] / row["median_s"]
+        if row["kind"] in ("e2e", "selection"):
+            row["images_per_s"] = row["batch"] / row["median_s"]
         rows.append(row)
     return rows
 

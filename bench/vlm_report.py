@@ -11,7 +11,6 @@ Ratios are given from the median of the rounds and, in brackets, from the fastes
 shared machine the median carries other tenants' load, the fastest round less of it.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,25 +18,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/report.py, also when this file is loaded by path
 
 from report import MIB, fmt, run_line, table  # noqa: E402
+from report import read_rows as report_rows  # noqa: E402
 ORDER = {"unpruned": 0, "ours": 1, "baseline": 2}
 TITLE = "# LLaVA with fewer image tokens: measured"
 
 
 def read_rows(path):
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    machine = data.get("machine_info", {}).get("tokenprune_bench", {})
-    info = data.get("commit_info") or {}
-    commit = (info.get("id") or "")[:10] + (" (uncommitted changes)" if info.get("dirty") else "")
-    rows = []
-    for bench in data["benchmarks"]:
-        extra = bench["extra_info"]
-        if extra.get("kind") != "vlm":
-            continue
-        rows.append(dict(extra, median_s=bench["stats"]["median"], min_s=bench["stats"]["min"],
-                         rounds=bench["stats"]["rounds"], source=str(path),
-                         date=data.get("datetime", "?"), versions=machine.get("versions", {}),
-                         timer=bench.get("options", {}).get("timer"), commit=commit))
-    return rows
+    """The LLaVA rows (extra_info kind "vlm") of a pytest-benchmark JSON file."""
+    return report_rows(path, kinds=("vlm",))
 
 
 def ratio(numerator, denominator, stat):

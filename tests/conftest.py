@@ -32,3 +32,14 @@ def tiny(tmp_path_factory):
     made once per test module."""
     from helpers import make_tiny
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any OpenCLIP model load fails the test: checks that must come before loading use it."""
+    import open_clip
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)

@@ -28,12 +28,6 @@ def data_args(tiny, model=TINY):
             "--pretrained", tiny["checkpoint"], "--batch_size", "8", "--num_workers", "0"]
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
-    monkeypatch.setattr(open_clip, "create_model", refuse)
 
 
 # ----- point 4: a text tokenizer from the Hugging Face hub, offline -----------------------
