@@ -16,10 +16,11 @@ setup(
     license="MIT",
     classifiers=["License :: OSI Approved :: MIT License"],
     python_requires=">=3.9",
-    # The repo keeps its kernels in the top-level kernels/ folder, but they install as
-    # tokenprune.kernels: a top-level `kernels` module would shadow Hugging Face's `kernels`.
+    # The kernels live in the top-level kernels/ folder, which has no __init__.py, so that Hugging
+    # Face's `kernels` package (which transformers imports) always wins over it, even from the repo
+    # root. tokenprune/kernels is a link to that folder: the kernels install, and import in an
+    # editable install, as the namespace subpackage tokenprune.kernels (docs/design.md).
     packages=["tokenprune", "tokenprune.towers", "tokenprune.cli", "tokenprune.kernels"],
-    package_dir={"tokenprune": "tokenprune", "tokenprune.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
         # ResidualAttentionBlock with batch_first and VisionTransformer.transformer.resblocks;

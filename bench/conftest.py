@@ -244,9 +244,9 @@ def triton_skip_reason():
     if not triton_available():
         return "Triton is not installed"
     try:
-        from tokenprune.kernels import select_and_gather  # noqa: F401
+        from tokenprune.kernels.pipeline import select_and_gather  # noqa: F401
     except ImportError as err:
-        return f"tokenprune.kernels.select_and_gather is not available: {err}"
+        return f"tokenprune.kernels.pipeline.select_and_gather is not available: {err}"
     return None
 
 

@@ -32,10 +32,9 @@ from statistics import mean
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from tokenprune.proxy import (REGIMES, heldout_set, load_proxy_model, object_patches,  # noqa: E402
+from tokenprune.proxy import (REGIMES, heldout_set, load_proxy_model, object_patches,
                               preprocess, regime_of)
-from tokenprune.sweep import GridEncoder, grid_points, tower_blocks, tower_patches  # noqa: E402
+from tokenprune.sweep import GridEncoder, grid_points, tower_blocks, tower_patches
 
 # (k, m): 8, 16 and 32 of the 64 patches kept, a quarter of them anchors.
 BUDGETS = ((2, 6), (4, 12), (8, 24))

@@ -26,7 +26,7 @@ if ! "$python" -c "import open_clip" 2>/dev/null; then
     "$python" -m pip install -q --no-index --find-links "$wheels" open_clip_torch \
         || "$python" -m pip install -q --no-index --no-deps --find-links "$wheels" open_clip_torch
 fi
-if ! "$python" -c "import tokenprune.kernels" 2>/dev/null; then
+if ! "$python" -c "import tokenprune.kernels.pipeline" 2>/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true

@@ -10,8 +10,8 @@
 # GPU_CHECK_VLM=0, then with GPU_CHECK_VLM=only (step 4 alone).
 # Usage: bash bench/gpu_check.sh OUTDIR   (logs and JSON land in OUTDIR)
 # Offline set-up: the wheels in .whl/ (open_clip_torch and what it needs beyond the machine's
-# image) go to /tmp/site; tokenprune runs from this checkout, with tokenprune.kernels linked to
-# kernels/ as setup.py's package_dir maps it.
+# image) go to /tmp/site; tokenprune runs from this checkout through a folder that holds only a
+# link to it, so that the repo root itself is never on the import path.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bench/gpu_check.sh OUTDIR}")
 mkdir -p "$out"
@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHON=python3
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-ln -sfn ../kernels tokenprune/kernels
+mkdir -p /tmp/tokenprune_src && ln -sfn "$PWD/tokenprune" /tmp/tokenprune_src/tokenprune
+export PYTHONPATH=/tmp/site:/tmp/tokenprune_src
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton, open_clip; print('torch', torch.__version__, 'triton', triton.__version__, 'open_clip', open_clip.__version__)"
 } 2>&1 | tee "$out/env.log"

@@ -34,7 +34,7 @@ if SMOKE:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import tokenprune.kernels as K  # noqa: E402  (bench/gpu_check.sh sets up the import path)
+import tokenprune.kernels.pipeline as K  # noqa: E402  (bench/gpu_check.sh sets up the import path)
 from tokenprune.reference import select_reference  # noqa: E402
 from tokenprune.selection import gather_kept  # noqa: E402
 

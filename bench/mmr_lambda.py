@@ -13,14 +13,11 @@ same canvases, so the paired difference is the one to test.
 """
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tokenprune.proxy import heldout_set, load_proxy_model, preprocess  # noqa: E402
-from tokenprune.sweep import GridEncoder, grid_points, tower_blocks, tower_patches  # noqa: E402
+from tokenprune.proxy import heldout_set, load_proxy_model, preprocess
+from tokenprune.sweep import GridEncoder, grid_points, tower_blocks, tower_patches
 
 BUDGETS = ((2, 6), (4, 12), (8, 24))
 LAYERS = (1, 3)  # the middle and the last of the models' 4 blocks

@@ -12,7 +12,7 @@ from conftest import DEVICE
 
 triton = pytest.importorskip("triton")
 
-from tokenprune.kernels import select_and_gather, selection_scores  # noqa: E402
+from tokenprune.kernels.pipeline import select_and_gather, selection_scores  # noqa: E402
 from tokenprune.kernels.select_topm import select_topm  # noqa: E402
 from tokenprune.kernels.topk import top_count_mask  # noqa: E402
 from tokenprune.reference import select_reference  # noqa: E402

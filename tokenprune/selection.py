@@ -67,8 +67,8 @@ def select_tokens(x, qkv, num_heads, config, num_prefix=1, class_token=True, sca
             num_prefix, class_token, scale)
     rule = dict(selection=config.selection, mmr_lambda=config.mmr_lambda)
     if resolve_backend(config.backend, x) == "triton":
-        from . import kernels
-        return kernels.select_tokens(*args, **rule)
+        from .kernels import pipeline
+        return pipeline.select_tokens(*args, **rule)
     return select_reference(*args, **rule)
 
 
@@ -83,11 +83,11 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
     (a CPU torch.Generator) is used by the random control only."""
     if (config.selection != "random" and resolve_backend(config.backend, x) == "triton"
             and not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad))):
-        from . import kernels
+        from .kernels import pipeline
         # The fused row copy; it has no backward, so in training the rows are gathered by torch.
-        return kernels.select_and_gather(x, qkv, num_heads, config.k_anchors, config.top_m,
-                                         config.alpha, config.score_norm, num_prefix,
-                                         class_token, scale, selection=config.selection,
-                                         mmr_lambda=config.mmr_lambda)
+        return pipeline.select_and_gather(x, qkv, num_heads, config.k_anchors, config.top_m,
+                                          config.alpha, config.score_norm, num_prefix,
+                                          class_token, scale, selection=config.selection,
+                                          mmr_lambda=config.mmr_lambda)
     keep_idx = select_tokens(x, qkv, num_heads, config, num_prefix, class_token, scale, generator)
     return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))

@@ -24,8 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tokenprune.proxy import (ARCH, PIXEL_MEAN, PIXEL_STD, REGIMES,  # noqa: E402
+from tokenprune.proxy import (ARCH, PIXEL_MEAN, PIXEL_STD, REGIMES,
                               build_proxy_model, make_canvas_digits, object_patches, preprocess)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenprune", "assets")
