@@ -191,6 +191,7 @@ def bad_folders(tmp_path_factory, llava_dir):
 
 @pytest.mark.parametrize("argv, status, message", [
     (["--image", "missing.png"], 1, "--image missing.png: no such file"),
+    (["--image", "{bad}"], 1, "--image {bad}: a folder, not an image file"),
     (["--alpha", "1.5"], 1, "--alpha must be a finite number in [0, 1], got 1.5"),
     (["--k_anchors", "0"], 1, "--k_anchors must be an integer >= 1, got 0"),
     (["--max_new_tokens", "0"], 1, "--max_new_tokens must be an integer >= 1, got 0"),
@@ -211,7 +212,7 @@ def test_generate_bad_input_is_one_line_before_loading(llava_dir, bad_folders, m
     code, out, err = run_main(["generate", *[x for pair in given.items() for x in pair]],
                               capsys)
     assert code == status
-    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and message.format(bad=bad_folders) in err, err
     assert out == "" and "Traceback" not in err
 
 

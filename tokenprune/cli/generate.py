@@ -38,6 +38,9 @@ def check_generate_args(args):
     if args.max_new_tokens < 1:
         raise CLIError(f"--max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
     for image in args.image:
+        if os.path.isdir(image):
+            raise CLIError(f"--image {image}: a folder, not an image file; give each image "
+                           "with its own --image")
         if not os.path.isfile(image):
             raise CLIError(f"--image {image}: no such file")
     if not args.prompt.strip():
