@@ -146,14 +146,22 @@ def test_generate_without_compare_runs_the_pruned_model_only(llava_dir, capsys):
     assert "over unpruned" not in line and list(answers) == ["sample.png"]
 
 
-def test_generate_with_nothing_to_prune_says_so(llava_dir, capsys):
+@pytest.mark.parametrize("compare", [False, True])
+def test_generate_with_nothing_to_prune_says_so(llava_dir, capsys, compare):
+    """k_anchors + top_m (10 + 54) covers the 16 patches: one run, said to be unpruned, and no
+    speed-up between a model and itself."""
     status, out, err = run_main(["generate", "--model", llava_dir, "--image", SAMPLE,
-                                 "--prompt", "red ?", "--max_new_tokens", "1"], capsys)
+                                 "--prompt", "red ?", "--max_new_tokens", "1"]
+                                + ["--compare"] * compare, capsys)
     assert status == 0, err
     warned = [line for line in err.splitlines() if "nothing to prune" in line]
     assert len(warned) == 1 and warned[0].startswith("tokenprune: warning: ")
     assert "Warning" not in err  # no Python warning lines
-    assert "16 -> 16 image tokens per image" in out
+    line, answers = answers_of(out, "unpruned")
+    assert "16 image tokens per image; batch 1" in line and list(answers) == ["sample.png"]
+    assert len(out.splitlines()) == 3, out  # the answer once, whatever --compare
+    assert "nothing was pruned (k_anchors + top_m = 64" in out
+    assert "->" not in out and "speed-up" not in out and not out.startswith("pruned")
 
 
 def test_prompts_use_the_chat_template_or_an_image_token(llava_dir):

@@ -219,7 +219,7 @@ def report(label, tokens, answers, first, rest, new, names, per_answer, baseline
 
 
 def run_generate(args):
-    from .. import UnsupportedModelError, prune_image_tokens
+    from .. import UnsupportedModelError, prune_image_tokens, pruned_block
 
     check_generate_args(args)
     device = check_device(args.device)
@@ -252,6 +252,18 @@ def run_generate(args):
             raise CLIError(f"--model {args.model}: {err}") from err
     for warning in caught:
         note(f"warning: {(str(warning.message).strip().splitlines() or [''])[0]}")
+    if pruned_block(model) is None:
+        # k + m covers every patch: the model is unchanged, and a second run of it would only
+        # time the same model twice.
+        nothing = (f"nothing was pruned (k_anchors + top_m = {args.k_anchors + args.top_m} "
+                   "keeps every image token)")
+        if args.compare:
+            print(f"{nothing}: the answers above are the model's, with nothing to compare them to")
+            return
+        print(f"{nothing}: the answers below are the unpruned model's")
+        report("unpruned", before, *measured(model, processor, texts, images,
+                                             args.max_new_tokens, device), names, per_answer)
+        return
     after = model.config.image_seq_length
     answers, first, rest, new = measured(model, processor, texts, images, args.max_new_tokens,
                                          device)
