@@ -19,7 +19,7 @@ import time
 import warnings
 
 from ..config import PruneConfig
-from .common import CLIError, DEBUG_ENV, check_device, note
+from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 
@@ -93,6 +93,9 @@ def _loading(model, what, load):
     except CLIError:
         raise
     except Exception as err:  # noqa: BLE001 - translated, not swallowed
+        mismatch = torchvision_mismatch_message(err)
+        if mismatch:
+            raise CLIError(mismatch) from err
         first = (str(err).strip().splitlines() or [""])[0]
         where = ("from the folder" if os.path.isdir(model) else
                  "from the hub (offline, or not a hub id? a folder saved with save_pretrained "
