@@ -234,3 +234,81 @@ def test_visualize_shows_the_prediction_before_and_after_pruning(tmp_path, capsy
     assert status == 0, err
     assert (f"prediction: {before} before pruning, {after} after pruning (true label {label})"
             in stdout)
+
+
+# ----- torch and torchvision builds that do not match ----------------------------------------
+
+# What `import torchvision` raises when its compiled operators do not fit the installed torch
+# (as a half-finished CPU-wheel install can leave them); simulated, the venv stays as it is.
+NMS_MISSING = "operator torchvision::nms does not exist"
+
+
+def import_torchvision_fails():
+    try:
+        raise RuntimeError(NMS_MISSING)  # the error inside torchvision's import
+    except RuntimeError as err:
+        raise ImportError("open_clip needs torchvision") from err  # a wrapper does not hide it
+
+
+def test_torch_torchvision_mismatch_at_import_is_one_line(monkeypatch, capsys):
+    """The command modules import open_clip, which imports torchvision: one line that says the
+    builds do not match, the installed versions, and the pip line that puts them together."""
+    from importlib import metadata
+
+    from tokenprune import cli
+    monkeypatch.setattr(cli, "_run", lambda *args: import_torchvision_fails())
+    status, out, err = run_main(["eval", "--dataset", "cifar10", "--model", "ViT-B-32"], capsys)
+    torch_version, vision = metadata.version("torch"), metadata.version("torchvision")
+    series = ".".join(vision.split("+")[0].split(".")[:2])  # the venv's pair matches
+    assert status == 1 and out == ""
+    assert err.strip().splitlines() == [
+        f"tokenprune: error: torch {torch_version} and torchvision {vision} are builds that do "
+        f"not match (torchvision's compiled operators do not load: {NMS_MISSING}); reinstall "
+        f"the two together, from one index: pip install --force-reinstall "
+        f"torch=={torch_version.split('+')[0]} \"torchvision=={series}.*\""], err
+    # TOKENPRUNE_DEBUG=1: the traceback, then the same line.
+    monkeypatch.setenv("TOKENPRUNE_DEBUG", "1")
+    status, _, err = run_main(["eval", "--dataset", "cifar10", "--model", "ViT-B-32"], capsys)
+    assert status == 1 and "Traceback" in err and NMS_MISSING in err
+    assert err.strip().splitlines()[-1].startswith("tokenprune: error: torch ")
+
+
+@pytest.mark.parametrize("installed, pip", [
+    ({"torch": "2.14.1+cpu", "torchvision": "0.29.1"},
+     "torch==2.14.1 \"torchvision==0.29.*\" --index-url https://download.pytorch.org/whl/cpu"),
+    ({"torch": "2.9.0+cu128", "torchvision": "0.24.0+cpu"},
+     "torch==2.9.0 \"torchvision==0.24.*\" --index-url https://download.pytorch.org/whl/cu128"),
+    ({"torch": "2.9.0", "torchvision": None}, "torch==2.9.0 \"torchvision==0.24.*\""),
+])
+def test_mismatch_names_the_builds_and_the_index(tiny, tmp_path, capsys, monkeypatch,
+                                                 installed, pip):
+    """Raised while the model loads (inside the loading-error translation): the same line, with
+    the torchvision series made for the installed torch (0.(minor + 15) for torch 2.x) and the
+    index of torch's own build."""
+    monkeypatch.setattr(common, "installed_version", installed.get)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda *args, **kwargs: import_torchvision_fails())
+    status, out, err = run_main(["eval", *data_args(tiny), "--output",
+                                 str(tmp_path / "r.json")], capsys)
+    vision = installed["torchvision"] or "(not installed)"
+    assert status == 1 and "Traceback" not in out + err  # CLIP_benchmark's own lines on stdout
+    assert err.strip() == (
+        f"tokenprune: error: torch {installed['torch']} and torchvision {vision} are builds "
+        f"that do not match (torchvision's compiled operators do not load: {NMS_MISSING}); "
+        f"reinstall the two together, from one index: pip install --force-reinstall {pip}")
+
+
+def test_generate_names_the_mismatch_too(tmp_path, capsys, monkeypatch):
+    """transformers imports torchvision for its image processors, while generate loads."""
+    import transformers
+    from tiny_llava import save_llava
+    folder = save_llava(str(tmp_path / "llava"), "clip", "tiny", seed=0)
+    capsys.readouterr()  # the saving's progress bars
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained",
+                        lambda *args, **kwargs: import_torchvision_fails())
+    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "tokenprune", "assets", "sample.png")
+    status, _, err = run_main(["generate", "--model", folder, "--image", sample,
+                               "--prompt", "red ?"], capsys)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert "are builds that do not match" in err and "pip install --force-reinstall" in err

@@ -146,14 +146,22 @@ def test_generate_without_compare_runs_the_pruned_model_only(llava_dir, capsys):
     assert "over unpruned" not in line and list(answers) == ["sample.png"]
 
 
-def test_generate_with_nothing_to_prune_says_so(llava_dir, capsys):
+@pytest.mark.parametrize("compare", [False, True])
+def test_generate_with_nothing_to_prune_says_so(llava_dir, capsys, compare):
+    """k_anchors + top_m (10 + 54) covers the 16 patches: one run, said to be unpruned, and no
+    speed-up between a model and itself."""
     status, out, err = run_main(["generate", "--model", llava_dir, "--image", SAMPLE,
-                                 "--prompt", "red ?", "--max_new_tokens", "1"], capsys)
+                                 "--prompt", "red ?", "--max_new_tokens", "1"]
+                                + ["--compare"] * compare, capsys)
     assert status == 0, err
     warned = [line for line in err.splitlines() if "nothing to prune" in line]
     assert len(warned) == 1 and warned[0].startswith("tokenprune: warning: ")
     assert "Warning" not in err  # no Python warning lines
-    assert "16 -> 16 image tokens per image" in out
+    line, answers = answers_of(out, "unpruned")
+    assert "16 image tokens per image; batch 1" in line and list(answers) == ["sample.png"]
+    assert len(out.splitlines()) == 3, out  # the answer once, whatever --compare
+    assert "nothing was pruned (k_anchors + top_m = 64" in out
+    assert "->" not in out and "speed-up" not in out and not out.startswith("pruned")
 
 
 def test_prompts_use_the_chat_template_or_an_image_token(llava_dir):
@@ -191,6 +199,7 @@ def bad_folders(tmp_path_factory, llava_dir):
 
 @pytest.mark.parametrize("argv, status, message", [
     (["--image", "missing.png"], 1, "--image missing.png: no such file"),
+    (["--image", "{bad}"], 1, "--image {bad}: a folder, not an image file"),
     (["--alpha", "1.5"], 1, "--alpha must be a finite number in [0, 1], got 1.5"),
     (["--k_anchors", "0"], 1, "--k_anchors must be an integer >= 1, got 0"),
     (["--max_new_tokens", "0"], 1, "--max_new_tokens must be an integer >= 1, got 0"),
@@ -211,7 +220,7 @@ def test_generate_bad_input_is_one_line_before_loading(llava_dir, bad_folders, m
     code, out, err = run_main(["generate", *[x for pair in given.items() for x in pair]],
                               capsys)
     assert code == status
-    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and message.format(bad=bad_folders) in err, err
     assert out == "" and "Traceback" not in err
 
 

@@ -139,6 +139,38 @@ def test_custom_text_clip_and_the_seed_wrapper():
     assert isinstance(model.visual.transformer.resblocks[-1], PrunedResidualAttentionBlock)
 
 
+@pytest.fixture(scope="module")
+def small_clip():
+    return open_clip.CustomTextCLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=4, width=64, layers=2, head_width=16, mlp_ratio=2),
+        text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1)).eval()
+
+
+@pytest.mark.parametrize("entry", [replace_last_block, apply_pruning_to_model,
+                                   PrunedVisionEncoder])
+def test_config_and_keywords_together_are_refused(small_clip, entry):
+    """Either a PruneConfig or the keywords: with both, one of them would be ignored."""
+    name = entry.__name__
+    config = PruneConfig(k_anchors=2, top_m=4)
+    with pytest.raises(TypeError, match=rf"^{name}: give either config or the keywords "
+                                        r"k_anchors=3, selection='mmr', not both "
+                                        r"\(dataclasses.replace\(config, k_anchors=3, "):
+        entry(small_clip, config=config, k_anchors=3, selection="mmr")
+    # The keyword given at its default value is a keyword given all the same.
+    with pytest.raises(TypeError, match=r"the keywords top_m=50, not both"):
+        entry(small_clip, config=config, top_m=50)
+    with pytest.raises(TypeError, match=rf"^{name}: config must be a PruneConfig, got dict"):
+        entry(small_clip, config={"k_anchors": 3})
+    assert pruned_block(small_clip) is None
+    # Each on its own still works, the same way for every entry point.
+    entry(small_clip, config=config)
+    assert pruned_block(small_clip).config == config
+    entry(small_clip, k_anchors=3, selection="mmr")
+    assert pruned_block(small_clip).config == PruneConfig(k_anchors=3, selection="mmr")
+    remove_pruning(small_clip)
+
+
 class FakeCLIP(torch.nn.Module):
     def __init__(self, visual):
         super().__init__()

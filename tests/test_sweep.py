@@ -133,8 +133,9 @@ def test_output_files(swept):
     assert (meta["dataset"], meta["model"], meta["images"]) == ("wds/tiny", TINY, 30)
     summary = (folder / "summary.md").read_text()
     assert "wds/tiny" in summary and TINY in summary and "30 images" in summary
-    # One row per budget; blocks counted from 1, the 0-based index beside.
-    assert summary.count("\n| 1 of 2 (index 0) |") + summary.count("\n| 2 of 2 (index 1) |") == 4
+    # One row per budget and selection of the grid (score, mmr); blocks counted from 1, the
+    # 0-based index beside.
+    assert summary.count("\n| 1 of 2 (index 0) |") + summary.count("\n| 2 of 2 (index 1) |") == 8
     assert Image.open(folder / "accuracy_vs_tokens.png").size[0] > 400
     # One progress bar, with a total: 5 class names + 30 images.
     assert re.search(r"\b35/35\b", err), err
@@ -300,11 +301,36 @@ def test_summary_table_takes_the_best_of_every_selection_in_the_grid():
     table = [line for line in sweep_command.summary_markdown(meta, result).splitlines()
              if line.startswith("| 2 of 4 (index 1) |")]
     assert len(table) == 1 and "| mmr, k=4, m=12, lambda=0.8 | 0.7000 |" in table[0], table
-    both = mmr_only + [grid_row("score", 0.5, alpha=0.5)]
+    # Where mmr wins, the seed's best score setting keeps its row, above mmr's: the best of
+    # every selection of the grid, not only the best of all.
+    both = mmr_only + [grid_row("score", 0.5, alpha=0.5), grid_row("score", 0.55, alpha=0.7)]
     result["rows"] = both
     table = [line for line in sweep_command.summary_markdown(meta, result).splitlines()
              if line.startswith("| 2 of 4 (index 1) |")]
-    assert len(table) == 1 and "mmr, k=4" in table[0], table
+    assert len(table) == 2, table
+    assert "| k=4, m=12, alpha=0.7, none | 0.5500 |" in table[0], table
+    assert "| mmr, k=4, m=12, lambda=0.8 | 0.7000 |" in table[1], table
+
+
+def test_summary_states_the_noise_when_nothing_wins():
+    """100 images, the best score setting at 0.28 and cls at 0.30: inside the noise, which the
+    summary states, 2 sqrt(0.28 * 0.72 / 100) = 8.98 points (9.17 at 0.3 for another budget)."""
+    meta = {"model": "tiny", "pretrained": "none", "dataset": "wds/tiny", "date": "today",
+            "device": "cpu", "amp": False, "batch_size": 8}
+    rows = [{**finding_row("unpruned", 0.3), "block": None, "pruned": False, "kept_tokens": 65}]
+    for kept, score in ((17, 0.28), (25, 0.30)):
+        rows += [finding_row("score", score - 0.02, kept=kept, alpha=0.3),
+                 finding_row("score", score, kept=kept, alpha=0.7),
+                 finding_row("cls", score + 0.02, kept=kept)]
+    for row in rows:
+        row.update(acc1_retained=row["acc1"] / 0.3, relative_cost=0.8)
+    result = {"rows": rows, "primary": "acc1", "images": 100, "tokens": 65, "num_blocks": 4}
+    summary = sweep_command.summary_markdown(meta, result)
+    assert sweep_command.simpler_choice_findings(result) == []
+    assert ("by more than the noise (two binomial standard errors of the best score setting's "
+            "value p, 2 sqrt(p (1 - p) / n), at least one image: here 9.0 to 9.2 points at "
+            "n = 100 images).") in summary, summary
+    assert "95 % Wilson intervals" in summary
 
 
 def test_simpler_choice_findings_name_a_win_beyond_the_noise_only():

@@ -144,3 +144,44 @@ def test_plot_shows_every_series_and_the_legend_matches():
             (line.get_marker(), line.get_linestyle()), label
         assert mcolors.to_hex(handle.get_markerfacecolor()) == \
             mcolors.to_hex(line.get_markerfacecolor()), label
+
+
+# ----- the legend beside the points, binomial intervals on them -------------------------------
+
+def test_legend_covers_no_point():
+    """The legend lies beside the axes (so over no point, wherever the points are), inside the
+    saved figure."""
+    meta = {"model": "ViT-B-16", "pretrained": "x.pt", "dataset": "wds/toy"}
+    figure = sweep_command.plot_figure(meta, flat_result())
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    axes = ax.get_window_extent()
+    assert legend.x0 >= axes.x1 or legend.y1 <= axes.y0, (legend, axes)
+    whole = figure.bbox
+    assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and legend.y1 <= whole.y1
+
+
+def test_points_carry_95_percent_wilson_intervals():
+    """acc1 = 0.4 on 60 images: Wilson's 95 % interval is (0.2857, 0.5263) (as
+    scipy.stats.binomtest(24, 60).proportion_ci(method="wilson") gives it); the unpruned 0.5
+    gets a band, (0.3774, 0.6226)."""
+    import numpy as np
+    meta = {"model": "ViT-B-16", "pretrained": "x.pt", "dataset": "wds/toy"}
+    result = flat_result()
+    figure = sweep_command.plot_figure(meta, result)
+    ax = figure.axes[0]
+    series = [line for line in ax.get_lines() if "alpha" in line.get_label()
+              or "control" in line.get_label()]
+    bars = ax.collections
+    assert len(bars) == len(series) == 10
+    for collection in bars:
+        for segment in collection.get_segments():
+            (x0, low), (x1, high) = segment
+            assert x0 == x1 and min(abs(x0 - 40), abs(x0 - 60)) < 2  # beside its budget
+            np.testing.assert_allclose((low, high), (0.2857, 0.5263), atol=2e-4)
+    band = list(ax.patches)
+    assert len(band) == 1
+    corners = band[0].get_path().transformed(band[0].get_patch_transform()).vertices[:, 1]
+    np.testing.assert_allclose((corners.min(), corners.max()), (0.3774, 0.6226), atol=2e-4)
+    assert "95 % Wilson intervals" in ax.get_title()

@@ -218,6 +218,42 @@ def test_nothing_to_prune_is_bit_identical(llava, pictures, name):
     assert torch.equal(before, after)
 
 
+def test_an_unpatched_processor_is_refused_in_one_line_that_says_what_to_do(llava, pictures):
+    """prune_image_tokens(model) alone, then the unpatched processor's 16 placeholders per
+    image: our one line, which says what to do, and not transformers' count mismatch."""
+    model, processor = llava("clip")
+    batch = inputs(processor, pictures)
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    try:
+        # A forward call is refused before the tower runs; generate encodes the images first.
+        for run, encodes in ((lambda: model(**batch), False),
+                             (lambda: generate(model, batch, tokens=2), True)):
+            with pytest.raises(ValueError, match=(
+                    r"^the prompts hold 48 image tokens for 3 images, 16 per image \(the "
+                    r"unpruned count: was the processor patched\?\), but the pruned model gives "
+                    r"6 per image: pass the processor to prune_image_tokens\(model, processor, "
+                    r"\.\.\.\), or write pruned_block\(model\).image_seq_length = 6 image "
+                    r"tokens per image$")):
+                with torch.no_grad():
+                    run()
+            assert (pruned_block(model).last_keep_idx is not None) == encodes
+        # Placeholders written by hand, 6 per image: the pruned model runs.
+        ids = batch["input_ids"]
+        image = model.config.image_token_id
+        rows = [row[row != image].tolist() for row in ids]
+        at = [row.tolist().index(image) for row in ids]
+        written = [row[:i] + [image] * (K + M) + row[i:] for row, i in zip(rows, at)]
+        width = max(map(len, written))
+        pad = processor.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in written])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in written])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"])
+        assert pruned_block(model).last_keep_idx.shape == (3, K + M)
+    finally:
+        remove_pruning(model)
+
+
 def test_remove_pruning_restores_model_and_processor(llava, pictures):
     model, processor = llava("clip")
     blocks = model.model.vision_tower.encoder.layers
@@ -238,6 +274,7 @@ def test_remove_pruning_restores_model_and_processor(llava, pictures):
     assert model.config.image_seq_length == seq_length
     assert not any(block._forward_pre_hooks for block in blocks)
     assert not model.model.multi_modal_projector._forward_pre_hooks
+    assert not model.model._forward_pre_hooks
     assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(before, after)
     assert processor._get_num_multimodal_tokens([(32, 32)]).num_image_tokens == [16]
     # A processor on its own: patched later with the same call, restored on its own.

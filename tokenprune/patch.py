@@ -6,6 +6,9 @@ VisionTransformer / Eva models used directly, and Hugging Face CLIP / SigLIP mod
 models; tokenprune/towers/ says what each family is. LLaVA models have their own entry point,
 tokenprune.vlm.prune_image_tokens; pruned_block and remove_pruning handle them too.
 """
+import dataclasses
+import functools
+import inspect
 import warnings
 from typing import Optional
 
@@ -19,6 +22,35 @@ from .vlm import image_token_pruning, remove_image_token_pruning
 
 __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
            "pruned_block", "remove_pruning", "replace_last_block"]
+
+
+SETTINGS = tuple(field.name for field in dataclasses.fields(PruneConfig))
+
+
+def _config_or_keywords(name):
+    """Decorate an entry point that takes either `config` or PruneConfig's fields as keywords:
+    a call that gives both is refused, since one of the two would be silently ignored."""
+    def decorate(function):
+        signature = inspect.signature(function)
+        more = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            given = signature.bind(*args, **kwargs).arguments  # what the call wrote, no defaults
+            for keywords in more:
+                given.update(given.pop(keywords, {}))
+            config = given.get("config")
+            if config is not None and not isinstance(config, PruneConfig):
+                raise TypeError(f"{name}: config must be a PruneConfig, got "
+                                f"{type(config).__name__}")
+            settings = ", ".join(f"{key}={given[key]!r}" for key in SETTINGS if key in given)
+            if config is not None and settings:
+                raise TypeError(f"{name}: give either config or the keywords {settings}, not "
+                                f"both (dataclasses.replace(config, {settings}) is the config "
+                                f"with those changed)")
+            return function(*args, **kwargs)
+        return checked
+    return decorate
 
 
 def visual_tower(model: nn.Module) -> nn.Module:
@@ -59,6 +91,7 @@ def remove_pruning(model: nn.Module) -> nn.Module:
     return model
 
 
+@_config_or_keywords("replace_last_block")
 def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
                        alpha: float = 0.5, score_norm: str = "none", layer: int = -1,
                        backend: str = "auto", config: Optional[PruneConfig] = None,
@@ -68,7 +101,8 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, a timm
     VisionTransformer / Eva model, or a transformers CLIPVisionModel,
     CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel or SiglipModel. Pass either the
-    keyword parameters (PruneConfig's) or a ready `PruneConfig` as `config`. Patching an already
+    keyword parameters (PruneConfig's) or a ready `PruneConfig` as `config`; both in one call is
+    a TypeError that names the keywords. Patching an already
     patched model replaces the earlier pruning instead of stacking a second one. Returns `model`.
     """
     if config is None:
@@ -94,12 +128,15 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     return model
 
 
+@_config_or_keywords("apply_pruning_to_model")
 def apply_pruning_to_model(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
-                           alpha: float = 0.5, strict: bool = True, **kwargs) -> nn.Module:
+                           alpha: float = 0.5, strict: bool = True,
+                           config: Optional[PruneConfig] = None, **kwargs) -> nn.Module:
     """The seed's entry point: `replace_last_block`, except that with `strict=False` an
     unsupported model is returned unchanged with a warning instead of raising.
     Bad pruning values raise `ValueError` either way."""
-    config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha, **kwargs)
+    if config is None:
+        config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha, **kwargs)
     try:
         return replace_last_block(model, config=config)
     except UnsupportedModelError as err:
@@ -115,6 +152,7 @@ class PrunedVisionEncoder(nn.Module):
     The tower is patched in place (it stays shared with the model it came from).
     """
 
+    @_config_or_keywords("PrunedVisionEncoder")
     def __init__(self, model: nn.Module, config: Optional[PruneConfig] = None, **kwargs):
         super().__init__()
         self.visual = replace_last_block(visual_tower(model), config=config, **kwargs)

@@ -1,7 +1,10 @@
 """Fewer image tokens for a LLaVA model on Hugging Face transformers (SPEC.md, "Image tokens for a
 language model").
 
-Two forward pre-hooks, nothing else in the model changes:
+Three forward pre-hooks, nothing else in the model changes:
+- on the LlavaModel: prompts written for the unpruned count of placeholders (an unpatched
+  processor) are refused in one line that says what to do, before transformers compares the
+  counts (for a forward call, before the images are encoded; generate encodes them first);
 - on the vision block whose output is the selected hidden state: SPEC's selection from that
   block's input and its own q/k (the tower's block adapter computes them; the block itself then
   runs as usual, on all tokens, with the model's attention implementation);
@@ -106,6 +109,33 @@ class ImageTokenPruning:
     def prunes(self):
         return self.config.kept_patches < self.num_tokens - self.num_prefix
 
+    def check_placeholders(self, llava, args, kwargs):
+        """Forward pre-hook of the LlavaModel: the prompts hold `image_seq_length` image tokens
+        per image, else say what to do now, instead of transformers' count mismatch later."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        # generate encodes the images first and passes their features (one entry per image).
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pixel_values is not None:
+            images = pixel_values.shape[0]
+        elif encoded is not None:
+            images = len(encoded.pooler_output)
+        else:
+            return  # a decoding step: no images to place
+        if input_ids is None:
+            return  # embeddings given: transformers checks the count
+        written = int((input_ids == self.model.config.image_token_id).sum())
+        if written == images * self.image_seq_length:
+            return
+        unpatched = (" (the unpruned count: was the processor patched?)"
+                     if written == images * self.original_image_seq_length else "")
+        raise ValueError(f"the prompts hold {written} image tokens for {images} images, "
+                         f"{written / images:g} per image{unpatched}, but the pruned model gives "
+                         f"{self.image_seq_length} per image: pass the processor to "
+                         f"prune_image_tokens(model, processor, ...), or write "
+                         f"pruned_block(model).image_seq_length = {self.image_seq_length} image "
+                         f"tokens per image")
+
     def select(self, block, args, kwargs):
         """Forward pre-hook of the feature block: SPEC's selection from its input and q/k."""
         adapter = self.adapter
@@ -139,10 +169,11 @@ class ImageTokenPruning:
         kept = features.gather(1, rows[..., None].expand(-1, -1, features.shape[-1]))
         return (kept, *args[1:])
 
-    def install(self, blocks, projector):
+    def install(self, llava, blocks, projector):
         self.adapter = block_adapter(blocks[self.block_index])
         # Bound methods, so that copy.deepcopy of the model gives the copy's hooks its own state.
         self._handles = [
+            llava.register_forward_pre_hook(self.check_placeholders, with_kwargs=True),
             blocks[self.block_index].register_forward_pre_hook(self.select, with_kwargs=True),
             projector.register_forward_pre_hook(self.gather),
         ]
@@ -229,7 +260,9 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10, t
     `config.image_seq_length` is set to the new count per image.
 
     `processor`: a LlavaProcessor to patch as well, so that it writes that many <image>
-    placeholders per image (pass it later with the same call to patch it then).
+    placeholders per image (pass it later with the same call to patch it then). Prompts with
+    another count of image tokens per image (an unpatched processor's) raise ValueError, which
+    says what to do, when the model runs.
 
     Set `vision_feature_layer` / `vision_feature_select_strategy` in the model's config before
     this call; passing others per call is not supported. Calling it again replaces the earlier
@@ -268,7 +301,7 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10, t
         if processor is not None:
             remove_image_token_pruning(processor)
         return model
-    state.install(tower.blocks, llava.multi_modal_projector)
+    state.install(llava, tower.blocks, llava.multi_modal_projector)
     setattr(model, ATTRIBUTE, state)
     if processor is not None:
         state.patch_processor(processor)

@@ -28,8 +28,8 @@ from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
                      add_verbose_argument, check_eval_output, check_run_flags,
-                     check_sweep_output, prune_config, sweep_lists, use_shipped_model,
-                     webdataset_workers)
+                     check_sweep_output, prune_config, sweep_lists,
+                     torchvision_mismatch_message, use_shipped_model, webdataset_workers)
 
 
 def add_visualize_arguments(parser):
@@ -258,11 +258,17 @@ def main(argv=None):
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - one line for users, the traceback on request
+        # Importing a command's modules imports torchvision (through open_clip), which fails
+        # when its build does not match torch's.
+        mismatch = torchvision_mismatch_message(err)
         if debug:
-            raise
+            if not mismatch:
+                raise
+            traceback.print_exception(type(err), err, err.__traceback__)
         first_line = (str(err).strip().splitlines() or [""])[0]
-        print(f"{PROG}: error: {type(err).__name__}: {first_line} (set {DEBUG_ENV}=1 for the "
-              "traceback)", file=sys.stderr)
+        print(f"{PROG}: error: " + (mismatch or f"{type(err).__name__}: {first_line} (set "
+                                               f"{DEBUG_ENV}=1 for the traceback)"),
+              file=sys.stderr)
         return 1
     return 0
 

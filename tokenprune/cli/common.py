@@ -10,6 +10,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -591,6 +592,9 @@ def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer
 def loading_error_message(err, model_name, pretrained):
     """The one-line message for `err`, raised while loading inside `loading_errors`: what
     failed is read from the step that raised it (see _step), not from the message's words."""
+    mismatch = torchvision_mismatch_message(err)
+    if mismatch:
+        return mismatch
     failed = _failed_step(err)
     step = failed.step if failed else None
     cause = failed.__cause__ if failed else err
@@ -615,6 +619,53 @@ def loading_error_message(err, model_name, pretrained):
         return _mismatch_message(model_name, pretrained, failed.detail)
     return (f"could not load model {model_name!r} with pretrained {pretrained!r}: {what} "
             f"(set {DEBUG_ENV}=1 for the traceback)")
+
+
+# ----- torch and torchvision builds that do not match ----------------------------------------
+
+# What `import torchvision` raises (a RuntimeError from torch's operator registry) when its
+# compiled operators were built for another torch: open_clip and transformers' image code
+# import torchvision, so every command fails there.
+MISSING_OPERATOR = re.compile(r"operator torchvision::\w+ does not exist")
+
+
+def installed_version(name):
+    """The installed version of distribution `name`, read from its metadata (importing it is
+    what fails); None when it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torchvision_mismatch_message(err):
+    """The one-line message for a torchvision whose build does not match torch, when `err` (or
+    an error it was raised from) is the missing-operator error; else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, RuntimeError) and MISSING_OPERATOR.search(str(err)):
+            break
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    else:
+        return None
+    torch_version = installed_version("torch") or "(not installed)"
+    vision = installed_version("torchvision") or "(not installed)"
+    release, _, build = torch_version.partition("+")
+    pip = f"torch=={release}"
+    # PyTorch's compatibility table: torch 2.x pairs with torchvision 0.(x + 15).
+    two = re.match(r"2\.(\d+)\.", release)
+    if two:
+        pip += f' "torchvision==0.{int(two.group(1)) + 15}.*"'
+    else:
+        pip += " torchvision (the release made for it)"
+    if build:  # a build from PyTorch's own index (+cpu, +cu128, +rocm6.2): the same one
+        pip += f" --index-url https://download.pytorch.org/whl/{build}"
+    first = (str(err).strip().splitlines() or [""])[0]
+    return (f"torch {torch_version} and torchvision {vision} are builds that do not match "
+            f"(torchvision's compiled operators do not load: {first}); reinstall the two "
+            f"together, from one index: pip install --force-reinstall {pip}")
 
 
 # ----- third-party warnings known to be harmless here ---------------------------------------

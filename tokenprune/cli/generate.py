@@ -19,7 +19,7 @@ import time
 import warnings
 
 from ..config import PruneConfig
-from .common import CLIError, DEBUG_ENV, check_device, note
+from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
 SUPPORTED_MODEL_TYPES = ("llava",)
 
@@ -38,6 +38,9 @@ def check_generate_args(args):
     if args.max_new_tokens < 1:
         raise CLIError(f"--max_new_tokens must be an integer >= 1, got {args.max_new_tokens}")
     for image in args.image:
+        if os.path.isdir(image):
+            raise CLIError(f"--image {image}: a folder, not an image file; give each image "
+                           "with its own --image")
         if not os.path.isfile(image):
             raise CLIError(f"--image {image}: no such file")
     if not args.prompt.strip():
@@ -90,6 +93,9 @@ def _loading(model, what, load):
     except CLIError:
         raise
     except Exception as err:  # noqa: BLE001 - translated, not swallowed
+        mismatch = torchvision_mismatch_message(err)
+        if mismatch:
+            raise CLIError(mismatch) from err
         first = (str(err).strip().splitlines() or [""])[0]
         where = ("from the folder" if os.path.isdir(model) else
                  "from the hub (offline, or not a hub id? a folder saved with save_pretrained "
@@ -216,7 +222,7 @@ def report(label, tokens, answers, first, rest, new, names, per_answer, baseline
 
 
 def run_generate(args):
-    from .. import UnsupportedModelError, prune_image_tokens
+    from .. import UnsupportedModelError, prune_image_tokens, pruned_block
 
     check_generate_args(args)
     device = check_device(args.device)
@@ -249,6 +255,18 @@ def run_generate(args):
             raise CLIError(f"--model {args.model}: {err}") from err
     for warning in caught:
         note(f"warning: {(str(warning.message).strip().splitlines() or [''])[0]}")
+    if pruned_block(model) is None:
+        # k + m covers every patch: the model is unchanged, and a second run of it would only
+        # time the same model twice.
+        nothing = (f"nothing was pruned (k_anchors + top_m = {args.k_anchors + args.top_m} "
+                   "keeps every image token)")
+        if args.compare:
+            print(f"{nothing}: the answers above are the model's, with nothing to compare them to")
+            return
+        print(f"{nothing}: the answers below are the unpruned model's")
+        report("unpruned", before, *measured(model, processor, texts, images,
+                                             args.max_new_tokens, device), names, per_answer)
+        return
     after = model.config.image_seq_length
     answers, first, rest, new = measured(model, processor, texts, images, args.max_new_tokens,
                                          device)

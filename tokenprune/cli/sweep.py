@@ -331,33 +331,58 @@ def _method(row):
     return row["kind"]
 
 
+def noise(p, n):
+    """The margin a difference must pass to count as more than sampling noise: two binomial
+    standard errors of a value p measured on n images, 2 sqrt(p (1 - p) / n), and never less
+    than one image (1 / n)."""
+    return max(1 / n, 2 * math.sqrt(max(p * (1 - p), 0.0) / n))
+
+
+# The plot's error bars: Wilson score intervals at 95 % (z = 1.96), which stay inside [0, 1]
+# and keep their coverage near 0 and 1, where the normal approximation does not.
+Z_95 = 1.96
+
+
+def wilson_interval(p, n, z=Z_95):
+    """(low, high) of the binomial proportion p observed on n images."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _budgets(result):
+    """{(block, kept tokens): (the seed's score rows, the other rows)} of the pruned rows with a
+    value of the primary metric."""
+    primary = result["primary"]
+    budgets = {}
+    for row in result["rows"][1:]:
+        if row["pruned"] and row[primary] is not None:
+            score, others = budgets.setdefault((row["block"], row["kept_tokens"]), ([], []))
+            (score if _is_seed_score(row) else others).append(row)
+    return budgets
+
+
 def simpler_choice_findings(result):
     """One line per budget (block, kept tokens) where a control, or another selection of the
     grid, keeps more of the primary metric than every setting of the seed's score, by more
     than the noise. Empty when there is none.
 
-    The noise: twice the binomial standard error of the best score setting's value p over the
-    n images, 2 sqrt(p (1 - p) / n), and never less than one image (1 / n). The rows are
+    The noise (`noise`): twice the binomial standard error of the best score setting's value p
+    over the n images, 2 sqrt(p (1 - p) / n), and never less than one image (1 / n). The rows are
     measured on the same images, so their difference varies less than two independent
     estimates would (standard error at most sqrt(2) sqrt(p (1 - p) / n) when p is close for
     both): a difference above the margin is not sampling noise. The sweep runs the random
     control with one seed, so its spread over seeds is not known here (bench/fidelity.py
     measures it on the shipped models: about one to two points)."""
-    rows, primary, n = result["rows"], result["primary"], result["images"]
+    primary, n = result["primary"], result["images"]
     lines = []
-    budgets = {}
-    for row in rows[1:]:
-        if row["pruned"] and row[primary] is not None:
-            budgets.setdefault((row["block"], row["kept_tokens"]), []).append(row)
-    for (block, kept), members in sorted(budgets.items()):
-        score = [r for r in members if _is_seed_score(r)]
-        others = [r for r in members if not _is_seed_score(r)]
+    for (block, kept), (score, others) in sorted(_budgets(result).items()):
         if not score or not others or not n:
             continue
         best = max(score, key=lambda r: r[primary])
         p = best[primary]
-        noise = max(1 / n, 2 * math.sqrt(max(p * (1 - p), 0.0) / n))
-        winners = sorted((r for r in others if r[primary] - p > noise),
+        margin = noise(p, n)
+        winners = sorted((r for r in others if r[primary] - p > margin),
                          key=lambda r: -r[primary])
         if not winners:
             continue
@@ -365,12 +390,24 @@ def simpler_choice_findings(result):
         line = (f"at block {_block_name(block, result['num_blocks'])}, {kept} tokens, {_method(top)} "
                 f"keeps {100 * (top[primary] - p):.1f} points more {primary} than the best score "
                 f"setting ({_label(best)}: {p:.4f} against {top[primary]:.4f}; n = {n}, "
-                f"one image = {100 / n:.2g} points, noise {100 * noise:.1f} points)")
+                f"one image = {100 / n:.2g} points, noise {100 * margin:.1f} points)")
         if also:
             line += "; so do " + ", ".join(f"{_method(r)} (+{100 * (r[primary] - p):.1f})"
                                           for r in also)
         lines.append(line)
     return lines
+
+
+def noise_range(result):
+    """The noise of every budget where the seed's score meets a control or another selection,
+    as the findings use it: "9.0 points" or "8.8 to 9.0 points"; None when there is none."""
+    primary, n = result["primary"], result["images"]
+    margins = sorted(100 * noise(max(r[primary] for r in score), n)
+                     for score, others in _budgets(result).values() if score and others and n)
+    if not margins:
+        return None
+    low, high = f"{margins[0]:.1f}", f"{margins[-1]:.1f}"
+    return f"{low} points" if low == high else f"{low} to {high} points"
 
 
 def summary_markdown(meta, result):
@@ -388,29 +425,39 @@ def summary_markdown(meta, result):
              f"| block | kept tokens | best setting | {primary} | retained | cls control | "
              f"random control | unpruned | cost |",
              "|---|---|---|---|---|---|---|---|---|"]
-    budgets = {}  # the grid's own settings (the seed's score, mmr), not the controls
+    # The grid's own settings (the seed's score, mmr), not the controls: per budget, the best
+    # setting of each selection, the seed's score first.
+    budgets = {}
     for row in rows[1:]:
         if row["kind"] not in CONTROLS and row["pruned"]:
-            budgets.setdefault((row["block"], row["kept_tokens"]), []).append(row)
-    for (block, kept), candidates in sorted(budgets.items()):
-        best = max(candidates, key=lambda r: -math.inf if r[primary] is None else r[primary])
+            kinds = budgets.setdefault((row["block"], row["kept_tokens"]), {})
+            kinds.setdefault(row["kind"], []).append(row)
+    for (block, kept), kinds in sorted(budgets.items()):
         controls = {r["kind"]: r[primary] for r in rows
                     if r["kind"] in CONTROLS and (r["block"], r["kept_tokens"]) == (block, kept)}
         control = lambda kind: fmt(controls[kind]) if kind in controls else "-"  # noqa: E731
-        lines.append(f"| {_block_name(block, result['num_blocks'])} | {kept} | {_label(best)} | "
-                     f"{fmt(best[primary])} | {fmt(best[f'{primary}_retained'])} | "
-                     f"{control('cls')} | {control('random')} | {fmt(unpruned[primary])} | "
-                     f"{best['relative_cost']:.3f} |")
+        for kind in sorted(kinds, key=lambda kind: kind != "score"):
+            best = max(kinds[kind],
+                       key=lambda r: -math.inf if r[primary] is None else r[primary])
+            lines.append(f"| {_block_name(block, result['num_blocks'])} | {kept} | "
+                         f"{_label(best)} | {fmt(best[primary])} | "
+                         f"{fmt(best[f'{primary}_retained'])} | {control('cls')} | "
+                         f"{control('random')} | {fmt(unpruned[primary])} | "
+                         f"{best['relative_cost']:.3f} |")
     skipped = [r for r in rows[1:] if not r["pruned"]]
     if skipped:
         lines += ["", f"Not pruned (k + m >= {result['tokens'] - 1} patches, the unpruned "
                       f"model's numbers): {'; '.join(_label(r) for r in skipped)}."]
     findings = simpler_choice_findings(result)
+    margins = noise_range(result)
+    here = f": here {margins} at n = {result['images']} images" if margins else ""
     lines += ["", "## Where a simpler choice wins", ""]
     lines += [f"- {line}." for line in findings] or [
         "At no budget does a control or another selection keep more than the best setting of "
-        "the seed's score by more than the noise (two binomial standard errors, at least one "
-        "image)."]
+        "the seed's score by more than the noise (two binomial standard errors of the best "
+        f"score setting's value p, 2 sqrt(p (1 - p) / n), at least one image{here})."]
+    lines += ["", f"The plot's error bars are 95 % Wilson intervals for {primary} as a "
+                  f"proportion of the {result['images']} images."]
     return "\n".join(lines) + "\n"
 
 
@@ -430,7 +477,8 @@ def plot_figure(meta, result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    n = result.get("images")
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
     series = {}  # (block, kind, alpha or mmr_lambda, score_norm) -> rows, in drawing order
@@ -446,11 +494,13 @@ def plot_figure(meta, result):
             if members:
                 series[(block, kind, None, None)] = members
 
-    def shrinking(sizes, n):  # from sizes[0] for the first series to sizes[1] for the last
-        return sizes[0] - (sizes[0] - sizes[1]) * n / max(1, len(series) - 1)
+    def shrinking(sizes, i):  # from sizes[0] for the first series to sizes[1] for the last
+        return sizes[0] - (sizes[0] - sizes[1]) * i / max(1, len(series) - 1)
 
+    budgets = [r["kept_tokens"] for r in rows[1:] if r["pruned"]] or [0]
+    dodge = 0.006 * max(1, max(budgets) - min(budgets))
     in_block = {}
-    for n, ((block, kind, alpha, norm), members) in enumerate(series.items()):
+    for i_series, ((block, kind, alpha, norm), members) in enumerate(series.items()):
         colour = colours[blocks.index(block) % len(colours)]
         i = in_block[block] = in_block.get(block, -1) + 1
         members = sorted(members, key=lambda r: r["kept_tokens"])
@@ -463,20 +513,35 @@ def plot_figure(meta, result):
             marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
             label = f"{kind} control{seed}, block {_block_name(block, depth)}"
-        ax.plot([r["kept_tokens"] for r in members], [r[primary] for r in members],
-                color=colour, marker=marker, linestyle=linestyle,
-                linewidth=shrinking(LINE_WIDTHS, n),
-                markersize=shrinking(MARKER_SIZES, n), markerfacecolor=colour,
+        x, y = [r["kept_tokens"] for r in members], [r[primary] for r in members]
+        ax.plot(x, y, color=colour, marker=marker, linestyle=linestyle,
+                linewidth=shrinking(LINE_WIDTHS, i_series),
+                markersize=shrinking(MARKER_SIZES, i_series), markerfacecolor=colour,
                 markeredgecolor="black", markeredgewidth=0.6, alpha=0.9, label=label)
+        measured = [(at, value) for at, value in zip(x, y) if value is not None]
+        if n and measured:
+            # Each series' bars a little to the side of the last one's, so that bars at the
+            # same budget stay apart; the points themselves stay at their budget.
+            side = (i_series - (len(series) - 1) / 2) * dodge
+            low, high = zip(*(wilson_interval(value, n) for _, value in measured))
+            ax.errorbar([at + side for at, _ in measured], [value for _, value in measured],
+                        yerr=[[value - lo for (_, value), lo in zip(measured, low)],
+                              [hi - value for (_, value), hi in zip(measured, high)]],
+                        fmt="none", ecolor=colour, elinewidth=1.0, capsize=0, alpha=0.5)
     if rows[0][primary] is not None:
         ax.axhline(rows[0][primary], color="black", linestyle="--",
                    label=f"unpruned ({result['tokens']} tokens)")
+        if n:
+            ax.axhspan(*wilson_interval(rows[0][primary], n), color="black", alpha=0.07,
+                       linewidth=0)
     ax.set_xlabel(f"tokens kept after the pruned block (of {result['tokens']})")
     ax.set_ylabel(f"{primary} on {meta['dataset']}")
+    bars = ("; bars and band: 95 % Wilson intervals" if n else "")
     ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) on "
-                 f"{meta['dataset']}, {result['images']} images", fontsize=10)
+                 f"{meta['dataset']}, {result['images']} images{bars}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # Beside the axes, so that it never covers a point.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig
 
