@@ -85,11 +85,11 @@ def kept_columns(batch, model, keep):
             for b in range(ids.shape[0])]
 
 
-def expected_logits(model, batch, pieces, keep, shift_positions=False):
+def expected_logits(model, batch, pieces, keep, swap_positions=False):
     """The unpatched language model on the unpruned prompt's embeddings and positions with the
     dropped image rows removed, left-padded; (logits (B, L', V), attention mask (B, L')).
-    shift_positions: give every image row the position of the row before it instead (a wrong
-    position, for the check that the comparison notices one)."""
+    swap_positions: give every image row its unit's height as width and its width as height
+    (a wrong position, for the check that the comparison notices one)."""
     embeds, positions, _, deepstack = pieces
     columns = kept_columns(batch, model, keep)
     B, width = len(columns), max(map(len, columns))
@@ -102,9 +102,9 @@ def expected_logits(model, batch, pieces, keep, shift_positions=False):
         at = slice(width - len(cols), width)
         x[b, at], pos[:, b, at], mask[b, at] = embeds[b, cols], positions[:, b, cols], 1
         visual[b, at] = image[b, cols]
-        if shift_positions:
+        if swap_positions:
             rows = visual[b].nonzero().squeeze(1)
-            pos[:, b, rows] = pos[:, b, rows - 1]
+            pos[1:, b, rows] = pos[1:, b, rows].flip(0)
     extra = {}
     if deepstack is not None:
         extra = dict(visual_pos_masks=visual, deepstack_visual_embeds=[
@@ -139,8 +139,8 @@ def test_logits_equal_the_unpatched_language_model_on_the_kept_rows(qwen, family
     real = pruned["attention_mask"].bool()
     assert torch.equal(mask.bool(), real)
     torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
-    # The comparison notices a wrong position: the same rows one position off differ.
-    wrong, _ = expected_logits(model, batch, pieces, keep, shift_positions=True)
+    # The comparison notices a wrong position: the same rows with height and width swapped.
+    wrong, _ = expected_logits(model, batch, pieces, keep, swap_positions=True)
     assert not torch.allclose(logits[real], wrong[real], atol=1e-4, rtol=1e-4)
 
 

@@ -75,12 +75,13 @@ def _tiny_text(family, vocab_size):
     shapes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   vocab_size=vocab_size)
-    # head size 8: 4 rotary frequencies, split over the temporal, height and width sections.
+    # Head size 8: 4 rotary frequencies, split over the temporal, height and width sections. A
+    # base of 10 (the real models use 1e6 over 64 frequencies) gives every section a frequency
+    # high enough that a position one off changes the logits well beyond rounding.
+    rope = dict(rope_type="default", rope_theta=10.0, mrope_section=[2, 1, 1])
     if family == "qwen3_vl":
-        return dict(shapes, head_dim=8, rope_parameters=dict(
-            rope_type="default", rope_theta=5e6, mrope_section=[2, 1, 1], mrope_interleaved=True))
-    return dict(shapes, rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                             mrope_section=[2, 1, 1]))
+        return dict(shapes, head_dim=8, rope_parameters=dict(rope, mrope_interleaved=True))
+    return dict(shapes, rope_parameters=rope)
 
 
 def _tiny_vision(family):
