@@ -44,17 +44,21 @@ def qwen_model(model):
     name = type(model).__name__
     if name not in CLASSES or not type(model).__module__.startswith("transformers."):
         return None
+    import transformers
+    if type(model) is not getattr(transformers, name, None):
+        return None
     return model.model if name.endswith("ForConditionalGeneration") else model
 
 
 def kept_count(n, kept_patches, ratio):
     """Units an image of n units keeps: min(k + m, n), or ceil(ratio * n) with a product within
-    RATIO_TOLERANCE of an integer taken as that integer."""
+    RATIO_TOLERANCE of an integer taken as that integer, at least 1."""
     if ratio is None:
         return min(kept_patches, n)
     product = ratio * n
     nearest = round(product)
-    return min(n, nearest if abs(product - nearest) <= RATIO_TOLERANCE else math.ceil(product))
+    count = nearest if abs(product - nearest) <= RATIO_TOLERANCE else math.ceil(product)
+    return min(n, max(1, count))  # a ratio near 0 still keeps one
 
 
 def image_units(grid_thw, merge):
