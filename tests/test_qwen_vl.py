@@ -296,3 +296,21 @@ def test_refusals(qwen):
     with pytest.raises(ValueError, match="selection"):
         prune_image_tokens(model, selection="best")
     assert pruned_block(model) is None
+
+
+def test_the_generate_command_runs_a_saved_qwen_model(tmp_path, capsys):
+    from helpers import run_main
+    from PIL import Image
+    from tiny_qwen_vl import save_qwen_vl
+    folder = save_qwen_vl(str(tmp_path / "qwen"), "qwen2_5_vl", "tiny", seed=0)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(32, 48), (48, 48)]):  # 6 and 9 units
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    status, out, err = run_main(["generate", "--model", folder, "--image", paths[0], "--image",
+                                 paths[1], "--prompt", "what is this ?", "--max_new_tokens", "2",
+                                 "--k_anchors", "2", "--top_m", "2"], capsys)
+    assert status == 0, err
+    assert "qwen2_5_vl, 6-9 image tokens per image" in err
+    assert "6-9 -> 4 image tokens per image; batch 2" in out
