@@ -314,3 +314,18 @@ def test_the_generate_command_runs_a_saved_qwen_model(tmp_path, capsys):
     assert status == 0, err
     assert "qwen2_5_vl, 6-9 image tokens per image" in err
     assert "6-9 -> 4 image tokens per image; batch 2" in out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("selection", ["mmr", "cls", "score"])
+def test_triton_backend_keeps_the_units_the_reference_keeps(qwen, family, selection):
+    model, processor, pictures = qwen(family)
+    batch = inputs(processor, pictures)
+    keeps = {}
+    for backend in ("reference", "triton"):
+        prune_image_tokens(model, k_anchors=2, top_m=3, selection=selection, backend=backend)
+        with torch.no_grad():
+            model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        keeps[backend] = pruned_block(model).last_keep_idx
+    remove_pruning(model)
+    assert all(torch.equal(a, b) for a, b in zip(keeps["triton"], keeps["reference"]))

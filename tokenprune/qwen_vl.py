@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from .reference import select_from_attention
-from .selection import random_keep_idx
+from .reference import select_from_attention, top_indices
+from .selection import random_keep_idx, resolve_backend
 
 # model class name prefix -> family; both the *ForConditionalGeneration and the *Model class.
 FAMILIES = {"Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl", "Qwen3VL": "qwen3_vl"}
@@ -89,6 +89,40 @@ def unit_attention(q, k, segment, scale, units, merge2):
     P /= H
     P_units = P.view(units, merge2, units, merge2).mean(dim=(1, 3))
     return P_units
+
+
+def select_units_triton(features, q, k, scale, merge2, anchors, top_m, config):
+    """The unit selection of one image whose patches attend to each other only (a full-attention
+    block), with the Triton kernels: the patch scores from the online-softmax passes (no N x N
+    map), their unit means, then the kernels' anchors, mmr, or importance over the anchor units'
+    patches, diversity and top-m on the units. keep (kept,) int64, ascending."""
+    from .kernels.diversity import diversity
+    from .kernels.importance import importance
+    from .kernels.mmr import mmr
+    from .kernels.received_anchors import received_anchors
+    from .kernels.select_topm import select_topm
+    from .kernels.softmax_stats import softmax_stats
+    N, H, d = q.shape
+    units = N // merge2
+    packed = torch.cat([q.reshape(N, H * d), k.reshape(N, H * d),
+                        torch.zeros_like(k).reshape(N, H * d)], dim=1)[None].contiguous()
+    stats = softmax_stats(packed, H, scale)
+    received = received_anchors(packed, H, 1, stats, 0, scale)[0]           # (1, N)
+    score = received.view(1, units, merge2).mean(dim=-1)                   # (1, n)
+    if config.selection == "cls":
+        return top_indices(score, anchors + top_m).sort(dim=-1).values[0]
+    anchor_idx = top_indices(score, anchors).sort(dim=-1).values            # (1, k)
+    anchor_mask = torch.zeros(1, units, dtype=torch.int8, device=q.device)
+    anchor_mask[0, anchor_idx[0]] = 1
+    features = features[None].contiguous()
+    if config.selection == "mmr":
+        return mmr(features, score.contiguous(), anchor_mask, anchor_idx.int(), top_m,
+                   config.mmr_lambda, 0)[0]
+    patches = (anchor_idx[..., None] * merge2 + torch.arange(merge2, device=q.device))
+    weight = importance(packed, H, patches.reshape(1, -1).int(), scale, stats)
+    unit_importance = weight.view(1, units, merge2).mean(dim=-1).contiguous()
+    return select_topm(unit_importance, diversity(features, anchor_idx.int()), anchor_mask,
+                       anchors, top_m, config.alpha, config.score_norm, 0)[0]
 
 
 class QwenImageTokenPruning:
@@ -169,9 +203,14 @@ class QwenImageTokenPruning:
             if config.selection == "random":
                 keep.append(random_keep_idx(1, units, kept, 0, self._generator, x.device)[0])
                 continue
-            P_units = unit_attention(q[rows], k[rows], segment[rows], scale, units, merge2)
-            features = x[rows].reshape(units, -1)
             anchors = min(config.k_anchors, kept)
+            features = x[rows].reshape(units, -1)
+            one_segment = bool((segment[rows] == segment[rows][0]).all())
+            if one_segment and resolve_backend(config.backend, x) == "triton":
+                keep.append(select_units_triton(features, q[rows], k[rows], scale, merge2,
+                                                anchors, kept - anchors, config))
+                continue
+            P_units = unit_attention(q[rows], k[rows], segment[rows], scale, units, merge2)
             keep.append(select_from_attention(
                 P_units[None], features[None], anchors, kept - anchors, config.alpha,
                 config.score_norm, num_prefix=0, class_token=False, selection=config.selection,
