@@ -329,3 +329,33 @@ def test_triton_backend_keeps_the_units_the_reference_keeps(qwen, family, select
         keeps[backend] = pruned_block(model).last_keep_idx
     remove_pruning(model)
     assert all(torch.equal(a, b) for a, b in zip(keeps["triton"], keeps["reference"]))
+
+
+def test_the_inner_model_class_and_a_deep_copy_prune_on_their_own(qwen):
+    import copy
+    model, processor, pictures = qwen("qwen2_5_vl")
+    prune_image_tokens(model, processor, k_anchors=2, top_m=2)
+    try:
+        batch = inputs(processor, pictures)
+        assert torch.equal(batch["mm_token_type_ids"].bool(),
+                           batch["input_ids"] == model.config.image_token_id)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            assert torch.equal(twin(**batch).logits, logits)
+        assert pruned_block(model).last_keep_idx is not None
+        assert pruned_block(twin) is not pruned_block(model)
+        remove_pruning(twin)
+        assert pruned_block(model) is not None
+    finally:
+        remove_pruning(model)
+    inner = model.model  # the *Model class, pruned on its own
+    prune_image_tokens(inner, k_anchors=2, top_m=2)
+    try:
+        with torch.no_grad():
+            hidden = inner(**{k: v for k, v in batch.items()}).last_hidden_state
+    finally:
+        remove_pruning(inner)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(hidden), logits, atol=1e-5, rtol=1e-5)

@@ -346,7 +346,7 @@ class QwenImageTokenPruning:
         for name in MODEL_METHODS:
             original = getattr(inner, name)
             wrapper = getattr(self, name)
-            setattr(inner, name, _bind(wrapper, original))
+            setattr(inner, name, _Wrapped(wrapper, original))
         self._handles = [
             inner.visual.blocks[-1].register_forward_pre_hook(self.select, with_kwargs=True),
             inner.register_forward_pre_hook(self.note_prompt, with_kwargs=True),
@@ -375,11 +375,19 @@ class QwenImageTokenPruning:
         self.processors = []
 
 
-def _bind(wrapper, original):
-    def method(*args, **kwargs):
-        return wrapper(original, *args, **kwargs)
-    method.__wrapped__ = original
-    return method
+class _Wrapped:
+    """A model method replaced on the instance: `wrapper(original, ...)`. An object holding two
+    bound methods rather than a closure, so that copy.deepcopy of the model gives the copy
+    wrappers of its own state and its own original methods."""
+
+    def __init__(self, wrapper, original):
+        self.wrapper = wrapper
+        self.original = original
+        # transformers reads a method's signature (through __wrapped__) to route its inputs.
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(self.original, *args, **kwargs)
 
 
 class QwenPlaceholderCount:
