@@ -76,10 +76,10 @@ def unit_offsets(grid_thw_row, merge, device):
 
 
 def unit_attention(q, k, segment, scale, units, merge2):
-    """(P_U (n, n), a_u (n,)) for one image: q, k (N, H, d) after the rotary embedding, rows in
-    unit order (the s^2 patches of unit u are rows s^2 u ..); segment (N,) the attention segment
-    of each row (keys outside a query's segment get no attention). One head at a time, so that
-    at most one N x N map is alive."""
+    """P_U (n, n), SPEC's unit attention, for one image: q, k (N, H, d) after the rotary
+    embedding, rows in unit order (the s^2 patches of unit u are rows s^2 u ..); segment (N,)
+    the attention segment of each row (keys outside a query's segment get no attention). One
+    head at a time, so that at most one N x N map is alive."""
     N, H, _ = q.shape
     same = segment[:, None] == segment[None, :]
     P = torch.zeros(N, N, dtype=torch.float32, device=q.device)
@@ -87,8 +87,7 @@ def unit_attention(q, k, segment, scale, units, merge2):
         logits = (q[:, h].float() @ k[:, h].float().T) * scale
         P += logits.masked_fill(~same, float("-inf")).softmax(dim=-1)
     P /= H
-    P_units = P.view(units, merge2, units, merge2).mean(dim=(1, 3))
-    return P_units
+    return P.view(units, merge2, units, merge2).mean(dim=(1, 3))
 
 
 def select_units_triton(features, q, k, scale, merge2, anchors, top_m, config):
