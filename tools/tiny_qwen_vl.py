@@ -13,8 +13,9 @@ Sizes:
 - "tiny": 8-px patches (16 px for Qwen3-VL, whose learned position grid is 4 x 4 here) merged
   2 x 2, 2 vision blocks of width 32, a 2-layer language model of width 32 and a vocabulary of
   about 110 words; images are resized to multiples of 16 px (32 px for Qwen3-VL) between 256 and
-  4096 pixels: for tests. Qwen2.5-VL's first block attends in 16-px windows, its last block to
-  the whole image (as in the real model, whose last block is a full-attention block).
+  4096 pixels (1024 to 16384 for Qwen3-VL): for tests. Qwen2.5-VL's first block attends in
+  32-px windows (2 x 2 units, so its rows are in window order), its last block to the whole
+  image (as in the real model, whose last block is a full-attention block).
 - "qwen2.5-vl-7b": the real Qwen2.5-VL-7B-Instruct configuration, random weights in bfloat16
   (about 17 GB), for benchmarks only.
 
@@ -91,7 +92,7 @@ def _tiny_vision(family):
     common = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
                   out_hidden_size=32, spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_5_vl":
-        return dict(common, patch_size=8, window_size=16, fullatt_block_indexes=[1])
+        return dict(common, patch_size=8, window_size=32, fullatt_block_indexes=[1])
     return dict(common, patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0])
 
 
