@@ -1,7 +1,9 @@
-"""Fewer image tokens for a LLaVA model on Hugging Face transformers (SPEC.md, "Image tokens for a
+"""Fewer image tokens for a vision-language model on Hugging Face transformers: the public
+`prune_image_tokens` (its arguments checked here once), which hands Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL models to tokenprune.qwen_vl, and the LLaVA pruning (SPEC.md, "Image tokens for a
 language model").
 
-Two forward pre-hooks, nothing else in the model changes:
+For LLaVA, two forward pre-hooks, nothing else in the model changes:
 - on the vision block whose output is the selected hidden state: SPEC's selection from that
   block's input and its own q/k (the tower's block adapter computes them; the block itself then
   runs as usual, on all tokens, with the model's attention implementation);
