@@ -14,6 +14,7 @@ import torch
 from tokenprune import UnsupportedModelError, prune_image_tokens, pruned_block, remove_pruning
 
 pytest.importorskip("transformers")
+from helpers import processor_inputs  # noqa: E402
 from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402  (tests/conftest.py: tools/)
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -48,11 +49,7 @@ def qwen():
 
 
 def inputs(processor, pictures, prompts=PROMPTS, side="left"):
-    processor.tokenizer.padding_side = side
-    try:
-        return processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
-    finally:
-        processor.tokenizer.padding_side = "left"
+    return processor_inputs(processor, pictures, prompts, side)
 
 
 def unpruned(model, batch):

@@ -15,6 +15,7 @@ from tokenprune import (UnsupportedModelError, prune_image_tokens, pruned_block,
                         select_reference)
 
 pytest.importorskip("transformers")
+from helpers import processor_inputs  # noqa: E402
 from tiny_llava import build_llava  # noqa: E402  (tests/conftest.py puts tools/ on the path)
 
 K, M = 2, 4
@@ -88,11 +89,7 @@ def image_features(model, pixel_values):
 
 
 def inputs(processor, pictures, prompts=PROMPTS, side="left"):
-    processor.tokenizer.padding_side = side
-    try:
-        return processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
-    finally:
-        processor.tokenizer.padding_side = "left"
+    return processor_inputs(processor, pictures, prompts, side)
 
 
 @pytest.mark.parametrize("name", ["clip", "clip-full", "clip-layers", "siglip", "siglip-full"])

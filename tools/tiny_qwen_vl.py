@@ -29,7 +29,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_llava import PUNCTUATION, WORDS  # noqa: E402  (one word list for both tiny models)
+from tiny_llava import PUNCTUATION, WORDS, make_model, save_pair  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SIZES = ("tiny", "qwen2.5-vl-7b")
@@ -165,18 +165,7 @@ def build_qwen_vl(family="qwen2_5_vl", size="tiny", seed=0, dtype=None, attn_imp
         config._attn_implementation = attn_implementation
     if dtype is None:
         dtype = torch.float32 if size == "tiny" else torch.bfloat16
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device or "cpu"):
-            model = model_class(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = None
+    model = make_model(model_class, config, seed, dtype, device, tokenizer)
     if size == "tiny":
         patch = vision["patch_size"]
         processor = build_processor(family, tokenizer, patch, 2, min_pixels=(2 * patch) ** 2,
@@ -189,11 +178,7 @@ def build_qwen_vl(family="qwen2_5_vl", size="tiny", seed=0, dtype=None, attn_imp
 
 def save_qwen_vl(outdir, family="qwen2_5_vl", size="tiny", seed=0):
     """Build and save_pretrained the model and processor into `outdir`; returns outdir."""
-    model, processor = build_qwen_vl(family, size, seed)
-    os.makedirs(outdir, exist_ok=True)
-    model.save_pretrained(outdir)
-    processor.save_pretrained(outdir)
-    return outdir
+    return save_pair(outdir, *build_qwen_vl(family, size, seed))
 
 
 def main(argv=None):
