@@ -255,6 +255,8 @@ def test_ratio_one_is_bit_identical_and_remove_pruning_restores(qwen, family):
     prune_image_tokens(model, processor, ratio=0.5)
     assert (inputs(processor, pictures)["input_ids"] == model.config.image_token_id).sum() == \
         sum(-(-n // 2) for n in (6, 8, 9, 9))
+    assert (model.config.text_config._attn_implementation,
+            model.config.vision_config._attn_implementation) == ("sdpa", "sdpa")
     remove_pruning(model)
     inner = model.model
     assert not any(name in inner.__dict__ for name in
