@@ -109,7 +109,8 @@ def test_vlm(vlm_case, env, llava, benchmark):
 
     try:
         if case.provider == "ours":
-            tokenprune.prune_image_tokens(model, k_anchors=k, top_m=m)
+            # The seed's selection, as the baseline computes it and the rows above measured.
+            tokenprune.prune_image_tokens(model, k_anchors=k, top_m=m, selection="score")
             assert model.config.image_seq_length == tokens
         info = dict(kind="vlm", measure=case.measure, provider=case.provider,
                     llava=env.vlm.size, batch=case.batch, image_tokens=tokens,
@@ -156,7 +157,8 @@ def test_baseline_keeps_what_prune_image_tokens_keeps(env, llava):
     with torch.no_grad():
         theirs = torch.cat([baseline.image_features(pixel_values[i:i + 1]) for i in range(2)])
         tokenprune.prune_image_tokens(model, k_anchors=baseline.k_anchors,
-                                      top_m=baseline.top_m, backend="reference")
+                                      top_m=baseline.top_m, backend="reference",
+                                      selection="score")
         try:
             ours = model.get_image_features(pixel_values=pixel_values)
         finally:

@@ -146,3 +146,13 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def processor_inputs(processor, images, texts, side="left"):
+    """A vision-language processor's padded batch, padded on `side` (its tokenizer is put back
+    to left padding after)."""
+    processor.tokenizer.padding_side = side
+    try:
+        return processor(images=images, text=texts, padding=True, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = "left"

@@ -15,6 +15,7 @@ from tokenprune import (UnsupportedModelError, prune_image_tokens, pruned_block,
                         select_reference)
 
 pytest.importorskip("transformers")
+from helpers import processor_inputs  # noqa: E402
 from tiny_llava import build_llava  # noqa: E402  (tests/conftest.py puts tools/ on the path)
 
 K, M = 2, 4
@@ -53,10 +54,11 @@ def llava():
     return get
 
 
-def expected_features(model, pixel_values, k=K, m=M):
+def expected_features(model, pixel_values, k=K, m=M, selection="mmr", mmr_lambda=0.8):
     """(features (images, rows, D), keep_idx): the projector applied to the rows of the listed
     hidden states that select_reference keeps, selected from the input of the block whose output
-    is the deepest listed hidden state, with that block's own q/k/v projections."""
+    is the deepest listed hidden state, with that block's own q/k/v projections. `selection`:
+    prune_image_tokens' default, mmr."""
     cfg = model.config
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     listed = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) \
@@ -73,7 +75,8 @@ def expected_features(model, pixel_values, k=K, m=M):
         default = cfg.vision_feature_select_strategy == "default"
         p = 1 if class_token or default else 0
         keep = select_reference(x, qkv, attn.num_heads, k, m, 0.5, "none", num_prefix=p,
-                                class_token=class_token)
+                                class_token=class_token, selection=selection,
+                                mmr_lambda=mmr_lambda)
         rows = keep if default else torch.cat([torch.arange(p).expand(len(keep), -1), keep], 1)
         kept = torch.cat([torch.stack([hidden[layer][b, rows[b]] for b in range(len(rows))])
                           for layer in listed], dim=-1)
@@ -86,11 +89,7 @@ def image_features(model, pixel_values):
 
 
 def inputs(processor, pictures, prompts=PROMPTS, side="left"):
-    processor.tokenizer.padding_side = side
-    try:
-        return processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
-    finally:
-        processor.tokenizer.padding_side = "left"
+    return processor_inputs(processor, pictures, prompts, side)
 
 
 @pytest.mark.parametrize("name", ["clip", "clip-full", "clip-layers", "siglip", "siglip-full"])
@@ -110,6 +109,67 @@ def test_image_features_are_the_projector_on_the_reference_rows(llava, pictures,
     if name.startswith("siglip") and name != "siglip-full":
         assert (keep >= 1).all()  # row 0, dropped by "default", is never chosen
     torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how, k, m, rule", [
+    (dict(selection="cls"), K, M, dict(selection="cls")),
+    (dict(selection="score"), K, M, dict(selection="score")),
+    (dict(selection="mmr", mmr_lambda=0.3), K, M, dict(selection="mmr", mmr_lambda=0.3)),
+    (dict(ratio=0.4), 2, 5, {}),                        # ceil(0.4 * 16) = 7 = 2 anchors + 5
+    (dict(k_anchors=3, ratio=0.125), 2, 0, {}),         # 0.125 * 16 = 2: both are anchors
+    (dict(ratio=0.4, selection="cls"), 2, 5, dict(selection="cls")),
+])
+def test_selection_mmr_lambda_and_ratio_choose_the_rows(llava, pictures, how, k, m, rule):
+    model, processor = llava("clip")
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    expected, keep = expected_features(model, pixel_values, k, m, **rule)
+    counts = {} if "ratio" in how else {"top_m": M}
+    prune_image_tokens(model, processor, **{"k_anchors": K, **counts, **how})
+    try:
+        features = image_features(model, pixel_values)
+        assert torch.equal(pruned_block(model).last_keep_idx, keep)
+        count = (inputs(processor, pictures)["input_ids"] == model.config.image_token_id).sum(1)
+        assert (count == k + m).all()
+    finally:
+        remove_pruning(model)
+    torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_the_default_selection_is_mmr(llava, pictures):
+    model, processor = llava("clip")
+    pixel_values = inputs(processor, pictures)["pixel_values"]
+    keeps = {}
+    for selection in ("mmr", "score", "cls"):
+        keeps[selection] = expected_features(model, pixel_values, selection=selection)[1]
+    prune_image_tokens(model, k_anchors=K, top_m=M)
+    try:
+        image_features(model, pixel_values)
+        keep = pruned_block(model).last_keep_idx
+    finally:
+        remove_pruning(model)
+    assert torch.equal(keep, keeps["mmr"])
+    assert not torch.equal(keeps["mmr"], keeps["score"])  # the test can tell them apart
+
+
+def test_ratio_counts_a_product_near_an_integer_as_that_integer():
+    from tokenprune.qwen_vl import kept_count
+    assert 0.07 * 100 > 7 and kept_count(100, 0, 0.07) == 7
+    assert 0.28 * 25 > 7 and kept_count(25, 0, 0.28) == 7
+    assert kept_count(100, 0, 0.07 + 1e-7) == 8
+    assert kept_count(7, 0, 1e-9) == 1 and kept_count(7, 0, 1.0) == 7
+    assert kept_count(7, 10, None) == 7 and kept_count(70, 10, None) == 10
+
+
+def test_ratio_refusals_and_nothing_to_prune(llava, pictures):
+    model, processor = llava("clip")
+    for ratio in (0, 1.01, -1, float("inf"), "0.5"):
+        with pytest.raises(ValueError, match=f"ratio must be a number in \\(0, 1\\], got"):
+            prune_image_tokens(model, ratio=ratio)
+    with pytest.raises(ValueError, match="top_m=54 and ratio=0.5 .*ambiguous"):
+        prune_image_tokens(model, top_m=54, ratio=0.5)
+    with pytest.warns(UserWarning, match="ratio=1.0 keeps all 16 patch tokens: nothing to prune"):
+        prune_image_tokens(model, processor, ratio=1.0)
+    assert pruned_block(model) is None
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -315,9 +375,9 @@ def test_unsupported_models_are_refused(llava):
     next_model = LlavaNextForConditionalGeneration(LlavaNextConfig(
         vision_config=vision, text_config=tiny_text_config(), image_grid_pinpoints=[[32, 32]]))
     with pytest.raises(UnsupportedModelError,
-                       match="any-resolution tiles .*supports LlavaForConditionalGeneration"):
+                       match="any-resolution tiles .*supports Qwen2VL.*LlavaForConditionalGeneration"):
         prune_image_tokens(next_model)
-    with pytest.raises(UnsupportedModelError, match="supports LlavaForConditionalGeneration"):
+    with pytest.raises(UnsupportedModelError, match="supports .*LlavaForConditionalGeneration"):
         prune_image_tokens(torch.nn.Linear(2, 2))
     model, processor = llava("clip")
     with pytest.raises(UnsupportedModelError, match="LlavaProcessor"):
@@ -345,12 +405,12 @@ def test_a_deep_copy_keeps_its_own_pruning(llava, pictures):
 
 
 @pytest.mark.parametrize("name, why", [
-    ("Qwen2VLForConditionalGeneration", "packed image sequences"),
+    ("InternVLForConditionalGeneration", "InternVL's tiles"),
     ("LlavaNextVideoForConditionalGeneration", "tiles"),
     ("VideoLlavaForConditionalGeneration", "video models"),
 ])
 def test_the_refusal_says_what_is_not_supported_yet(name, why):
     # A stand-in class of that name (building the real models is not needed for the message).
     stand_in = type(name, (torch.nn.Module,), {"__module__": "transformers.models.stand_in"})()
-    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports Llava"):
+    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports .*Llava"):
         prune_image_tokens(stand_in)

@@ -1,7 +1,9 @@
-"""Fewer image tokens for a LLaVA model on Hugging Face transformers (SPEC.md, "Image tokens for a
+"""Fewer image tokens for a vision-language model on Hugging Face transformers: the public
+`prune_image_tokens` (its arguments checked here once), which hands Qwen2-VL, Qwen2.5-VL and
+Qwen3-VL models to tokenprune.qwen_vl, and the LLaVA pruning (SPEC.md, "Image tokens for a
 language model").
 
-Three forward pre-hooks, nothing else in the model changes:
+For LLaVA, three forward pre-hooks, nothing else in the model changes:
 - on the LlavaModel: prompts written for the unpruned count of placeholders (an unpatched
   processor) are refused in one line that says what to do, before transformers compares the
   counts (for a forward call, before the images are encoded; generate encodes them first);
@@ -13,28 +15,33 @@ Three forward pre-hooks, nothing else in the model changes:
 The language model therefore sees `k + m` image tokens per image; the processor, patched with
 the same call, writes that many placeholders.
 """
+import math
 import warnings
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 
-from .config import PruneConfig
+from .config import MMR_LAMBDA, PruneConfig
+from .qwen_vl import QwenImageTokenPruning, kept_count, prune_qwen, qwen_model
 from .selection import kept_rows, select_tokens
 from .towers import UnsupportedModelError, block_adapter, find_tower
 
 __all__ = ["ImageTokenPruning", "prune_image_tokens"]
 
-SUPPORTED = ("LlavaForConditionalGeneration (and its LlavaModel) with a CLIP or SigLIP vision "
+SUPPORTED = ("Qwen2VL, Qwen2_5_VL and Qwen3VL ForConditionalGeneration (and their *Model), and "
+             "LlavaForConditionalGeneration (and its LlavaModel) with a CLIP or SigLIP vision "
              "tower (transformers CLIPVisionModel / SiglipVisionModel), one image per <image>")
 # Models that look close but are not handled yet, and why.
 NOT_YET = {
     "LlavaNext": "LLaVA-NeXT's any-resolution tiles",
     "LlavaOnevision": "LLaVA-OneVision's any-resolution tiles and video",
     "Video": "video models",
-    "Qwen2VL": "Qwen2-VL-style packed image sequences",
-    "Qwen2_5_VL": "Qwen2-VL-style packed image sequences",
-    "Qwen3VL": "Qwen2-VL-style packed image sequences",
+    "InternVL": "InternVL's tiles",
 }
+# prune_image_tokens' selection: mmr (docs/vlm.md says why; the towers keep PruneConfig's).
+DEFAULT_SELECTION = "mmr"
+DEFAULT_TOP_M = 54
 # Where the state of a pruned model or processor is kept (a plain attribute).
 ATTRIBUTE = "_tokenprune_image_tokens"
 
@@ -228,7 +235,7 @@ def _check_processor(processor):
 def image_token_pruning(obj) -> Optional[ImageTokenPruning]:
     """The ImageTokenPruning of a model patched by prune_image_tokens, else None."""
     state = getattr(obj, ATTRIBUTE, None)
-    return state if isinstance(state, ImageTokenPruning) else None
+    return state if isinstance(state, (ImageTokenPruning, QwenImageTokenPruning)) else None
 
 
 def remove_image_token_pruning(obj) -> bool:
@@ -237,7 +244,7 @@ def remove_image_token_pruning(obj) -> bool:
     state = getattr(obj, ATTRIBUTE, None)
     if state is None:
         return False
-    if isinstance(state, ImageTokenPruning):
+    if isinstance(state, (ImageTokenPruning, QwenImageTokenPruning)):
         state.remove()
     else:  # a processor: back to its class's methods
         for name in ("replace_image_token", "_get_num_multimodal_tokens"):
@@ -246,34 +253,70 @@ def remove_image_token_pruning(obj) -> bool:
     return True
 
 
-def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10, top_m: int = 54,
-                       alpha: float = 0.5, score_norm: str = "none",
-                       backend: str = "auto") -> Any:
-    """Make a LLaVA model's language model receive `k_anchors + top_m` image tokens per image.
+def _check_ratio(ratio, top_m):
+    if ratio is None:
+        return
+    if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio)
+            or not 0 < ratio <= 1):
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if top_m is not None:
+        raise ValueError(f"top_m={top_m!r} and ratio={ratio!r} were both given: the kept count "
+                         f"would be ambiguous; give one of them")
 
-    `model`: a transformers LlavaForConditionalGeneration (or LlavaModel) whose vision tower is
-    a CLIPVisionModel or SiglipVisionModel. The selection (SPEC.md) is made at the vision block
-    whose output is `config.vision_feature_layer` (the deepest one of a list; a layer that is
-    only the embeddings is refused), from that block's input and its own q/k; the language model
+
+def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
+                       top_m: Optional[int] = None, alpha: float = 0.5, score_norm: str = "none",
+                       backend: str = "auto", selection: str = DEFAULT_SELECTION,
+                       mmr_lambda: float = MMR_LAMBDA, ratio: Optional[float] = None) -> Any:
+    """Make a vision-language model's language model receive fewer image tokens per image.
+
+    `model`: a transformers Qwen2VL-, Qwen2_5_VL- or Qwen3VLForConditionalGeneration (or its
+    *Model), or a LlavaForConditionalGeneration (or LlavaModel) whose vision tower is a
+    CLIPVisionModel or SiglipVisionModel. Other models raise UnsupportedModelError.
+
+    How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
+    at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
+    product within 1e-6 of an integer counts as that integer); an explicit `top_m` with `ratio`
+    is refused. The first min(k_anchors, kept) are anchors, the rest are kept by `selection`
+    ("mmr" by default, with `mmr_lambda`; "cls", "score" with `alpha` and `score_norm`, or
+    "random"; PruneConfig has their meaning, SPEC.md the definitions).
+
+    Qwen-VL (SPEC.md, "Image tokens for Qwen2-VL, ..."): the unit is the merged token; the
+    selection is made at the vision tower's last block per image; every kept token keeps its
+    unpruned 3D position; video passes through whole. `pruned_block(model).last_keep_idx` is a
+    list of one tensor per image of the kept unit indices.
+
+    LLaVA: the selection is made at the vision block whose output is
+    `config.vision_feature_layer` (the deepest one of a list; a layer that is only the
+    embeddings is refused), from that block's input and its own q/k; the language model
     receives the kept rows of that layer's ordinary output, in patch order, through the
     projector. With `vision_feature_select_strategy="full"` the class token's row comes first.
-    `config.image_seq_length` is set to the new count per image.
+    `config.image_seq_length` is set to the new count per image. Set `vision_feature_layer` /
+    `vision_feature_select_strategy` in the model's config before this call.
+    `pruned_block(model).last_keep_idx` is (images, kept) there.
 
-    `processor`: a LlavaProcessor to patch as well, so that it writes that many <image>
-    placeholders per image (pass it later with the same call to patch it then). Prompts with
-    another count of image tokens per image (an unpatched processor's) raise ValueError, which
-    says what to do, when the model runs.
+    `processor`: the model's processor (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor,
+    Qwen3VLProcessor) to patch as well, so that it writes the kept number of placeholders per
+    image (pass it later with the same call to patch it then). For LLaVA, prompts with another
+    count of image tokens per image (an unpatched processor's) raise ValueError, which says
+    what to do, when the model runs.
 
-    Set `vision_feature_layer` / `vision_feature_select_strategy` in the model's config before
-    this call; passing others per call is not supported. Calling it again replaces the earlier
-    pruning. `tokenprune.remove_pruning(model)` undoes it (on the processors patched with it
-    too); `tokenprune.pruned_block(model).last_keep_idx` holds the kept patch indices of the
-    last images. When `k_anchors + top_m` covers every patch, nothing changes (with a warning).
-    Other models, among them LLaVA-NeXT, video and Qwen2-VL-style models, raise
-    UnsupportedModelError. Returns `model`.
+    Calling it again replaces the earlier pruning. `tokenprune.remove_pruning(model)` undoes it
+    (on the processors patched with it too). When nothing can be pruned (every token kept),
+    nothing changes (with a warning). Returns `model`.
     """
-    config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha, score_norm=score_norm,
-                         backend=backend)
+    _check_ratio(ratio, top_m)
+    config = PruneConfig(k_anchors=k_anchors, top_m=DEFAULT_TOP_M if top_m is None else top_m,
+                         alpha=alpha, score_norm=score_norm, backend=backend,
+                         selection=selection, mmr_lambda=mmr_lambda)
+    inner = qwen_model(model)
+    if inner is not None:
+        if prune_qwen(model, inner, processor, config, ratio) is None:
+            warnings.warn("ratio=1: every image token is kept, nothing to prune: the model is "
+                          "unchanged", stacklevel=2)
+            if processor is not None:
+                remove_image_token_pruning(processor)
+        return model
     llava = _llava(model)
     try:
         tower = find_tower(llava.vision_tower)
@@ -289,15 +332,21 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10, t
     # "default" drops row 0: a class token, or for SigLIP a patch that then is never chosen.
     num_prefix = 1 if tower.class_token or strategy == "default" else 0
     num_tokens = tower.num_patches + tower.num_prefix
+    candidates = num_tokens - num_prefix
+    if ratio is not None:  # the same count as an image of `candidates` units would keep
+        count = kept_count(candidates, 0, ratio)
+        anchors = min(k_anchors, count)
+        config = replace(config, k_anchors=anchors, top_m=count - anchors)
     kept = config.kept_patches + (0 if strategy == "default" else num_prefix)
 
     remove_image_token_pruning(model)
     state = ImageTokenPruning(model, config, block_index, num_prefix, tower.class_token,
                               strategy, num_tokens, kept)
     if not state.prunes:
-        warnings.warn(f"k_anchors + top_m = {config.kept_patches} >= "
-                      f"{num_tokens - num_prefix} patch tokens: nothing to prune, the model "
-                      f"is unchanged", stacklevel=2)
+        how = (f"k_anchors + top_m = {config.kept_patches} >=" if ratio is None
+               else f"ratio={ratio} keeps all")
+        warnings.warn(f"{how} {candidates} patch tokens: nothing to prune, the model is "
+                      f"unchanged", stacklevel=2)
         if processor is not None:
             remove_image_token_pruning(processor)
         return model

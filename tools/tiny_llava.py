@@ -120,6 +120,26 @@ def _image_processor(vision, image_size):
     return SiglipImageProcessor(size={"height": image_size, "width": image_size})
 
 
+def make_model(model_class, config, seed, dtype, device, tokenizer):
+    """model_class(config) with weights drawn from `seed`, made in `dtype` on `device` directly
+    (a 7B model is not made in float32 first), in eval mode, generating with the tokenizer's
+    pad, bos and eos ids."""
+    import torch
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device or "cpu"):
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_llava(vision="clip", size="tiny", seed=0, dtype=None, vision_feature_layer=-2,
                 vision_feature_select_strategy="default", attn_implementation=None, device=None):
     """(model, processor): a LlavaForConditionalGeneration with random weights drawn from `seed`,
@@ -151,18 +171,7 @@ def build_llava(vision="clip", size="tiny", seed=0, dtype=None, vision_feature_l
         dtype = torch.float16 if size == "llava-1.5-7b" else torch.float32
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
-    try:
-        torch.set_default_dtype(dtype)  # a 7B model is made in float16 directly, not converted
-        with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = make_model(LlavaForConditionalGeneration, config, seed, dtype, device, tokenizer)
 
     processor = LlavaProcessor(
         image_processor=_image_processor(vision, vision_config.image_size), tokenizer=tokenizer,
@@ -172,13 +181,17 @@ def build_llava(vision="clip", size="tiny", seed=0, dtype=None, vision_feature_l
     return model, processor
 
 
-def save_llava(outdir, vision="clip", size="tiny", seed=0, **options):
-    """Build and save_pretrained the model and processor into `outdir`; returns outdir."""
-    model, processor = build_llava(vision, size, seed, **options)
+def save_pair(outdir, model, processor):
+    """save_pretrained the model and its processor into `outdir` (made if missing); outdir."""
     os.makedirs(outdir, exist_ok=True)
     model.save_pretrained(outdir)
     processor.save_pretrained(outdir)
     return outdir
+
+
+def save_llava(outdir, vision="clip", size="tiny", seed=0, **options):
+    """Build and save_pretrained the model and processor into `outdir`; returns outdir."""
+    return save_pair(outdir, *build_llava(vision, size, seed, **options))
 
 
 def main(argv=None):

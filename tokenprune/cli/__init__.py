@@ -57,8 +57,9 @@ def add_visualize_arguments(parser):
 
 def add_generate_arguments(parser):
     parser.add_argument("--model", required=True,
-                        help="a LLaVA model: hub id (llava-hf/llava-1.5-7b-hf) or a folder saved "
-                             "with save_pretrained (model and processor)")
+                        help="a LLaVA or Qwen-VL model: hub id (llava-hf/llava-1.5-7b-hf, "
+                             "Qwen/Qwen2.5-VL-7B-Instruct) or a folder saved with "
+                             "save_pretrained (model and processor)")
     parser.add_argument("--image", action="append", required=True, metavar="FILE",
                         help="image file; repeat the flag for several (one batch, one answer "
                              "each)")

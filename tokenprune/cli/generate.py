@@ -1,5 +1,6 @@
-"""`tokenprune generate`: answer a prompt about images with a LLaVA model whose language model
-sees k + m image tokens per image (tokenprune.prune_image_tokens), and say what that saved.
+"""`tokenprune generate`: answer a prompt about images with a LLaVA or Qwen-VL (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL) model whose language model sees k + m image tokens per image
+(tokenprune.prune_image_tokens), and say what that saved.
 
     tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is this?"
     tokenprune generate --model ./saved_llava --image a.png --image b.png --prompt "..." --compare
@@ -21,7 +22,12 @@ import warnings
 from ..config import PruneConfig
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
-SUPPORTED_MODEL_TYPES = ("llava",)
+# model_type -> the transformers class that generate loads it with.
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 
 # ----- checks made before anything is imported or loaded ------------------------------------
@@ -78,10 +84,11 @@ def local_model_type(model):
 
 def check_model_type(model, model_type):
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CLIError(f"--model {model} is a {model_type!r} model, not LLaVA; tokenprune "
-                       "generate runs LlavaForConditionalGeneration models (model_type "
+        raise CLIError(f"--model {model} is a {model_type!r} model, not LLaVA or Qwen-VL; "
+                       "tokenprune generate runs LlavaForConditionalGeneration, Qwen2-VL, "
+                       "Qwen2.5-VL and Qwen3-VL models (model_type "
                        f"{', '.join(map(repr, SUPPORTED_MODEL_TYPES))}, such as "
-                       "llava-hf/llava-1.5-7b-hf)")
+                       "llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct)")
 
 
 # ----- loading -------------------------------------------------------------------------------
@@ -107,7 +114,8 @@ def _loading(model, what, load):
 
 def load(model_name, device, dtype):
     """(model, processor) of --model, on `device` in `dtype`, in eval mode."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()  # a bar per load says nothing our note does not
     config = _loading(model_name, "config", lambda: AutoConfig.from_pretrained(model_name))
@@ -116,9 +124,10 @@ def load(model_name, device, dtype):
                          lambda: AutoProcessor.from_pretrained(model_name))
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise CLIError(f"--model {model_name}: its processor is a {type(processor).__name__}, "
-                       "not an image-and-text processor; save the LlavaProcessor with "
+                       "not an image-and-text processor; save the model's processor with "
                        "save_pretrained into the same folder")
-    model = _loading(model_name, "weights", lambda: LlavaForConditionalGeneration.from_pretrained(
+    model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
+    model = _loading(model_name, "weights", lambda: model_class.from_pretrained(
         model_name, dtype=dtype))
     return model.to(device).eval(), processor
 
@@ -161,6 +170,17 @@ def prompts(processor, prompt, count):
     else:
         text = f"{image_token}\n{prompt}"
     return [text] * count, 1
+
+
+def image_tokens(model, processor, images):
+    """Image tokens per image as the processor writes them now: LLaVA's one count, or for
+    Qwen-VL (a count per image size) the counts of these images, as "n" or "least-most"."""
+    if model.config.model_type == "llava":
+        return model.config.image_seq_length
+    sizes = [(image.height, image.width) for image in images]
+    counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    least, most = min(counts), max(counts)
+    return str(least) if least == most else f"{least}-{most}"
 
 
 # ----- one run -------------------------------------------------------------------------------
@@ -234,8 +254,10 @@ def run_generate(args):
     model, processor = load(args.model, device, dtype)
     texts, per_answer = prompts(processor, args.prompt, len(images))
     names = [os.path.basename(path) for path in args.image]
-    before = model.config.image_seq_length
-    note(f"{args.model}: LLaVA with a {model.config.vision_config.model_type} tower, {before} "
+    before = image_tokens(model, processor, images)
+    family = (f"LLaVA with a {model.config.vision_config.model_type} tower"
+              if model.config.model_type == "llava" else model.config.model_type)
+    note(f"{args.model}: {family}, {before} "
          f"image tokens per image, on {device} in {str(dtype).replace('torch.', '')}")
 
     unpruned_first = None
@@ -267,7 +289,7 @@ def run_generate(args):
         report("unpruned", before, *measured(model, processor, texts, images,
                                              args.max_new_tokens, device), names, per_answer)
         return
-    after = model.config.image_seq_length
+    after = image_tokens(model, processor, images)
     answers, first, rest, new = measured(model, processor, texts, images, args.max_new_tokens,
                                          device)
     label = f"pruned (k_anchors {args.k_anchors}, top_m {args.top_m}, alpha {args.alpha})"

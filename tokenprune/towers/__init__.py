@@ -133,8 +133,10 @@ def describe(visual):
 
 def vision_language(model):
     """Whether `model` is a vision-language model as transformers builds them (LLaVA keeps its
-    image tower in `model.model.vision_tower`): tokenprune.prune_image_tokens' kind of model."""
-    return any(hasattr(m, "vision_tower") for m in (model, getattr(model, "model", None)))
+    image tower in `model.model.vision_tower`, Qwen-VL in `model.model.visual` beside its
+    `language_model`): tokenprune.prune_image_tokens' kind of model."""
+    return any(hasattr(m, "vision_tower") or (hasattr(m, "visual") and hasattr(m, "language_model"))
+               for m in (model, getattr(model, "model", None)))
 
 
 def find_tower(model):
@@ -149,7 +151,7 @@ def find_tower(model):
             return tower
     hint = ""
     if vision_language(model):
-        hint = " (for a LLaVA model, use tokenprune.prune_image_tokens)"
+        hint = " (for a LLaVA or Qwen-VL model, use tokenprune.prune_image_tokens)"
     raise UnsupportedModelError(f"{type(model).__name__} has an image tower of type "
                                 f"{describe(visual)}; tokenprune supports OpenCLIP, timm and "
                                 f"Hugging Face models whose image tower is one of: "

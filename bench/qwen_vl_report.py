@@ -1,0 +1,63 @@
+"""The Qwen2.5-VL rows of bench/bench_qwen_vl.py: pytest-benchmark JSON -> a markdown table.
+
+    python -m pytest bench/bench_qwen_vl.py --benchmark-only --benchmark-json OUT.json
+    python bench/qwen_vl_report.py OUT.json [more.json ...]
+
+Per run, batch and provider, from the medians: time to first token (ttft), the speed-up over
+unpruned, the ceiling that the token counts allow (unpruned ttft / (unpruned vision + the
+language model's prefill at the provider's prompt length)), the speed-up as a fraction of it,
+the selection's share of the vision tower's time (pruned vision / unpruned vision - 1), and the
+peak memory of one ttft against unpruned.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/report.py
+
+from report import read_rows  # noqa: E402
+
+
+def report(paths):
+    lines = ["| run | batch | provider | image tokens | ttft (ms) | speed-up | ceiling | "
+             "of ceiling | selection / vision | peak memory vs unpruned |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        rows = read_rows(path, kinds=("qwen_vl",))
+        at = {(r["batch"], r["ratio"], r["measure"]): r for r in rows}
+        for batch in sorted({r["batch"] for r in rows}):
+            base = {m: at.get((batch, None, m)) for m in ("ttft", "vision", "lm")}
+            if None in base.values():
+                continue
+            for ratio in sorted({r["ratio"] for r in rows if r["batch"] == batch},
+                                key=lambda r: -(r or 2)):
+                ttft, vision, lm = (at.get((batch, ratio, m)) for m in ("ttft", "vision", "lm"))
+                if ttft is None:
+                    continue
+                speed = base["ttft"]["median_s"] / ttft["median_s"]
+                cells = [f"{Path(path).name}", str(batch),
+                         "unpruned" if ratio is None else f"ratio {ratio}",
+                         str(ttft["image_tokens"]), f"{ttft['median_s'] * 1000:.1f}"]
+                if ratio is None or lm is None or vision is None:
+                    cells += ["1.00x", "-", "-", "-", "1.00"]
+                else:
+                    ceiling = base["ttft"]["median_s"] / (base["vision"]["median_s"]
+                                                         + lm["median_s"])
+                    overhead = vision["median_s"] / base["vision"]["median_s"] - 1
+                    memory = (ttft.get("peak_mem_bytes") or 0) / max(
+                        1, base["ttft"].get("peak_mem_bytes") or 0)
+                    cells += [f"{speed:.2f}x", f"{ceiling:.2f}x", f"{speed / ceiling:.0%}",
+                              f"{overhead:+.1%}", f"{memory:.2f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
+    print(report(parser.parse_args(argv).json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
