@@ -190,8 +190,8 @@ def test_eval_noop_warns_and_runs_unpruned(tiny, unpruned, tmp_path, capsys):
     (["--model", "RN50", "--pretrained", "openai", "--enable_pruning"], "ResNet image tower"),
     (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--dataset", "wds/missing", "--dataset_root", "/nonexistent/wds"],
-     "could not load dataset 'wds/missing' (split 'test') from --dataset_root '/nonexistent/wds'"),
-    (["--dataset", "wds/missing"], "(no --dataset_root given: CLIP_benchmark's default is the "
+     "--dataset wds/missing: no folder /nonexistent/wds (--dataset_root /nonexistent/wds)"),
+    (["--dataset", "wds/missing"], "(no --dataset_root given, so CLIP_benchmark's default, the "
                                    "folder 'root' here)"),
     (["--enable_pruning", "--alpha", "1.5"], "--alpha must be a finite number in [0, 1]"),
     (["--enable_pruning", "--k_anchors", "0"], "--k_anchors must be an integer >= 1"),
