@@ -53,6 +53,11 @@ def add_visualize_arguments(parser):
         action.help = action.help.replace("%(default)s", f"{shipped} for the shipped model, "
                                           f"else {action.default}")
         action.default = None
+    # No --selection with the shipped model: the picture shows score, cls and mmr side by side.
+    action = parser._option_string_actions["--selection"]
+    action.help += ("; without it, the shipped model's picture shows score, cls and mmr side "
+                    "by side")
+    action.default = None
 
 
 def add_generate_arguments(parser):

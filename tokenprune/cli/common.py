@@ -177,9 +177,15 @@ def add_verbose_argument(parser):
 
 def use_shipped_model(args):
     """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
-    --model, --image or --pretrained). Fills in --model and the unset k and m for the model
-    that runs; calling it again changes nothing."""
+    --model, --image or --pretrained). Fills in --model and the unset k, m and selection for
+    the model that runs, and `compare_selections`: whether the picture shows the three
+    selections side by side (the shipped model with no --selection); calling it again changes
+    nothing."""
     shipped = args.model is None and args.image is None and args.pretrained is None
+    if not hasattr(args, "compare_selections"):
+        args.compare_selections = shipped and args.selection is None
+    if args.selection is None:
+        args.selection = PRUNING_DEFAULTS["selection"]
     for name, value in SHIPPED_MODEL_PRUNING.items():
         if getattr(args, name) is None:
             setattr(args, name, value if shipped else PRUNING_DEFAULTS[name])
@@ -383,8 +389,9 @@ def clip_benchmark_datasets():
     source cannot be read as expected; then no name is refused before loading."""
     import ast
     from importlib.util import find_spec
-    try:
-        with open(find_spec("clip_benchmark.datasets.builder").origin, encoding="utf-8") as f:
+    try:  # the package's folder, found without importing it
+        folder = os.path.dirname(find_spec("clip_benchmark").origin)
+        with open(os.path.join(folder, "datasets", "builder.py"), encoding="utf-8") as f:
             tree = ast.parse(f.read())
     except (ImportError, AttributeError, TypeError, ValueError, OSError, SyntaxError):
         return None
