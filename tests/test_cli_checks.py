@@ -258,6 +258,9 @@ def test_clip_benchmark_dataset_names_are_read_from_its_builder():
     assert {"wds/", "tfds/", "vtab/", "sugar_crepe"} <= set(known.prefixes)
     assert {"cifar100", "svhn"} <= known.vtab_names
     assert known.collections == set(dataset_collection)
+    from tokenprune.cli.common import _dataset_known
+    assert all(_dataset_known(name, known)  # every dataset of every collection is accepted
+               for names in dataset_collection.values() for name in names)
 
 
 @pytest.mark.parametrize("command", ["eval", "sweep"])

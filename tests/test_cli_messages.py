@@ -191,7 +191,8 @@ print(json.dumps({"status": status, "heavy": heavy}))
 @pytest.mark.parametrize("command, shown", [
     ("eval", ["--dataset_root", "dataset root folder where the datasets are downloaded",
               "--pretrained_model", "--no_amp", "turn off mixed precision", "--k_anchors",
-              "--enable_pruning", "--tokenizer", "--verbose"]),
+              "--enable_pruning", "--tokenizer", "--verbose", "tokenprune:proxy-vit-large",
+              "tokenprune:digits-large"]),
     ("sweep", ["--dataset", "--dataset_root", "--model", "--pretrained", "--batch_size",
                "--num_workers", "--no_amp", "--tokenizer", "--k_anchors", "--controls",
                "--overwrite"]),

@@ -3,7 +3,9 @@
 Two panels: the model's input (after OpenCLIP's resize and crop) and the same picture with the
 pruned patches dimmed, the anchors outlined in orange and the other kept patches in cyan.
 With no arguments it draws a held-out canvas with the small ViT trained on scikit-learn's digits
-that ships with the package (tokenprune/proxy.py), offline. `--model ViT-B-16` (no --pretrained)
+that ships with the package (tokenprune/proxy.py), offline, pruned by the seed's default
+selection, `cls` and `mmr` side by side (one panel each, with its prediction) and a caption on
+why the default keeps background; `--selection` draws one. `--model ViT-B-16` (no --pretrained)
 draws the built-in sample picture with random weights, drawn from a fixed seed, so the same
 command draws the same picture.
 """
