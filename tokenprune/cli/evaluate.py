@@ -5,11 +5,13 @@ How it hooks in: `clip_benchmark.cli.main_eval` runs unchanged (its loop over mo
 and languages, the --distributed split, datasets, class names, templates, metrics and output
 naming). While it runs, four names inside CLIP_benchmark are swapped, and put back afterwards:
 
-- `clip_benchmark.cli.load_clip`: loads the model exactly as before, then, with
-  --enable_pruning, replaces one block with the pruned block (`replace_last_block`); in both
-  modes it times `encode_image`, the image-encoding throughput that goes into the JSON.
-- `clip_benchmark.cli.build_dataset`: unchanged; its failures become one-line errors, and a
-  local WebDataset gets a length (a progress bar with a total).
+- `clip_benchmark.cli.load_clip`: loads the model exactly as before (a shipped ViT,
+  `tokenprune:...`, from shipped.py), then, with --enable_pruning, replaces one block with the
+  pruned block (`replace_last_block`); in both modes it times `encode_image`, the
+  image-encoding throughput that goes into the JSON.
+- `clip_benchmark.cli.build_dataset`: unchanged (the shipped canvases, `tokenprune:digits...`,
+  from shipped.py); its failures become one-line errors, and a local WebDataset gets a length
+  (a progress bar with a total).
 - `clip_benchmark.cli.json`: the `json` module, except that the results dump gets our fields
   (the pruning configuration, tokens before and after, throughput) next to CLIP_benchmark's,
   and a non-finite metric is written as null.
