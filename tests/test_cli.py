@@ -190,8 +190,8 @@ def test_eval_noop_warns_and_runs_unpruned(tiny, unpruned, tmp_path, capsys):
     (["--model", "RN50", "--pretrained", "openai", "--enable_pruning"], "ResNet image tower"),
     (["--dataset", "no_such_dataset"], "unknown dataset 'no_such_dataset'"),
     (["--dataset", "wds/missing", "--dataset_root", "/nonexistent/wds"],
-     "could not load dataset 'wds/missing' (split 'test') from --dataset_root '/nonexistent/wds'"),
-    (["--dataset", "wds/missing"], "(no --dataset_root given: CLIP_benchmark's default is the "
+     "--dataset wds/missing: no folder /nonexistent/wds (--dataset_root /nonexistent/wds)"),
+    (["--dataset", "wds/missing"], "(no --dataset_root given, so CLIP_benchmark's default, the "
                                    "folder 'root' here)"),
     (["--enable_pruning", "--alpha", "1.5"], "--alpha must be a finite number in [0, 1]"),
     (["--enable_pruning", "--k_anchors", "0"], "--k_anchors must be an integer >= 1"),
@@ -271,17 +271,41 @@ def test_visualize_draws_kept_and_pruned_patches(tiny, tmp_path, capsys):
 
 
 def test_visualize_runs_with_no_arguments_on_the_shipped_model(tmp_path, capsys, monkeypatch):
+    """The demo: score (the seed's default), cls and mmr side by side on one held-out canvas,
+    each with its prediction; the caption says why score keeps background."""
     monkeypatch.chdir(tmp_path)
+    drawn = []
+    render_panels = visualize.render_panels
+    monkeypatch.setattr(visualize, "render_panels",
+                        lambda *args: drawn.append(args) or render_panels(*args))
     status, stdout, err = run_main(["visualize"], capsys)
     assert status == 0, err
     assert "random weights" not in err
     assert stdout.startswith("model: a small ViT (4 blocks, width 128, 8x8 patches of 16 px) "
                              "trained on scikit-learn's digits")
-    assert ("shipped ViT: 65 -> 17 tokens at block 4 of 4 (index 3): CLS + 4 anchors + 12 kept"
+    assert ("shipped ViT: 65 -> 17 tokens at block 4 of 4 (index 3), on held-out canvas #0 (a 4)"
             in stdout)
-    assert "on held-out canvas #0" in stdout and "kept.png" in stdout
-    geo = visualize.layout(128, 128)
+    lines = stdout.splitlines()
+    assert lines[2].startswith("  score (default, alpha 0.5): CLS + 4 anchors + 12 kept by score")
+    assert lines[3].startswith("  cls: CLS + 16 kept by CLS attention")
+    assert lines[4].startswith("  mmr (lambda 0.8): CLS + 4 anchors + 12 kept by MMR")
+    assert all(line.split("; prediction ")[1] == "4" for line in lines[2:5])
+    (_, _, panels, _, _, _, caption, _), = drawn
+    assert [p.heading.split("\n")[0] for p in panels] == ["score (default, alpha 0.5)", "cls",
+                                                          "mmr (lambda 0.8)"]
+    assert all(p.heading.endswith("predicts 4 (right)") and len(p.keep) == 16 for p in panels)
+    assert panels[0].keep != panels[1].keep  # three selections, not one drawn three times
+    assert "diversity" in " ".join(caption) and "background" in caption[0]
+    geo = visualize.layout(128, 128, 3, visualize.COMPARE_PANEL, True, len(caption))
     assert Image.open(tmp_path / "kept.png").size == geo["size"]
+
+
+def test_visualize_shipped_model_with_a_selection_draws_that_one(tmp_path, capsys):
+    out = tmp_path / "kept.png"
+    status, stdout, err = run_main(["visualize", "--selection", "cls", "--out", str(out)], capsys)
+    assert status == 0, err
+    assert "shipped ViT: 65 -> 17 tokens at block 4 of 4 (index 3): CLS + 16 kept by CLS" in stdout
+    assert Image.open(out).size == visualize.layout(128, 128)["size"]
 
 
 def test_visualize_model_vit_b_16_keeps_the_random_weight_demo(tmp_path, capsys, monkeypatch):

@@ -189,3 +189,100 @@ def test_webdataset_without_classnames_is_refused_first(tmp_path, tiny, capsys, 
     line = one_error_line(err)
     assert f"--dataset wds/tiny: no classnames.txt in {data}" in line
     assert "--custom_classname_file" in line
+
+
+# ----- issue 20, findings 1 and 2: visualize --out, dataset names and roots, before loading --
+
+@pytest.fixture
+def no_shipped_model(monkeypatch):
+    """The shipped ViT's loading fails the test (visualize's demo uses it)."""
+    import tokenprune.proxy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shipped model was loaded")
+    monkeypatch.setattr(tokenprune.proxy, "demo_inputs", refuse)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("FOLDER", "--out FOLDER: a folder; give a file name, e.g. --out FOLDER/kept.png"),
+    ("FOLDER/kept", "--out FOLDER/kept: not an image file name Pillow can write (give one "
+                    "ending in .png, e.g. kept.png)"),
+])
+def test_visualize_out_is_checked_before_loading(tmp_path, capsys, no_loading, no_shipped_model,
+                                                 out, message):
+    out = out.replace("FOLDER", str(tmp_path))
+    status, _, err = run_main(["visualize", "--out", out], capsys)
+    assert status == 1
+    assert one_error_line(err) == "tokenprune: error: " + message.replace("FOLDER", str(tmp_path))
+
+
+def test_visualize_out_where_nothing_can_be_written_is_refused_first(capsys, no_loading,
+                                                                     no_shipped_model):
+    folder = unwritable_folder()
+    if folder is None:
+        pytest.skip("no folder here that cannot be written")
+    out = os.path.join(folder, "kept.png")
+    status, _, err = run_main(["visualize", "--out", out], capsys)
+    assert status == 1
+    assert f"--out {out}: cannot write in {folder}" in one_error_line(err)
+
+
+def command_args(command, tmp_path):
+    return (["--output", str(tmp_path / "out.json")] if command == "eval" else
+            ["--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+@pytest.mark.parametrize("dataset, closest", [("cifra10", "cifar10"),
+                                              ("imagenet1", "imagenet1k"),
+                                              ("vtab/cifar1000", "vtab/cifar100"),
+                                              ("tokenprune:digit", "tokenprune:digits")])
+def test_misspelt_dataset_is_refused_first_with_the_closest_names(tiny, tmp_path, capsys,
+                                                                  no_loading, command, dataset,
+                                                                  closest):
+    argv = [command, *data_args(tiny), *command_args(command, tmp_path)]
+    argv[argv.index("wds/tiny")] = dataset
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert line.startswith(f"tokenprune: error: unknown dataset {dataset!r}: ")
+    assert f"Did you mean {closest}" in line
+
+
+def test_clip_benchmark_dataset_names_are_read_from_its_builder():
+    from clip_benchmark.datasets.builder import dataset_collection
+    from tokenprune.cli.common import clip_benchmark_datasets
+    known = clip_benchmark_datasets()
+    assert {"cifar10", "imagenet1k", "mscoco_captions", "dummy"} <= known.names
+    assert not {"train", "test", "en"} & known.names  # other strings of build_dataset
+    assert {"wds/", "tfds/", "vtab/", "sugar_crepe"} <= set(known.prefixes)
+    assert {"cifar100", "svhn"} <= known.vtab_names
+    assert known.collections == set(dataset_collection)
+    from tokenprune.cli.common import _dataset_known
+    assert all(_dataset_known(name, known)  # every dataset of every collection is accepted
+               for names in dataset_collection.values() for name in names)
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+@pytest.mark.parametrize("root", [None, "missing", "empty"])
+def test_webdataset_without_its_folder_is_refused_first(tiny, tmp_path, capsys, no_loading,
+                                                        monkeypatch, command, root):
+    monkeypatch.chdir(tmp_path)  # where CLIP_benchmark's default root, ./root, is missing
+    argv = [command, *data_args(tiny), *command_args(command, tmp_path)]
+    i = argv.index("--dataset_root")
+    if root is None:
+        del argv[i:i + 2]
+        where = "no --dataset_root given, so CLIP_benchmark's default, the folder 'root' here"
+        missing = f"no folder {tmp_path / 'root'}"
+    elif root == "missing":
+        argv[i + 1] = str(tmp_path / "missing")
+        where, missing = f"--dataset_root {argv[i + 1]}", f"no folder {tmp_path / 'missing'}"
+    else:
+        (tmp_path / "empty").mkdir()
+        argv[i + 1] = str(tmp_path / "empty")
+        where = f"--dataset_root {argv[i + 1]}"
+        missing = f"no {os.path.join('test', 'nshards.txt')} in {tmp_path / 'empty'}"
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    assert one_error_line(err).startswith(f"tokenprune: error: --dataset wds/tiny: {missing} "
+                                          f"({where}); give --dataset_root DIR")

@@ -191,7 +191,8 @@ print(json.dumps({"status": status, "heavy": heavy}))
 @pytest.mark.parametrize("command, shown", [
     ("eval", ["--dataset_root", "dataset root folder where the datasets are downloaded",
               "--pretrained_model", "--no_amp", "turn off mixed precision", "--k_anchors",
-              "--enable_pruning", "--tokenizer", "--verbose"]),
+              "--enable_pruning", "--tokenizer", "--verbose", "tokenprune:proxy-vit-large",
+              "tokenprune:digits-large"]),
     ("sweep", ["--dataset", "--dataset_root", "--model", "--pretrained", "--batch_size",
                "--num_workers", "--no_amp", "--tokenizer", "--k_anchors", "--controls",
                "--overwrite"]),
@@ -222,18 +223,27 @@ def test_copy_of_clip_benchmark_help_matches_its_parser(monkeypatch):
 # ----- point 10: the demo shows its claim --------------------------------------------------
 
 def test_visualize_shows_the_prediction_before_and_after_pruning(tmp_path, capsys, monkeypatch):
-    from tokenprune import replace_last_block
+    from tokenprune import remove_pruning, replace_last_block
     from tokenprune.proxy import demo_inputs
     model, pixels, _, label, _ = demo_inputs()
+    after = {}
     with torch.no_grad():
         before = int(model(pixels).argmax(-1))
-        replace_last_block(model, k_anchors=4, top_m=12)
-        after = int(model(pixels).argmax(-1))
+        for selection in ("score", "cls", "mmr"):
+            replace_last_block(model, k_anchors=4, top_m=12, selection=selection)
+            after[selection] = int(model(pixels).argmax(-1))
+            remove_pruning(model)
     monkeypatch.chdir(tmp_path)
-    status, stdout, err = run_main(["visualize"], capsys)
+    status, stdout, err = run_main(["visualize", "--selection", "score"], capsys)
     assert status == 0, err
-    assert (f"prediction: {before} before pruning, {after} after pruning (true label {label})"
-            in stdout)
+    assert (f"prediction: {before} before pruning, {after['score']} after pruning (true label "
+            f"{label})" in stdout)
+    status, stdout, err = run_main(["visualize"], capsys)  # the demo: three selections
+    assert status == 0, err
+    assert f"prediction {before} unpruned (true label {label})" in stdout
+    predictions = {line.split()[0].rstrip(":"): int(line.rsplit("; prediction ", 1)[1])
+                   for line in stdout.splitlines() if line.startswith("  ")}
+    assert predictions == after
 
 
 # ----- torch and torchvision builds that do not match ----------------------------------------

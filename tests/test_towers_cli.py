@@ -154,7 +154,8 @@ def test_visualize_on_timm_towers(tiny_timm_configs, name, tmp_path, capsys, mon
 
 
 def test_eval_refuses_a_convnext_tower_before_loading(tmp_path, capsys):
-    status = main(["eval", "--dataset", "wds/tiny", "--dataset_root", str(tmp_path),
+    root = write_webdataset(tmp_path / "wds")  # the dataset's folder is checked first
+    status = main(["eval", "--dataset", "wds/tiny", "--dataset_root", str(root),
                    "--model", "convnext_base", "--pretrained", "laion400m_s13b_b51k",
                    "--enable_pruning", "--output", str(tmp_path / "out.json")])
     err = capsys.readouterr().err

@@ -27,9 +27,10 @@ from ..config import BACKENDS, SCORE_NORMS
 from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
-                     add_verbose_argument, check_eval_output, check_run_flags,
-                     check_sweep_output, prune_config, sweep_lists,
-                     torchvision_mismatch_message, use_shipped_model, webdataset_workers)
+                     add_verbose_argument, check_datasets, check_eval_output, check_image_output,
+                     check_run_flags, check_shipped, check_sweep_output, prune_config,
+                     sweep_lists, torchvision_mismatch_message, use_shipped_model,
+                     webdataset_workers)
 
 
 def add_visualize_arguments(parser):
@@ -53,6 +54,11 @@ def add_visualize_arguments(parser):
         action.help = action.help.replace("%(default)s", f"{shipped} for the shipped model, "
                                           f"else {action.default}")
         action.default = None
+    # No --selection with the shipped model: the picture shows score, cls and mmr side by side.
+    action = parser._option_string_actions["--selection"]
+    action.help += ("; without it, the shipped model's picture shows score, cls and mmr side "
+                    "by side")
+    action.default = None
 
 
 def add_generate_arguments(parser):
@@ -201,15 +207,21 @@ def _run(which, args, argv):
     if which == "eval":
         prune_config(args)  # before anything is imported: bad values are answered at once
         check_run_flags(args)
+        check_datasets(args)
+        shipped = check_shipped(args, argv)
         check_eval_output(args)
         workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
         eval_args = parse_eval_args(argv)
         eval_args.num_workers = workers
+        if shipped:
+            eval_args.pretrained = args.pretrained
         run_eval(eval_args)
     elif which == "sweep":
         sweep_lists(args)  # bad values are answered before anything is imported
         check_run_flags(args)
+        check_datasets(args)
+        check_shipped(args, argv)
         check_sweep_output(args)
         args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
@@ -221,6 +233,7 @@ def _run(which, args, argv):
     elif which == "visualize":
         use_shipped_model(args)
         prune_config(args)
+        check_image_output("--out", args.out)
         from .visualize import run_visualize
         run_visualize(args)
     else:

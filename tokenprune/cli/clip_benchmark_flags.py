@@ -132,6 +132,11 @@ HELP_OVERRIDES = {
     "--num_workers": "DataLoader worker processes (default 4; a local WebDataset gets no more "
                      "than it has shards)",
     "--batch_size": "images per batch (default 64)",
+    # The shipped ViTs and their canvases (tokenprune/cli/shipped.py) are named here too.
+    "--model": (EVAL_HELP["--model"] + ", or a ViT shipped with tokenprune: "
+                "tokenprune:proxy-vit or tokenprune:proxy-vit-large (offline, no --pretrained)"),
+    "--dataset": (EVAL_HELP["--dataset"] + "; or the shipped ViTs' held-out canvases: "
+                  "tokenprune:digits or tokenprune:digits-large"),
 }
 # The eval flags `tokenprune sweep` uses, listed by `sweep --help` (it takes them all; the rest
 # are linear-probe, retrieval or multi-run flags that it refuses or ignores).

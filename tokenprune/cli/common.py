@@ -17,11 +17,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import product
+from typing import NamedTuple
 from unittest import mock
 
 from ..config import BACKENDS, CONTROLS, MMR_LAMBDA, SCORE_NORMS, SELECTIONS, PruneConfig
 
 PROG = "tokenprune"
+DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
 DEBUG_ENV = "TOKENPRUNE_DEBUG"
 # The PruneConfig fields that have a flag (`--k_anchors` ...); any other field keeps its
 # PruneConfig default. The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50,
@@ -51,6 +53,12 @@ SWEEP_OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "
 # `tokenprune visualize`'s k and m for the small ViT shipped with the package (tokenprune/proxy.py):
 # 16 of its 64 patches kept, as 60 of ViT-B/16's 196 are with the defaults above.
 SHIPPED_MODEL_PRUNING = {"k_anchors": 4, "top_m": 12}
+# The shipped ViTs and their held-out canvases as `eval` and `sweep` name them (the values are
+# tokenprune.proxy's REGIMES; tokenprune/cli/shipped.py makes them CLIP_benchmark's).
+SHIPPED_PREFIX = "tokenprune:"
+SHIPPED_MODELS = {"tokenprune:proxy-vit": "small", "tokenprune:proxy-vit-large": "large"}
+SHIPPED_DATASETS = {"tokenprune:digits": "small", "tokenprune:digits-large": "large"}
+SHIPPED_PRETRAINED = "shipped"  # the --pretrained a shipped model runs with: its own weights
 
 
 class CLIError(Exception):
@@ -170,9 +178,15 @@ def add_verbose_argument(parser):
 
 def use_shipped_model(args):
     """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
-    --model, --image or --pretrained). Fills in --model and the unset k and m for the model
-    that runs; calling it again changes nothing."""
+    --model, --image or --pretrained). Fills in --model and the unset k, m and selection for
+    the model that runs, and `compare_selections`: whether the picture shows the three
+    selections side by side (the shipped model with no --selection); calling it again changes
+    nothing."""
     shipped = args.model is None and args.image is None and args.pretrained is None
+    if not hasattr(args, "compare_selections"):
+        args.compare_selections = shipped and args.selection is None
+    if args.selection is None:
+        args.selection = PRUNING_DEFAULTS["selection"]
     for name, value in SHIPPED_MODEL_PRUNING.items():
         if getattr(args, name) is None:
             setattr(args, name, value if shipped else PRUNING_DEFAULTS[name])
@@ -289,11 +303,7 @@ def webdataset_workers(args):
             continue
         name = dataset.replace("wds/", "", 1)
         root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
-        try:
-            with open(os.path.join(root, args.split, "nshards.txt"), encoding="utf-8") as f:
-                shards = int(f.read())
-        except (OSError, ValueError):
-            continue  # CLIP_benchmark's own loading says what is wrong with the folder
+        shards = _webdataset_shards(dataset, root, args)
         try:
             with open(os.path.join(root, "dataset_type.txt"), encoding="utf-8") as f:
                 kind = f.read().strip().lower()
@@ -311,6 +321,189 @@ def webdataset_workers(args):
                  f"read{'' if shards > 1 else 's'} it (a worker needs a shard of its own)")
             workers = shards
     return workers
+
+
+def _webdataset_shards(dataset, root, args):
+    """The shard count in a local WebDataset's SPLIT/nshards.txt, which CLIP_benchmark reads
+    first; a CLIError, naming --dataset_root (or its absence), where there is none."""
+    where = (f"--dataset_root {args.dataset_root}" if args.dataset_root != DEFAULT_DATASET_ROOT
+             else f"no --dataset_root given, so CLIP_benchmark's default, the folder "
+                  f"{DEFAULT_DATASET_ROOT!r} here")
+    found = os.path.join(root, args.split, "nshards.txt")
+    try:
+        with open(found, encoding="utf-8") as f:
+            return int(f.read())
+    except OSError:
+        missing = (f"no folder {os.path.abspath(root)}" if not os.path.isdir(root) else
+                   f"no {os.path.join(args.split, 'nshards.txt')} in {root}")
+    except ValueError:
+        missing = f"{found} does not hold a number of shards"
+    raise CLIError(f"--dataset {dataset}: {missing} ({where}); give --dataset_root DIR, the "
+                   f"WebDataset's folder, which holds {args.split}/nshards.txt, the shards "
+                   f"{args.split}/0.tar ... and classnames.txt")
+
+
+# ----- dataset names and the shipped models, checked before anything is loaded -------------
+
+class KnownDatasets(NamedTuple):
+    """The dataset names CLIP_benchmark's build_dataset accepts (names, and prefixes such as
+    wds/ that take any name after them), those of its vtab/ branch, and its collections."""
+    names: frozenset
+    prefixes: tuple
+    vtab_names: frozenset
+    vtab_prefixes: tuple
+    collections: frozenset
+
+
+def _strings(node):
+    """The string constants of an AST node: a constant, or a tuple, list or set of them."""
+    import ast
+    elements = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+
+
+def _compared_names(function, variable="dataset_name"):
+    """(names, prefixes): the strings that `variable` is compared with (== or in) and the
+    prefixes it is tested for (.startswith) in a parsed function."""
+    import ast
+    names, prefixes = set(), set()
+    for node in ast.walk(function):
+        if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)
+                and node.left.id == variable
+                and all(isinstance(op, (ast.Eq, ast.In)) for op in node.ops)):
+            for comparator in node.comparators:
+                names |= _strings(comparator)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "startswith" and isinstance(node.func.value, ast.Name)
+              and node.func.value.id == variable):
+            for arg in node.args:
+                prefixes |= _strings(arg)
+    return names, prefixes
+
+
+@functools.lru_cache(maxsize=None)
+def clip_benchmark_datasets():
+    """The KnownDatasets of the installed clip-benchmark, read from the source of
+    clip_benchmark/datasets/builder.py (the names its build_dataset and build_vtab_dataset
+    compare `dataset_name` with, and its `dataset_collection`): CLIP_benchmark keeps no list of
+    them, and importing that module takes seconds (torchvision's model zoo). None when the
+    source cannot be read as expected; then no name is refused before loading."""
+    import ast
+    from importlib.util import find_spec
+    try:  # the package's folder, found without importing it
+        folder = os.path.dirname(find_spec("clip_benchmark").origin)
+        with open(os.path.join(folder, "datasets", "builder.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (ImportError, AttributeError, TypeError, ValueError, OSError, SyntaxError):
+        return None
+    functions, collections = {}, None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            functions[node.name] = node
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id == "dataset_collection"):
+            try:
+                collections = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+    if "build_dataset" not in functions or "build_vtab_dataset" not in functions or \
+            not isinstance(collections, dict):
+        return None
+    names, prefixes = _compared_names(functions["build_dataset"])
+    vtab_names, vtab_prefixes = _compared_names(functions["build_vtab_dataset"])
+    if "cifar10" not in names or "wds/" not in prefixes:  # not the builder we know how to read
+        return None
+    return KnownDatasets(frozenset(names), tuple(sorted(prefixes)), frozenset(vtab_names),
+                         tuple(sorted(vtab_prefixes)), frozenset(collections))
+
+
+def _dataset_known(name, known):
+    if name in known.names or name in known.collections or name in SHIPPED_DATASETS:
+        return True
+    if name.startswith("vtab/"):
+        tail = name[len("vtab/"):]
+        return tail in known.vtab_names or tail.startswith(known.vtab_prefixes)
+    return name.startswith(known.prefixes)
+
+
+def check_datasets(args):
+    """eval's and sweep's --dataset, before the model loads: every name is one CLIP_benchmark
+    or tokenprune knows (else the closest ones are offered), a collection, or a file listing
+    datasets; a local WebDataset's folder is checked by webdataset_workers."""
+    known = clip_benchmark_datasets()
+    for name in _as_list(args.dataset):
+        if known is None or os.path.isfile(name) or _dataset_known(name, known):
+            continue
+        choices = sorted(known.names | known.collections | set(SHIPPED_DATASETS) |
+                         {f"vtab/{vtab}" for vtab in known.vtab_names})
+        close = difflib.get_close_matches(name, choices, n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise CLIError(f"unknown dataset {name!r}: not a CLIP_benchmark or tokenprune dataset."
+                       f"{hint} Use a CLIP_benchmark dataset (cifar10, imagenet1k, vtab/..., a "
+                       f"collection such as vtab), a shipped one ({', '.join(SHIPPED_DATASETS)}: "
+                       "offline) or a local WebDataset: --dataset wds/NAME --dataset_root DIR")
+
+
+def pretrained_given(argv):
+    """Whether a command line sets --pretrained itself (its default is CLIP_benchmark's
+    laion400m_e32); argparse takes no shorter spelling, which --pretrained_model would share."""
+    return any(arg.partition("=")[0] == "--pretrained" for arg in argv)
+
+
+def check_shipped(args, argv):
+    """eval's and sweep's use of the shipped models and datasets (tokenprune:...), before
+    anything loads: a shipped model runs on the shipped canvases only, with its own weights,
+    and they on it only. For shipped models, sets --pretrained to SHIPPED_PRETRAINED and
+    returns True."""
+    models, datasets = _as_list(args.model), _as_list(args.dataset)
+    shipped = [model for model in models if model.startswith(SHIPPED_PREFIX)]
+    for model in shipped:
+        if model not in SHIPPED_MODELS:
+            close = difflib.get_close_matches(model, SHIPPED_MODELS, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise CLIError(f"unknown model {model!r}: the shipped models are "
+                           f"{' and '.join(SHIPPED_MODELS)}.{hint}")
+    digits = [dataset for dataset in datasets if dataset in SHIPPED_DATASETS]
+    if not shipped:
+        if digits:
+            raise CLIError(f"--dataset {digits[0]}: the shipped digit canvases are read by the "
+                           f"shipped models only; use --model {' or '.join(SHIPPED_MODELS)}")
+        return False
+    if len(shipped) < len(models):
+        raise CLIError(f"--model {' '.join(models)}: give the shipped models ({', '.join(shipped)}) "
+                       "in a run of their own: they take no --pretrained, the others do")
+    if pretrained_given(argv):
+        raise CLIError(f"--pretrained {' '.join(_as_list(args.pretrained))}: {shipped[0]} brings "
+                       "its own trained weights (in tokenprune/assets/); leave --pretrained out")
+    others = [dataset for dataset in datasets if dataset not in SHIPPED_DATASETS]
+    if others:
+        raise CLIError(f"--dataset {others[0]}: the shipped models read only their digit "
+                       f"canvases; use --dataset {' or '.join(SHIPPED_DATASETS)}")
+    if args.task not in ("auto", "zeroshot_classification"):
+        raise CLIError(f"--task {args.task}: the shipped models and canvases run zero-shot "
+                       "classification only (--task auto or zeroshot_classification)")
+    if args.split != "test":
+        raise CLIError(f"--split {args.split}: the shipped canvases have a test split only (the "
+                       "held-out canvases its card's accuracy was measured on)")
+    args.pretrained = [SHIPPED_PRETRAINED] if isinstance(args.pretrained, list) \
+        else SHIPPED_PRETRAINED
+    return True
+
+
+def check_image_output(flag, path):
+    """`tokenprune visualize --out`: a file name with an image extension that Pillow writes,
+    not a folder, in a folder that exists or can be made and that can be written."""
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: a folder; give a file name, e.g. "
+                       f"{flag} {os.path.join(path, 'kept.png')}")
+    from PIL import Image
+    Image.init()
+    extension = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise CLIError(f"{flag} {path}: not an image file name Pillow can write (give one "
+                       "ending in .png, e.g. kept.png)")
+    _check_writable(flag, path, os.path.dirname(path) or ".", create=True)
 
 
 def check_device(device):

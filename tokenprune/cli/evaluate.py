@@ -5,11 +5,13 @@ How it hooks in: `clip_benchmark.cli.main_eval` runs unchanged (its loop over mo
 and languages, the --distributed split, datasets, class names, templates, metrics and output
 naming). While it runs, four names inside CLIP_benchmark are swapped, and put back afterwards:
 
-- `clip_benchmark.cli.load_clip`: loads the model exactly as before, then, with
-  --enable_pruning, replaces one block with the pruned block (`replace_last_block`); in both
-  modes it times `encode_image`, the image-encoding throughput that goes into the JSON.
-- `clip_benchmark.cli.build_dataset`: unchanged; its failures become one-line errors, and a
-  local WebDataset gets a length (a progress bar with a total).
+- `clip_benchmark.cli.load_clip`: loads the model exactly as before (a shipped ViT,
+  `tokenprune:...`, from shipped.py), then, with --enable_pruning, replaces one block with the
+  pruned block (`replace_last_block`); in both modes it times `encode_image`, the
+  image-encoding throughput that goes into the JSON.
+- `clip_benchmark.cli.build_dataset`: unchanged (the shipped canvases, `tokenprune:digits...`,
+  from shipped.py); its failures become one-line errors, and a local WebDataset gets a length
+  (a progress bar with a total).
 - `clip_benchmark.cli.json`: the `json` module, except that the results dump gets our fields
   (the pruning configuration, tokens before and after, throughput) next to CLIP_benchmark's,
   and a non-finite metric is written as null.
@@ -35,14 +37,15 @@ from clip_benchmark.metrics import zeroshot_classification
 from ..patch import UnsupportedModelError, replace_last_block
 from ..selection import resolve_backend
 from ..towers import find_tower
+from . import shipped
 from .build import json_safe
 from .clip_benchmark_flags import AMP_HELP
-from .common import (PROG, PRUNING_DEFAULTS, CLIError, OneLineParser, add_pruning_arguments,
+from .common import (DEFAULT_DATASET_ROOT, PROG, PRUNING_DEFAULTS, SHIPPED_DATASETS,
+                     SHIPPED_MODELS, CLIError, OneLineParser, add_pruning_arguments,
                      add_tokenizer_argument, add_verbose_argument, check_model, check_tokenizer,
                      cpu_has_native_bfloat16, loading_errors, note, prune_config, quiet_warnings)
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
-DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
 
 
@@ -163,6 +166,10 @@ class _Session:
     def wrap_load_clip(self, load_clip):
         @functools.wraps(load_clip)
         def load_clip_pruned(model_type, model_name, pretrained, cache_dir, device="cuda"):
+            if model_name in SHIPPED_MODELS:  # checked before: runs on the shipped canvases
+                model, transform, tokenizer = shipped.load_shipped_model(model_name, device)
+                self.run = self._prepare(model, model_name, device)
+                return model, transform, tokenizer
             tokenizer_dir = getattr(self.args, "tokenizer", None)
             if model_type == "open_clip":
                 check_model(model_name, pretrained,
@@ -219,6 +226,8 @@ class _Session:
     def wrap_build_dataset(self, build_dataset):
         @functools.wraps(build_dataset)
         def build_dataset_checked(dataset_name, root="root", *args, **kwargs):
+            if dataset_name in SHIPPED_DATASETS:
+                return shipped.build_shipped_dataset(dataset_name, kwargs.get("transform"))
             try:
                 dataset = build_dataset(dataset_name, root, *args, **kwargs)
             except Exception as err:  # noqa: BLE001 - translated, not swallowed

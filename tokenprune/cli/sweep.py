@@ -22,12 +22,14 @@ from unittest import mock
 import torch
 
 from ..patch import visual_tower
+from ..proxy import proxy_card
 from ..config import CONTROLS, PruneConfig
 from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, tower_blocks,
                      tower_patches)
 from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
-from .common import CLIError, check_model, check_tokenizer, quiet_warnings, sweep_lists
+from .common import (SHIPPED_MODELS, CLIError, check_model, check_tokenizer, quiet_warnings,
+                     sweep_lists)
 
 def _one(args, name):
     values = args.__dict__[name]
@@ -79,11 +81,15 @@ def check_sweep_args(args):
 
     lists = sweep_lists(args)
 
-    if args.model_type != "open_clip":
-        raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP models only")
-    check_model(model, pretrained, pruning_flag="")
-    check_tokenizer(model, args.tokenizer)
-    depth = _tower_depth(model)
+    if model in SHIPPED_MODELS:  # checked with its dataset by common.check_shipped
+        depth = proxy_card(SHIPPED_MODELS[model])["arch"]["layers"]
+    else:
+        if args.model_type != "open_clip":
+            raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP "
+                           "models only")
+        check_model(model, pretrained, pruning_flag="")
+        check_tokenizer(model, args.tokenizer)
+        depth = _tower_depth(model)
     if depth is not None:
         _check_layers(lists["layer"], depth, model)
     return lists

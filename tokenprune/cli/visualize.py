@@ -3,19 +3,23 @@
 Two panels: the model's input (after OpenCLIP's resize and crop) and the same picture with the
 pruned patches dimmed, the anchors outlined in orange and the other kept patches in cyan.
 With no arguments it draws a held-out canvas with the small ViT trained on scikit-learn's digits
-that ships with the package (tokenprune/proxy.py), offline. `--model ViT-B-16` (no --pretrained)
+that ships with the package (tokenprune/proxy.py), offline, pruned by the seed's default
+selection, `cls` and `mmr` side by side (one panel each, with its prediction) and a caption on
+why the default keeps background; `--selection` draws one. `--model ViT-B-16` (no --pretrained)
 draws the built-in sample picture with random weights, drawn from a fixed seed, so the same
 command draws the same picture.
 """
+import dataclasses
 import os
 import warnings
 from importlib import resources
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..patch import UnsupportedModelError, pruned_block, replace_last_block
+from ..patch import UnsupportedModelError, pruned_block, remove_pruning, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
 from .common import (CLIError, check_device, check_model, loading_errors, note, pretrained_hint,
@@ -26,6 +30,9 @@ PANEL = 448        # the panels are scaled up by an integer factor to about this
 MARGIN = 16
 HEADER = 92
 FOOTER = 30
+HEADING = 46       # the two lines above each panel of a comparison
+CAPTION_LINE = 20  # each line of its caption
+COMPARE_PANEL = 300  # a comparison's panels are smaller: four side by side
 DIM = 0.28         # pruned patches keep this fraction of their brightness...
 DESATURATE = 0.5   # ...after this much of their colour is taken out
 ANCHOR_RGB = (255, 136, 0)
@@ -102,14 +109,19 @@ def _font(size):
         return ImageFont.load_default()
 
 
-def layout(height, width):
-    """Where render() puts things: scale, the two panel boxes (x0, y0, x1, y1), image size."""
-    scale = max(1, PANEL // max(height, width))
+def layout(height, width, selections=1, panel=PANEL, headings=False, caption_lines=0):
+    """Where the figure puts things: scale, the input panel's box (x0, y0, x1, y1), the first
+    selection panel's ("kept") and every selection panel's ("panels"), the image size.
+    `headings`: a line above each panel; `caption_lines`: lines of text below the footers."""
+    scale = max(1, panel // max(height, width))
     pw, ph = width * scale, height * scale
-    original = (MARGIN, HEADER, MARGIN + pw, HEADER + ph)
-    kept = (2 * MARGIN + pw, HEADER, 2 * MARGIN + 2 * pw, HEADER + ph)
-    size = (3 * MARGIN + 2 * pw, HEADER + ph + FOOTER)
-    return {"scale": scale, "original": original, "kept": kept, "size": size}
+    top = HEADER + (HEADING if headings else 0)
+    boxes = [(MARGIN + i * (MARGIN + pw), top, MARGIN + i * (MARGIN + pw) + pw, top + ph)
+             for i in range(1 + selections)]
+    size = ((2 + selections) * MARGIN + (1 + selections) * pw,
+            top + ph + FOOTER + caption_lines * CAPTION_LINE + (MARGIN if caption_lines else 0))
+    return {"scale": scale, "original": boxes[0], "kept": boxes[1], "panels": boxes[1:],
+            "size": size}
 
 
 def patch_box(token, grid, patch, scale, origin):
@@ -120,59 +132,86 @@ def patch_box(token, grid, patch, scale, origin):
     return (x0, y0, x0 + patch[1] * scale - 1, y0 + patch[0] * scale - 1)
 
 
+class Panel(NamedTuple):
+    """One selection's panel: the kept and anchor token indices (>= 1), the two lines above
+    it (None: none) and the line below it."""
+    keep: list
+    anchors: list
+    heading: Optional[str]
+    footer: str
+
+
 def render(image, grid, keep_idx, anchors, title, subtitle, kept_by="score"):
-    """The figure: `image` (H, W, 3) uint8, the patch grid (rows, cols), kept and anchor token
-    indices (>= 1); `kept_by` names what kept the patches that are not anchors (the legend).
-    Returns (PIL image, layout(H, W))."""
+    """The figure of one selection: `image` (H, W, 3) uint8, the patch grid (rows, cols), kept
+    and anchor token indices (>= 1); `kept_by` names what kept the patches that are not anchors
+    (the legend). Returns (PIL image, layout(H, W))."""
+    kept = set(keep_idx)
+    anchors = [a for a in anchors if a in kept]
+    n_patches = grid[0] * grid[1]
+    legend = [f"anchor ({len(anchors)})", f"kept by {kept_by} ({len(kept) - len(anchors)})",
+              f"pruned ({n_patches - len(kept)})"]
+    footer = f"after pruning: {len(kept)} of {n_patches} patches kept"
+    return render_panels(image, grid, [Panel(keep_idx, anchors, None, footer)], title,
+                         subtitle, legend)
+
+
+def render_panels(image, grid, panels, title, subtitle, legend, caption=(), panel=PANEL):
+    """The figure: the input, then one panel per selection (Panel) with the pruned patches
+    dimmed and the anchors and other kept patches outlined; a header (title, subtitle, the
+    three `legend` labels: anchor, kept, pruned) and the `caption` lines at the bottom.
+    Returns (PIL image, layout)."""
     height, width = image.shape[:2]
     patch = (height // grid[0], width // grid[1])
-    geo = layout(height, width)
+    headings = any(p.heading is not None for p in panels)
+    geo = layout(height, width, len(panels), panel, headings, len(caption))
     scale = geo["scale"]
     canvas = Image.new("RGB", geo["size"], (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    font = _font(14)
 
     big = Image.fromarray(image).resize((width * scale, height * scale), Image.NEAREST)
     canvas.paste(big, geo["original"][:2])
-
-    kept = set(keep_idx)
-    anchors = [a for a in anchors if a in kept]
     pixels = np.asarray(big).astype(np.float32)
     gray = pixels.mean(axis=2, keepdims=True)
     dimmed = ((1 - DESATURATE) * pixels + DESATURATE * gray) * DIM
-    mask = np.zeros(pixels.shape[:2], dtype=bool)  # True where the patch is pruned
-    for token in range(1, grid[0] * grid[1] + 1):
-        if token not in kept:
-            x0, y0, x1, y1 = patch_box(token, grid, patch, scale, (0, 0))
-            mask[y0:y1 + 1, x0:x1 + 1] = True
-    pruned_view = np.where(mask[..., None], dimmed, pixels).round().astype(np.uint8)
-    canvas.paste(Image.fromarray(pruned_view), geo["kept"][:2])
-
     line = max(1, scale * min(patch) // 16)
-    origin = geo["kept"][:2]
-    for token in sorted(kept - set(anchors)):
-        draw.rectangle(patch_box(token, grid, patch, scale, origin), outline=KEPT_RGB, width=line)
-    for token in anchors:  # drawn last, on top of their kept neighbours
-        draw.rectangle(patch_box(token, grid, patch, scale, origin), outline=ANCHOR_RGB,
-                       width=line + 1)
+    foot_y = geo["original"][3] + 8
+    for box, chosen in zip(geo["panels"], panels):
+        kept = set(chosen.keep)
+        anchors = [a for a in chosen.anchors if a in kept]
+        mask = np.zeros(pixels.shape[:2], dtype=bool)  # True where the patch is pruned
+        for token in range(1, grid[0] * grid[1] + 1):
+            if token not in kept:
+                x0, y0, x1, y1 = patch_box(token, grid, patch, scale, (0, 0))
+                mask[y0:y1 + 1, x0:x1 + 1] = True
+        pruned_view = np.where(mask[..., None], dimmed, pixels).round().astype(np.uint8)
+        canvas.paste(Image.fromarray(pruned_view), box[:2])
+        for token in sorted(kept - set(anchors)):
+            draw.rectangle(patch_box(token, grid, patch, scale, box[:2]), outline=KEPT_RGB,
+                           width=line)
+        for token in anchors:  # drawn last, on top of their kept neighbours
+            draw.rectangle(patch_box(token, grid, patch, scale, box[:2]), outline=ANCHOR_RGB,
+                           width=line + 1)
+        if chosen.heading is not None:
+            draw.multiline_text((box[0], box[1] - HEADING + 2), chosen.heading,
+                                fill=TEXT_RGB, font=_font(16), spacing=4)
+        draw.text((box[0], foot_y), chosen.footer, fill=MUTED_RGB, font=font)
 
-    # Header: title, subtitle, legend. Footer: what each panel is.
+    # Header: title, subtitle, legend. Footer: what each panel is; then the caption.
     draw.text((MARGIN, 10), title, fill=TEXT_RGB, font=_font(18))
-    draw.text((MARGIN, 36), subtitle, fill=MUTED_RGB, font=_font(14))
-    x, y, font = MARGIN, 64, _font(14)
-    n_patches = grid[0] * grid[1]
-    for colour, fill, label in ((ANCHOR_RGB, None, f"anchor ({len(anchors)})"),
-                                (KEPT_RGB, None, f"kept by {kept_by} ({len(kept) - len(anchors)})"),
-                                (PRUNED_RGB, PRUNED_RGB, f"pruned ({n_patches - len(kept)})")):
+    draw.text((MARGIN, 36), subtitle, fill=MUTED_RGB, font=font)
+    x, y = MARGIN, 64
+    for (colour, fill), label in zip(((ANCHOR_RGB, None), (KEPT_RGB, None),
+                                      (PRUNED_RGB, PRUNED_RGB)), legend):
         draw.rectangle((x, y, x + 14, y + 14), outline=colour, fill=fill, width=3)
         draw.text((x + 20, y), label, fill=TEXT_RGB, font=font)
         x += 28 + int(draw.textlength(label, font=font)) + 12
-    foot_y = geo["original"][3] + 8
     draw.text((geo["original"][0], foot_y),
               f"input: {width}x{height} px, {grid[0]}x{grid[1]} patches of {patch[0]} px",
               fill=MUTED_RGB, font=font)
-    draw.text((geo["kept"][0], foot_y),
-              f"after pruning: {len(kept)} of {n_patches} patches kept",
-              fill=MUTED_RGB, font=font)
+    for i, text in enumerate(caption):
+        draw.text((MARGIN, foot_y + FOOTER - 4 + i * CAPTION_LINE), text, fill=TEXT_RGB,
+                  font=font)
     return canvas, geo
 
 
@@ -195,6 +234,8 @@ def selection_settings(config):
 def run_visualize(args):
     shipped = use_shipped_model(args)
     config = prune_config(args)
+    if args.compare_selections:
+        return compare_selections(args, config)
     demo = None  # the shipped model's label and unpruned prediction
     if shipped:
         model, pixels, preprocess, name, weights, source, demo = shipped_model_input(args, config)
@@ -230,12 +271,7 @@ def run_visualize(args):
     kept_by = KEPT_BY[config.selection]
     figure, geo = render(display_image(preprocess, pixels), grid, keep_idx, anchors, title,
                          subtitle, kept_by)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        figure.save(args.out)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--out {args.out}: cannot write the PNG ({err})") from err
+    save_figure(figure, args.out)
     if pruned:
         anchor_part = f"{len(anchors)} anchors + " if anchors else ""
         print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}: {lead} + "
@@ -253,6 +289,105 @@ def run_visualize(args):
     return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
             "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
             "title": title}
+
+
+# The first-run demo's selections, side by side: the seed's default and the two that keep the
+# digit (docs/choosing-settings.md).
+COMPARED = ("score", "cls", "mmr")
+
+
+def why_background(digit_patches, n_patches, kept):
+    """The demo's caption: why the seed's default keeps background (docs/commands.md)."""
+    return (f"The digit lies in {digit_patches} of the {n_patches} patches, so most of any "
+            f"{kept} kept patches are background. score, the seed's default, adds diversity",
+            "(unlike the anchors) to importance (attention to the anchors); with score_norm "
+            "none, diversity varies far more, so it keeps the patches",
+            "least like the anchors: blank ones, spread out. cls keeps the patches the class "
+            "token attends to most; mmr the anchors, then attended",
+            "patches unlike those kept so far (docs/selections.md).")
+
+
+def _selection_name(config):
+    if config.selection == "score":
+        return f"score (default, alpha {config.alpha:g})"
+    if config.selection == "mmr":
+        return f"mmr (lambda {config.mmr_lambda:g})"
+    return config.selection
+
+
+def compare_selections(args, config):
+    """The first-run demo: the shipped ViT on a held-out canvas, pruned by each selection of
+    COMPARED in turn (with the flags' k, m, layer, alpha and mmr_lambda), one panel each with
+    its prediction and how many of the digit's patches it kept."""
+    from ..proxy import DEMO_INDEX, demo_inputs, describe, heldout_set, object_patches
+    device = check_device(args.device)
+    note(f"loading the shipped small ViT on {device}...")
+    model, pixels, preprocess, label, card = demo_inputs()
+    model, pixels = model.to(device), pixels.to(device)
+    _, _, boxes = heldout_set(DEMO_INDEX + 1, card)
+    digit = set((object_patches(boxes[DEMO_INDEX:DEMO_INDEX + 1])[0].nonzero()[:, 0] + 1).tolist())
+    print(f"model: {describe(card)}")
+    with torch.no_grad():
+        before = int(model(pixels).argmax(-1))
+    tower = find_tower(model)
+    grid, blocks = tuple(tower.grid_size), len(tower.blocks)
+    n_patches = grid[0] * grid[1]
+    index = config.layer % blocks if -blocks <= config.layer < blocks else config.layer
+    where = f"block {index + 1} of {blocks} (index {index})"
+    if config.kept_patches >= n_patches:
+        note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
+             "nothing to prune, every patch is kept")
+    note(f"running the model with {', '.join(COMPARED)} at {where}...")
+    panels, lines = [], []
+    for selection in COMPARED:
+        chosen = dataclasses.replace(config, selection=selection)
+        try:
+            replace_last_block(model, config=chosen)
+        except ValueError as err:  # --layer out of range for this model
+            raise CLIError(f"--{err}") from err
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
+            try:
+                keep, anchors = kept_tokens(model, pixels)
+            except RuntimeError as err:  # e.g. --backend triton on a machine without it
+                raise CLIError(f"--backend {config.backend}: {err}") from err
+            after = int(model(pixels).argmax(-1))
+        remove_pruning(model)
+        on_digit = len(digit & set(keep))
+        verdict = "right" if after == label else "wrong"
+        name = _selection_name(chosen)
+        panels.append(Panel(keep, anchors, f"{name}\npredicts {after} ({verdict})",
+                            f"{on_digit} of the digit's {len(digit)} patches kept"))
+        anchor_part = f"{len(anchors)} anchors + " if anchors else ""
+        lines.append(f"  {name}: CLS + {anchor_part}{len(keep) - len(anchors)} kept by "
+                     f"{KEPT_BY[selection]}, {on_digit} of the digit's {len(digit)} patches "
+                     f"among them; prediction {after}")
+    tokens_before, tokens_after = n_patches + 1, len(panels[0].keep) + 1
+    source = f"held-out canvas #{DEMO_INDEX} (a {label})"
+    title = f"tokenprune  |  shipped ViT (trained)  |  three selections, pruned at {where}"
+    subtitle = (f"{source}, predicted {before} unpruned  |  k_anchors={config.k_anchors}, "
+                f"top_m={config.top_m}  |  tokens {tokens_before} -> {tokens_after}")
+    legend = ["anchor", "kept by the selection", "pruned"]
+    note(f"drawing {args.out}...")
+    figure, geo = render_panels(display_image(preprocess, pixels), grid, panels, title,
+                                subtitle, legend,
+                                why_background(len(digit), n_patches, config.kept_patches),
+                                COMPARE_PANEL)
+    save_figure(figure, args.out)
+    print(f"shipped ViT: {tokens_before} -> {tokens_after} tokens at {where}, on {source}; "
+          f"prediction {before} unpruned (true label {label}); pruned:")
+    print("\n".join(lines))
+    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
+    return {"out": args.out, "panels": panels, "layout": geo, "title": title}
+
+
+def save_figure(figure, out):
+    """Write the PNG (its folder made if missing; --out was checked before loading)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        figure.save(out)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--out {out}: cannot write the PNG ({err})") from err
 
 
 def shipped_model_input(args, config):
