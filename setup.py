@@ -46,7 +46,7 @@ setup(
     entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
     extras_require={
         # tokenprune.prune_image_tokens and the Hugging Face CLIP / SigLIP towers (tested with
-        # transformers 5.24.0); imported only where those models are handled.
+        # transformers 5.24.0 and 5.25.0); imported only where those models are handled.
         "vlm": ["transformers>=5,<6"],
         "dev": ["pytest", "pytest-benchmark", "transformers>=5,<6"],
     },
