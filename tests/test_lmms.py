@@ -14,8 +14,10 @@ from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 from tiny_llava import save_llava  # noqa: E402
 
+from helpers import run_main  # noqa: E402
 from tokenprune.lmms import MODELS  # noqa: E402
 from tokenprune.lmms.llava_hf import TokenpruneLlavaHf  # noqa: E402
+from tokenprune.lmms.sweep import run_sweep  # noqa: E402
 
 TASK = "tokenprune_test_colours"
 DOCS = 5  # with --batch_size 2: batches of 2, 2 and 1
@@ -75,11 +77,11 @@ def setup(tmp_path_factory):
         "question": questions[i % len(questions)], "answer": "red"}) + "\n" for i in range(DOCS)))
     (task_dir / "colours.yaml").write_text(TASK_YAML.format(data=data))
     (task_dir / "colours_utils.py").write_text(TASK_UTILS)
-    return root / "llava", TaskManager("WARNING", include_path=str(task_dir))
+    return root / "llava", TaskManager("WARNING", include_path=str(task_dir)), task_dir
 
 
 def evaluate(setup, model, model_args="", batch_size=1):
-    folder, tasks = setup
+    folder, tasks, _ = setup
     args = f"pretrained={folder},dtype=float32" + (f",{model_args}" if model_args else "")
     results = simple_evaluate(model=model, model_args=args, tasks=[TASK], batch_size=batch_size,
                               device="cpu", log_samples=True, task_manager=tasks,
@@ -174,3 +176,47 @@ def test_the_results_record_the_pruning_and_the_image_tokens(pruned_runs, unprun
     assert record["selection"] == "cls" and record["pruned"] is True
     assert (record["k_anchors"], record["top_m"], record["batch_size"]) == (K, M, 2)
     assert record["image_tokens_per_image"] == K + M
+
+
+def test_lmms_sweep_table_resume_and_a_failed_run(setup, tmp_path):
+    folder, _, task_dir = setup
+    said = []
+    sweep = dict(model_id="tokenprune_llava_hf", model_args=f"pretrained={folder},device=cpu",
+                 tasks=TASK, out_dir=str(tmp_path), batch_size=2,
+                 extra_args=["--include_path", str(task_dir)], say=said.append)
+    rows = run_sweep(settings=[{"k_anchors": K, "top_m": M}], **sweep)
+    assert [r["setting"] for r in rows] == ["unpruned", f"k_anchors-{K}_top_m-{M}"]
+    assert [r["image_tokens_per_image"] for r in rows] == [16, K + M]
+    assert all(f"{TASK}/exact" in r and r["peak_memory_mib"] > 0 for r in rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"| k_anchors-{K}_top_m-{M} | 5 |" in summary and "stderr" not in summary
+    assert (tmp_path / "score_vs_image_tokens.png").stat().st_size > 0
+    # Run again with one more setting: the two done runs are not run again.
+    said.clear()
+    more = run_sweep(settings=[{"k_anchors": K, "top_m": M}, {"ratio": 0.5}], **sweep)
+    assert said[0].endswith("unpruned: done earlier, not run again")
+    assert said[1].endswith(f"k_anchors-{K}_top_m-{M}: done earlier, not run again")
+    assert [line for line in said if "running lmms-eval" in line] == [
+        "[3/3] ratio-0.5: running lmms-eval ..."]
+    assert more[:2] == rows and more[2]["image_tokens_per_image"] == 8
+    # lmms-eval exits 0 when a run fails; the sweep must not take that for a result.
+    with pytest.raises(RuntimeError, match="failed"):
+        run_sweep(settings=[{"k_anchors": 1, "top_m": 1}],
+                  **{**sweep, "tasks": "tokenprune_no_such_task"})
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "llava_hf"], "--model llava_hf: not one of"),
+    (["--model_args", "pretrained=x,ratio=0.5"], "--model_args holds pruning arguments (ratio)"),
+    (["--setting", "ratio=2"], "ratio must be a number in (0, 1]"),
+    (["--setting", "k_anchors=3,bogus=1"], "'bogus=1' is not NAME=VALUE"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+])
+def test_lmms_sweep_bad_input_is_one_line(argv, says, capsys, tmp_path):
+    base = {"--model_args": "pretrained=x", "--tasks": "mme", "--setting": "ratio=0.5",
+            "--out": str(tmp_path / "out")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    status, _, err = run_main(["lmms-sweep", *[a for kv in base.items() for a in kv]], capsys)
+    assert status == 1 and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -49,6 +49,8 @@ class TokenpruneLlavaHf(LlavaHf):
         super().__init__(device_map=device_map, **base)
         self.pruning = pruning
         self.record_path = tokenprune_record
+        # Over every generate_until call of the run (lmms-eval makes one per task).
+        self.totals = {"images": 0, "image_tokens": 0, "first_token_s": []}
         if pruning:
             prune_image_tokens(self._model, self._image_processor, **pruning)
 
@@ -130,23 +132,28 @@ class TokenpruneLlavaHf(LlavaHf):
         progress.close()
         elapsed = time.perf_counter() - start
         generated = sum(r.token_counts.output_tokens for r in results)
-        measured = self._measurements(image_tokens / images if images else None,
-                                      sum(first_token_s) / len(first_token_s))
+        totals = self.totals
+        totals["images"] += images
+        totals["image_tokens"] += image_tokens
+        totals["first_token_s"] += first_token_s
         log_metrics(total_elapsed_time=elapsed, total_gen_tokens=generated,
                     avg_speed=generated / elapsed if elapsed > 0 else 0.0,
                     additional_metrics={"rank": self.rank, **{
-                        f"tokenprune_{k}": v for k, v in measured.items()
+                        f"tokenprune_{k}": v for k, v in self._measurements(
+                            images, image_tokens, first_token_s).items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
         if self.record_path:
             with open(self.record_path, "w", encoding="utf-8") as f:
-                json.dump(measured, f, indent=2)
+                json.dump(self._measurements(totals["images"], totals["image_tokens"],
+                                             totals["first_token_s"]), f, indent=2)
         return ordered.get_original(results)
 
-    def _measurements(self, image_tokens_per_image, time_to_first_token_s):
-        """What the results record of this run: the pruning settings and what they gave (the
-        time to first token is the mean over batches: each prompt of a batch waits for it)."""
+    def _measurements(self, images, image_tokens, first_token_s):
+        """What the results record: the pruning settings and what they gave. The time to first
+        token is the mean over batches (each prompt of a batch waits for it)."""
         return {"model": MODEL_ID, "pruned": bool(self.pruning), **self.pruning,
                 "batch_size": self.batch_size,
-                "image_tokens_per_image": image_tokens_per_image,
-                "time_to_first_token_s": time_to_first_token_s,
+                "image_tokens_per_image": image_tokens / images if images else None,
+                "time_to_first_token_s": (sum(first_token_s) / len(first_token_s)
+                                          if first_token_s else None),
                 "peak_memory_mib": peak_memory_mib(self._device)}
