@@ -20,7 +20,8 @@ setup(
     # Face's `kernels` package (which transformers imports) always wins over it, even from the repo
     # root. tokenprune/kernels is a link to that folder: the kernels install, and import in an
     # editable install, as the namespace subpackage tokenprune.kernels (docs/design.md).
-    packages=["tokenprune", "tokenprune.towers", "tokenprune.cli", "tokenprune.kernels"],
+    packages=["tokenprune", "tokenprune.towers", "tokenprune.cli", "tokenprune.kernels",
+              "tokenprune.lmms"],
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
         # ResidualAttentionBlock with batch_first and VisionTransformer.transformer.resblocks;
@@ -43,11 +44,18 @@ setup(
     # The first-run demo's small trained ViT (tokenprune/proxy.py): its float16 weights and
     # their card; the sample picture of `tokenprune visualize --model ViT-B-16`.
     package_data={"tokenprune": ["assets/*.png", "assets/*.pt", "assets/*.json"]},
-    entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"]},
+    entry_points={"console_scripts": ["tokenprune=tokenprune.cli:main"],
+                  # lmms-eval (>= 0.6) loads plugin models from this group (tokenprune/lmms/).
+                  "lmms_eval.models": ["tokenprune=tokenprune.lmms:manifests"]},
     extras_require={
         # tokenprune.prune_image_tokens and the Hugging Face CLIP / SigLIP towers (tested with
         # transformers 5.24.0 and 5.25.0); imported only where those models are handled.
         "vlm": ["transformers>=5,<6"],
         "dev": ["pytest", "pytest-benchmark", "transformers>=5,<6"],
+        # tokenprune's models in lmms-eval (tokenprune/lmms/, docs/lmms-eval.md; tested with
+        # lmms-eval 0.7.3). What a fresh install of 0.7.3 lacks: its llava_hf imports decord at
+        # import time without declaring it, and its simple_evaluate imports filelock._api, which
+        # filelock 4.3 removed.
+        "lmms": ["lmms-eval>=0.6,<0.8", "transformers>=5,<6", "decord", "filelock<4.3"],
     },
 )

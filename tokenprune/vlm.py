@@ -264,6 +264,17 @@ def _check_ratio(ratio, top_m):
                          f"would be ambiguous; give one of them")
 
 
+def image_token_config(k_anchors=10, top_m=None, alpha=0.5, score_norm="none", backend="auto",
+                       selection=DEFAULT_SELECTION, mmr_lambda=MMR_LAMBDA, ratio=None):
+    """prune_image_tokens' arguments checked, before any model is touched: their PruneConfig,
+    or a ValueError that names the first bad one (tokenprune.lmms checks them this way before
+    lmms-eval loads a model)."""
+    _check_ratio(ratio, top_m)
+    return PruneConfig(k_anchors=k_anchors, top_m=DEFAULT_TOP_M if top_m is None else top_m,
+                       alpha=alpha, score_norm=score_norm, backend=backend,
+                       selection=selection, mmr_lambda=mmr_lambda)
+
+
 def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
                        top_m: Optional[int] = None, alpha: float = 0.5, score_norm: str = "none",
                        backend: str = "auto", selection: str = DEFAULT_SELECTION,
@@ -305,10 +316,8 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     (on the processors patched with it too). When nothing can be pruned (every token kept),
     nothing changes (with a warning). Returns `model`.
     """
-    _check_ratio(ratio, top_m)
-    config = PruneConfig(k_anchors=k_anchors, top_m=DEFAULT_TOP_M if top_m is None else top_m,
-                         alpha=alpha, score_norm=score_norm, backend=backend,
-                         selection=selection, mmr_lambda=mmr_lambda)
+    config = image_token_config(k_anchors, top_m, alpha, score_norm, backend, selection,
+                                mmr_lambda, ratio)
     inner = qwen_model(model)
     if inner is not None:
         if prune_qwen(model, inner, processor, config, ratio) is None:

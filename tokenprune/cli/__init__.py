@@ -101,6 +101,22 @@ def add_generate_arguments(parser):
                             "'reference'")
 
 
+def add_lmms_sweep_arguments(parser):
+    parser.add_argument("--model", default="tokenprune_llava_hf",
+                        help="tokenprune's lmms-eval model (default %(default)s)")
+    parser.add_argument("--model_args", required=True,
+                        help="lmms-eval's --model_args for the base model, without pruning "
+                             "arguments, e.g. pretrained=llava-hf/llava-1.5-7b-hf")
+    parser.add_argument("--tasks", required=True, help="lmms-eval tasks, e.g. mme,pope")
+    parser.add_argument("--setting", action="append", required=True, metavar="ARGS",
+                        help="pruning arguments of one run, e.g. k_anchors=8,top_m=56 or "
+                             "ratio=0.25,selection=cls; repeat the flag for each setting")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="prompts per generate call (default %(default)s)")
+    parser.add_argument("--out", default="lmms_sweep",
+                        help="output folder (default %(default)s); its finished runs are kept")
+
+
 def build_parser():
     """The light parser: every subcommand and flag, nothing imported. Subcommand parsers are
     reachable as `parser.subcommands[name]`."""
@@ -160,6 +176,17 @@ def build_parser():
                     "saved folder.")
     add_generate_arguments(generate)
     generate.set_defaults(which="generate")
+
+    lmms_sweep = commands.add_parser(
+        "lmms-sweep", help="answer quality in lmms-eval: the unpruned model and pruning "
+                           "settings on the same tasks, one table and one plot",
+        description="Runs lmms-eval (pip install \"tokenprune[lmms]\") on --tasks with the "
+                    "unpruned model, then with each --setting; writes summary.md, results.csv, "
+                    "results.json and score_vs_image_tokens.png into --out. Settings already "
+                    "run there are not run again. Arguments after -- go to lmms-eval as they "
+                    "are (e.g. -- --limit 100 --include_path DIR).")
+    add_lmms_sweep_arguments(lmms_sweep)
+    lmms_sweep.set_defaults(which="lmms-sweep")
 
     parser.subcommands = commands.choices
     return parser
@@ -230,6 +257,10 @@ def _run(which, args, argv):
         from .generate import check_generate_args, run_generate
         check_generate_args(args)  # no torch yet: bad values and missing files are said at once
         run_generate(args)
+    elif which == "lmms-sweep":
+        from .lmms_sweep import check_lmms_sweep_args, run_lmms_sweep
+        check_lmms_sweep_args(args)
+        run_lmms_sweep(args)
     elif which == "visualize":
         use_shipped_model(args)
         prune_config(args)
@@ -248,9 +279,14 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # The subcommand is the first word that is not a flag (the top level has no other flags).
     command = next((arg for arg in argv if not arg.startswith("-")), None)
+    lmms_args = []  # lmms-sweep hands what follows -- to lmms-eval
+    if command == "lmms-sweep" and "--" in argv:
+        cut = argv.index("--")
+        argv, lmms_args = argv[:cut], argv[cut + 1:]
     if command in parser.subcommands:
         argv = accept_hyphens(argv, _option_strings(parser.subcommands[command]))
     args, extras = parser.parse_known_args(argv)
+    args.lmms_args = lmms_args
     which = getattr(args, "which", None)
     if which is None:
         parser.print_help()

@@ -1,0 +1,222 @@
+"""tokenprune's models in lmms-eval (tokenprune/lmms/), run through lmms-eval's own evaluator on
+a tiny LLaVA and a task written here, offline. Skipped without lmms-eval
+(`pip install -e ".[lmms]"`; CI installs it)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason='lmms-eval is not installed: pip install -e ".[lmms]"')
+
+from lmms_eval.evaluator import simple_evaluate  # noqa: E402
+from lmms_eval.models import get_model  # noqa: E402
+from lmms_eval.tasks import TaskManager  # noqa: E402
+from tiny_llava import save_llava  # noqa: E402
+
+from helpers import run_main  # noqa: E402
+from tokenprune.lmms import MODELS  # noqa: E402
+from tokenprune.lmms.llava_hf import TokenpruneLlavaHf  # noqa: E402
+from tokenprune.lmms.sweep import run_sweep  # noqa: E402
+
+TASK = "tokenprune_test_colours"
+DOCS = 5  # with --batch_size 2: batches of 2, 2 and 1
+K, M = 2, 3
+
+TASK_YAML = f"""task: {TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{data}}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function colours_utils.doc_to_visual
+doc_to_text: !function colours_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 5
+  temperature: 0
+  do_sample: false
+process_results: !function colours_utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+"""
+# Images of different sizes and colours; the questions differ in length, so that a batch is
+# left-padded.
+TASK_UTILS = """from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.new("RGB", (24 + 8 * doc["id"], 32), tuple(doc["rgb"]))]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact": float(results[0].strip().lower() == doc["answer"])}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(the tiny LLaVA's folder, a TaskManager that knows the test task)."""
+    root = tmp_path_factory.mktemp("lmms")
+    save_llava(str(root / "llava"))
+    task_dir = root / "task"
+    task_dir.mkdir()
+    data = task_dir / "colours.jsonl"
+    questions = ["what color is it ?", "what is the color of the picture ?", "what is this ?"]
+    data.write_text("".join(json.dumps({
+        "id": i, "rgb": [(60 * i) % 256, (100 * i + 30) % 256, (200 - 30 * i) % 256],
+        "question": questions[i % len(questions)], "answer": "red"}) + "\n" for i in range(DOCS)))
+    (task_dir / "colours.yaml").write_text(TASK_YAML.format(data=data))
+    (task_dir / "colours_utils.py").write_text(TASK_UTILS)
+    return root / "llava", TaskManager("WARNING", include_path=str(task_dir)), task_dir
+
+
+def evaluate(setup, model, model_args="", batch_size=1):
+    folder, tasks, _ = setup
+    args = f"pretrained={folder},dtype=float32" + (f",{model_args}" if model_args else "")
+    results = simple_evaluate(model=model, model_args=args, tasks=[TASK], batch_size=batch_size,
+                              device="cpu", log_samples=True, task_manager=tasks,
+                              verbosity="WARNING")
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    return results, [s["filtered_resps"] for s in samples], samples
+
+
+def test_the_entry_point_registers_every_model():
+    for model_id in MODELS:
+        assert get_model(model_id).__module__.startswith("tokenprune.lmms.")
+    assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
+
+
+@pytest.mark.parametrize("model_args, named", [
+    ("k_anchors=-1", "k_anchors"),       # lmms-eval hands it over as the float -1.0
+    ("k_anchors=2.5", "k_anchors"),      # never rounded
+    ("top_m=abc", "top_m"),
+    ("selection=bogus", "selection"),
+    ("ratio=0", "ratio"),
+    ("ratio=1.5", "ratio"),
+    ("ratio=0.5,top_m=3", "ratio"),     # two counts
+    ("alpha=2", "alpha"),
+])
+def test_bad_pruning_arguments_are_refused_before_loading(model_args, named):
+    # The folder does not exist: a refusal that came after loading would be another error.
+    with pytest.raises(SystemExit) as refusal:
+        get_model("tokenprune_llava_hf").create_from_arg_string(
+            f"pretrained=/nonexistent/llava,device=cpu,{model_args}")
+    message = str(refusal.value.code)
+    assert message.startswith("tokenprune_llava_hf: ") and named in message
+    assert "\n" not in message
+
+
+def test_the_command_line_refusal_is_one_line_and_fails(tmp_path):
+    # lmms-eval's command line catches every Exception and exits 0: the refusal must not.
+    done = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "tokenprune_llava_hf",
+                           "--model_args", "pretrained=/nonexistent,selection=bogus",
+                           "--tasks", "mme"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("tokenprune_llava_hf: selection")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def base_run(setup):
+    return evaluate(setup, "llava_hf", "device_map=cpu")
+
+
+@pytest.fixture(scope="module")
+def unpruned_run(setup):
+    return evaluate(setup, "tokenprune_llava_hf")
+
+
+def test_without_pruning_arguments_the_answers_are_the_base_models(unpruned_run, base_run):
+    results, answers, _ = unpruned_run
+    assert answers == base_run[1]
+    assert results["results"][TASK] == base_run[0]["results"][TASK]
+    assert results["throughput"]["avg_tokenprune_image_tokens_per_image"] == 16  # all patches
+
+
+@pytest.fixture(scope="module")
+def pruned_runs(setup, tmp_path_factory):
+    record = tmp_path_factory.mktemp("record") / "record.json"
+    args = f"k_anchors={K},top_m={M},selection=cls,tokenprune_record={record}"
+    return (evaluate(setup, "tokenprune_llava_hf", args, batch_size=1),
+            evaluate(setup, "tokenprune_llava_hf", args, batch_size=2),
+            json.loads(record.read_text()))
+
+
+def test_batches_give_the_answers_of_one_prompt_at_a_time(pruned_runs, base_run):
+    (_, single, single_samples), (_, batched, batched_samples), _ = pruned_runs
+    assert batched == single
+    assert ([s["token_counts"] for s in batched_samples]
+            == [s["token_counts"] for s in single_samples])
+    assert single != base_run[1]  # the pruning changes the answers of this random model
+
+
+def test_the_results_record_the_pruning_and_the_image_tokens(pruned_runs, unpruned_run):
+    (results, _, samples), _, record = pruned_runs
+    throughput = results["throughput"]
+    assert throughput["avg_tokenprune_image_tokens_per_image"] == K + M
+    assert throughput["avg_tokenprune_k_anchors"] == K
+    assert throughput["avg_tokenprune_top_m"] == M
+    assert throughput["avg_tokenprune_time_to_first_token_s"] > 0
+    # The language model's input is 16 - (K + M) tokens shorter per image than unpruned.
+    base_inputs = [s["token_counts"][0]["input_tokens"] for s in unpruned_run[2]]
+    assert [s["token_counts"][0]["input_tokens"] for s in samples] == [
+        n - (16 - K - M) for n in base_inputs]
+    # The record of the last run (batch size 2) holds everything, the selection included.
+    assert record["selection"] == "cls" and record["pruned"] is True
+    assert (record["k_anchors"], record["top_m"], record["batch_size"]) == (K, M, 2)
+    assert record["image_tokens_per_image"] == K + M
+
+
+def test_lmms_sweep_table_resume_and_a_failed_run(setup, tmp_path):
+    folder, _, task_dir = setup
+    said = []
+    sweep = dict(model_id="tokenprune_llava_hf", model_args=f"pretrained={folder},device=cpu",
+                 tasks=TASK, out_dir=str(tmp_path), batch_size=2,
+                 extra_args=["--include_path", str(task_dir)], say=said.append)
+    rows = run_sweep(settings=[{"k_anchors": K, "top_m": M}], **sweep)
+    assert [r["setting"] for r in rows] == ["unpruned", f"k_anchors-{K}_top_m-{M}"]
+    assert [r["image_tokens_per_image"] for r in rows] == [16, K + M]
+    assert all(f"{TASK}/exact" in r and r["peak_memory_mib"] > 0 for r in rows)
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"| k_anchors-{K}_top_m-{M} | 5 |" in summary and "stderr" not in summary
+    assert (tmp_path / "score_vs_image_tokens.png").stat().st_size > 0
+    # Run again with one more setting: the two done runs are not run again.
+    said.clear()
+    more = run_sweep(settings=[{"k_anchors": K, "top_m": M}, {"ratio": 0.5}], **sweep)
+    assert said[0].endswith("unpruned: done earlier, not run again")
+    assert said[1].endswith(f"k_anchors-{K}_top_m-{M}: done earlier, not run again")
+    assert [line for line in said if "running lmms-eval" in line] == [
+        "[3/3] ratio-0.5: running lmms-eval ..."]
+    assert more[:2] == rows and more[2]["image_tokens_per_image"] == 8
+    # lmms-eval exits 0 when a run fails; the sweep must not take that for a result.
+    with pytest.raises(RuntimeError, match="failed"):
+        run_sweep(settings=[{"k_anchors": 1, "top_m": 1}],
+                  **{**sweep, "tasks": "tokenprune_no_such_task"})
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "llava_hf"], "--model llava_hf: not one of"),
+    (["--model_args", "pretrained=x,ratio=0.5"], "--model_args holds pruning arguments (ratio)"),
+    (["--setting", "ratio=2"], "ratio must be a number in (0, 1]"),
+    (["--setting", "k_anchors=3,bogus=1"], "'bogus=1' is not NAME=VALUE"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+])
+def test_lmms_sweep_bad_input_is_one_line(argv, says, capsys, tmp_path):
+    base = {"--model_args": "pretrained=x", "--tasks": "mme", "--setting": "ratio=0.5",
+            "--out": str(tmp_path / "out")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    status, _, err = run_main(["lmms-sweep", *[a for kv in base.items() for a in kv]], capsys)
+    assert status == 1 and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,79 @@
+"""tokenprune's models for lmms-eval, the harness that vision-language pruning papers report with.
+
+lmms-eval (0.6 and later) loads plugin models from the entry-point group `lmms_eval.models`;
+setup.py registers `manifests` there, so after `pip install "tokenprune[lmms]"`:
+
+    python -m lmms_eval --model tokenprune_llava_hf \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,k_anchors=8,ratio=0.25 ...
+
+Each model is lmms-eval's own model for that base (every one of its model arguments passes
+through unchanged), with `tokenprune.prune_image_tokens` applied to its model and processor once
+they are loaded, and batches that really run batched. The pruning arguments (PRUNING_ARGUMENTS)
+are checked before any model loads. Without them nothing is pruned. docs/lmms-eval.md has the
+details: which base each model wraps, where the results record the pruning, what was tested.
+
+This module imports nothing heavy: lmms-eval reads the entry point each time it starts.
+"""
+from numbers import Integral, Real
+
+# name -> the kind of value; prune_image_tokens' own keywords.
+PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alpha": "float",
+                     "selection": "str", "mmr_lambda": "float", "score_norm": "str",
+                     "backend": "str"}
+
+# model id -> (the lmms-eval model it wraps, our class).
+MODELS = {"tokenprune_llava_hf": ("llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf")}
+
+
+def manifests():
+    """The `lmms_eval.models` entry point: one ModelManifest per model in MODELS."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+    # lmms-eval's own llava_hf resolves to its chat implementation; ours wraps that one.
+    return [ModelManifest(model_id=model_id, chat_class_path=class_path)
+            for model_id, (_, class_path) in MODELS.items()]
+
+
+class PruningArgumentError(SystemExit):
+    """A bad pruning argument, as one line. A SystemExit, because lmms-eval's command line
+    catches every Exception, prints a traceback and exits 0: this leaves with status 1."""
+
+    def __init__(self, model_id, message):
+        super().__init__(f"{model_id}: {message}")
+
+
+def _as_int(model_id, name, value):
+    # lmms-eval's parser gives "3" as the int 3 but "-1" as the float -1.0 (str.isnumeric is
+    # False for it): an integral float is that integer, anything else is refused, never rounded.
+    if isinstance(value, bool) or not isinstance(value, (Integral, Real)) or (
+            not isinstance(value, Integral) and not float(value).is_integer()):
+        raise PruningArgumentError(model_id, f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _as_float(model_id, name, value):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise PruningArgumentError(model_id, f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def split_pruning_arguments(model_id, arguments):
+    """(pruning, base): the pruning arguments among `arguments`, parsed and checked as
+    prune_image_tokens checks them, and the rest, for the base model. A bad one raises
+    PruningArgumentError naming it, before anything is loaded."""
+    from ..vlm import image_token_config
+    pruning, base = {}, {}
+    for name, value in arguments.items():
+        kind = PRUNING_ARGUMENTS.get(name)
+        if kind is None:
+            base[name] = value
+        elif kind == "int":
+            pruning[name] = _as_int(model_id, name, value)
+        elif kind == "float":
+            pruning[name] = _as_float(model_id, name, value)
+        else:
+            pruning[name] = str(value)
+    try:
+        image_token_config(**pruning)
+    except (TypeError, ValueError) as err:
+        raise PruningArgumentError(model_id, str(err)) from None
+    return pruning, base
