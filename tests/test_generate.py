@@ -164,6 +164,29 @@ def test_generate_with_nothing_to_prune_says_so(llava_dir, capsys, compare):
     assert "->" not in out and "speed-up" not in out and not out.startswith("pruned")
 
 
+def test_generate_ratio_and_selection(llava_dir, capsys):
+    status, out, err = run_main(["generate", "--model", llava_dir, "--image", SAMPLE,
+                                 "--prompt", "red ?", "--max_new_tokens", "2", "--ratio", "0.5",
+                                 "--selection", "cls", "--backend", "reference"], capsys)
+    assert status == 0, err
+    line, answers = answers_of(out, "pruned (ratio 0.5, cls)")
+    assert "16 -> 8 image tokens per image; batch 1" in line
+    expected, seq = library_answers(llava_dir, [Image.open(SAMPLE).convert("RGB")], "red ?", 2,
+                                    ratio=0.5, selection="cls", backend="reference")
+    assert seq == 8 and list(answers.values()) == expected
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ratio", "0.5", "--top_m", "3"], "top_m=3 and ratio=0.5 were both given"),
+    (["--ratio", "1.5"], "ratio must be a number in (0, 1]"),
+    (["--mmr_lambda", "2"], "mmr_lambda must be a finite number in [0, 1]"),
+])
+def test_generate_bad_ratio_and_selection_values_before_loading(flags, says, capsys):
+    status, _, err = run_main(["generate", "--model", "llava-hf/llava-1.5-7b-hf", "--image",
+                               SAMPLE, "--prompt", "red ?", *flags], capsys)
+    assert status == 1 and says in err and len(err.strip().splitlines()) == 1
+
+
 def test_prompts_use_the_chat_template_or_an_image_token(llava_dir):
     from transformers import AutoProcessor
 

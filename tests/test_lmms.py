@@ -13,6 +13,7 @@ from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 from tiny_llava import save_llava  # noqa: E402
+from tiny_qwen_vl import save_qwen_vl  # noqa: E402
 
 from helpers import run_main  # noqa: E402
 from tokenprune.lmms import MODELS  # noqa: E402
@@ -80,9 +81,12 @@ def setup(tmp_path_factory):
     return root / "llava", TaskManager("WARNING", include_path=str(task_dir)), task_dir
 
 
-def evaluate(setup, model, model_args="", batch_size=1):
+def evaluate(setup, model, model_args="", batch_size=1, base_args=None):
+    """lmms-eval's results, the answers in doc order and the samples; base_args default to the
+    tiny LLaVA's."""
     folder, tasks, _ = setup
-    args = f"pretrained={folder},dtype=float32" + (f",{model_args}" if model_args else "")
+    args = base_args or f"pretrained={folder},dtype=float32"
+    args += f",{model_args}" if model_args else ""
     results = simple_evaluate(model=model, model_args=args, tasks=[TASK], batch_size=batch_size,
                               device="cpu", log_samples=True, task_manager=tasks,
                               verbosity="WARNING")
@@ -93,7 +97,9 @@ def evaluate(setup, model, model_args="", batch_size=1):
 def test_the_entry_point_registers_every_model():
     for model_id in MODELS:
         assert get_model(model_id).__module__.startswith("tokenprune.lmms.")
+        assert get_model(model_id).MODEL_ID == model_id
     assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
+    assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_5_vl", "tokenprune_qwen3_vl"}
 
 
 @pytest.mark.parametrize("model_args, named", [
@@ -220,3 +226,23 @@ def test_lmms_sweep_bad_input_is_one_line(argv, says, capsys, tmp_path):
     status, _, err = run_main(["lmms-sweep", *[a for kv in base.items() for a in kv]], capsys)
     assert status == 1 and says in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
+    """The base batches already: the answers without pruning are the base's, pruned ones are
+    the same at batch 1 and 2 (left padding), and the results count 2 image tokens per image."""
+    folder = save_qwen_vl(str(tmp_path / family), family)
+    # Small images (the tiny model's 8-px patches), and the CPU: the base's "auto" needs CUDA.
+    base_args = f"pretrained={folder},min_pixels=256,max_pixels=4096"
+    _, base, _ = evaluate(setup, family, base_args=base_args + ",device_map=cpu")
+    unpruned, ours, _ = evaluate(setup, f"tokenprune_{family}", base_args=base_args)
+    assert ours == base
+    assert unpruned["throughput"]["avg_tokenprune_image_tokens_per_image"] > 2
+    pruned, single, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1",
+                                 base_args=base_args)
+    _, batched, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1",
+                             batch_size=2, base_args=base_args)
+    assert batched == single
+    # What shows that it pruned: this random model's answers may not change.
+    assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2

@@ -12,6 +12,10 @@ CONTROLS = ("random", "cls")
 # The mmr selection's weight of relevance against redundancy (SPEC.md, section "`mmr`", says
 # why this default).
 MMR_LAMBDA = 0.8
+# prune_image_tokens' defaults: a language model reads natural images, where objects are large,
+# and there mmr keeps more than the seed's score (docs/vlm.md says why); 10 + 54 = 64 tokens.
+IMAGE_TOKEN_SELECTION = "mmr"
+IMAGE_TOKEN_TOP_M = 54
 
 
 def _require_int(name, value, minimum):
@@ -96,3 +100,25 @@ class PruneConfig:
     @property
     def kept_patches(self) -> int:
         return self.k_anchors + self.top_m
+
+
+def _check_ratio(ratio, top_m):
+    if ratio is None:
+        return
+    if (isinstance(ratio, bool) or not isinstance(ratio, Real) or not math.isfinite(ratio)
+            or not 0 < ratio <= 1):
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if top_m is not None:
+        raise ValueError(f"top_m={top_m!r} and ratio={ratio!r} were both given: the kept count "
+                         f"would be ambiguous; give one of them")
+
+
+def image_token_config(k_anchors=10, top_m=None, alpha=0.5, score_norm="none", backend="auto",
+                       selection=IMAGE_TOKEN_SELECTION, mmr_lambda=MMR_LAMBDA, ratio=None):
+    """prune_image_tokens' arguments checked before any model is touched: their PruneConfig
+    (top_m None is IMAGE_TOKEN_TOP_M), or a ValueError that names the first bad one. The command
+    line and tokenprune.lmms check them this way before anything loads."""
+    _check_ratio(ratio, top_m)
+    return PruneConfig(k_anchors=k_anchors, top_m=IMAGE_TOKEN_TOP_M if top_m is None else top_m,
+                       alpha=alpha, score_norm=score_norm, backend=backend,
+                       selection=selection, mmr_lambda=mmr_lambda)

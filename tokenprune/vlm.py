@@ -15,14 +15,13 @@ For LLaVA, three forward pre-hooks, nothing else in the model changes:
 The language model therefore sees `k + m` image tokens per image; the processor, patched with
 the same call, writes that many placeholders.
 """
-import math
 import warnings
 from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 
-from .config import MMR_LAMBDA, PruneConfig
+from .config import IMAGE_TOKEN_SELECTION, MMR_LAMBDA, image_token_config
 from .qwen_vl import QwenImageTokenPruning, kept_count, prune_qwen, qwen_model
 from .selection import kept_rows, select_tokens
 from .towers import UnsupportedModelError, block_adapter, find_tower
@@ -39,9 +38,6 @@ NOT_YET = {
     "Video": "video models",
     "InternVL": "InternVL's tiles",
 }
-# prune_image_tokens' selection: mmr (docs/vlm.md says why; the towers keep PruneConfig's).
-DEFAULT_SELECTION = "mmr"
-DEFAULT_TOP_M = 54
 # Where the state of a pruned model or processor is kept (a plain attribute).
 ATTRIBUTE = "_tokenprune_image_tokens"
 
@@ -253,31 +249,9 @@ def remove_image_token_pruning(obj) -> bool:
     return True
 
 
-def _check_ratio(ratio, top_m):
-    if ratio is None:
-        return
-    if (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio)
-            or not 0 < ratio <= 1):
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    if top_m is not None:
-        raise ValueError(f"top_m={top_m!r} and ratio={ratio!r} were both given: the kept count "
-                         f"would be ambiguous; give one of them")
-
-
-def image_token_config(k_anchors=10, top_m=None, alpha=0.5, score_norm="none", backend="auto",
-                       selection=DEFAULT_SELECTION, mmr_lambda=MMR_LAMBDA, ratio=None):
-    """prune_image_tokens' arguments checked, before any model is touched: their PruneConfig,
-    or a ValueError that names the first bad one (tokenprune.lmms checks them this way before
-    lmms-eval loads a model)."""
-    _check_ratio(ratio, top_m)
-    return PruneConfig(k_anchors=k_anchors, top_m=DEFAULT_TOP_M if top_m is None else top_m,
-                       alpha=alpha, score_norm=score_norm, backend=backend,
-                       selection=selection, mmr_lambda=mmr_lambda)
-
-
 def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
                        top_m: Optional[int] = None, alpha: float = 0.5, score_norm: str = "none",
-                       backend: str = "auto", selection: str = DEFAULT_SELECTION,
+                       backend: str = "auto", selection: str = IMAGE_TOKEN_SELECTION,
                        mmr_lambda: float = MMR_LAMBDA, ratio: Optional[float] = None) -> Any:
     """Make a vision-language model's language model receive fewer image tokens per image.
 

@@ -23,7 +23,8 @@ import sys
 import traceback
 
 from .. import __version__
-from ..config import BACKENDS, SCORE_NORMS
+from ..config import (BACKENDS, IMAGE_TOKEN_SELECTION, IMAGE_TOKEN_TOP_M, MMR_LAMBDA,
+                      SCORE_NORMS, SELECTIONS)
 from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
@@ -83,14 +84,24 @@ def add_generate_arguments(parser):
                                              "float32 on the CPU)")
     group = parser.add_argument_group(
         "token pruning (tokenprune)",
-        "The language model sees k_anchors + top_m image tokens per image, selected at the "
-        "vision block whose output LLaVA uses.")
+        "The language model sees k_anchors + top_m image tokens per image (or, with --ratio, that "
+        "fraction of them), selected at the vision block whose output LLaVA uses, or at a "
+        "Qwen-VL tower's last block.")
     group.add_argument("--k_anchors", type=int, default=10,
                        help="anchor patches chosen by the CLS attention (>= 1, default "
                             "%(default)s)")
-    group.add_argument("--top_m", type=int, default=54,
-                       help="further patches kept by score (>= 0, default %(default)s: 64 image "
-                            "tokens with the default k_anchors)")
+    group.add_argument("--top_m", type=int, default=None,
+                       help=f"further tokens kept by the selection (>= 0, default "
+                            f"{IMAGE_TOKEN_TOP_M}: 64 image tokens with the default k_anchors)")
+    group.add_argument("--ratio", type=float, default=None,
+                       help="keep ceil(ratio * n) of an image's n tokens instead, in (0, 1]; "
+                            "not with --top_m")
+    group.add_argument("--selection", choices=SELECTIONS, default=IMAGE_TOKEN_SELECTION,
+                       help="how the tokens after the anchors are chosen (default %(default)s; "
+                            "docs/selections.md)")
+    group.add_argument("--mmr_lambda", type=float, default=MMR_LAMBDA,
+                       help="mmr's weight of relevance against redundancy, in [0, 1] (default "
+                            "%(default)s)")
     group.add_argument("--alpha", type=float, default=0.5,
                        help="importance weight against diversity, in [0, 1] (default "
                             "%(default)s)")

@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 
-from ..config import PruneConfig
+from ..config import IMAGE_TOKEN_TOP_M, image_token_config
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
 # model_type -> the transformers class that generate loads it with.
@@ -32,13 +32,28 @@ SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 # ----- checks made before anything is imported or loaded ------------------------------------
 
+def pruning_arguments(args):
+    """prune_image_tokens' keywords from the flags."""
+    return dict(k_anchors=args.k_anchors, top_m=args.top_m, alpha=args.alpha,
+                score_norm=args.score_norm, backend=args.backend, selection=args.selection,
+                mmr_lambda=args.mmr_lambda, ratio=args.ratio)
+
+
+def pruning_settings(args):
+    """The pruning the flags ask for, in words: 'k_anchors 10, top_m 54, mmr, lambda 0.8'."""
+    count = f"ratio {args.ratio}" if args.ratio is not None else (
+        f"k_anchors {args.k_anchors}, top_m "
+        f"{IMAGE_TOKEN_TOP_M if args.top_m is None else args.top_m}")
+    rule = {"score": f", alpha {args.alpha}", "mmr": f", lambda {args.mmr_lambda}"}
+    return f"{count}, {args.selection}{rule.get(args.selection, '')}"
+
+
 def check_generate_args(args):
     """Everything that can be checked without torch: the pruning values (as PruneConfig checks
     them), --max_new_tokens, the image files and a local --model folder. A CLIError names the
     flag."""
     try:
-        PruneConfig(k_anchors=args.k_anchors, top_m=args.top_m, alpha=args.alpha,
-                    score_norm=args.score_norm, backend=args.backend)
+        image_token_config(**pruning_arguments(args))
     except ValueError as err:
         raise CLIError(f"--{err}") from None
     if args.max_new_tokens < 1:
@@ -270,9 +285,7 @@ def run_generate(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            prune_image_tokens(model, processor, k_anchors=args.k_anchors, top_m=args.top_m,
-                               alpha=args.alpha, score_norm=args.score_norm,
-                               backend=args.backend)
+            prune_image_tokens(model, processor, **pruning_arguments(args))
         except UnsupportedModelError as err:
             raise CLIError(f"--model {args.model}: {err}") from err
     for warning in caught:
@@ -280,8 +293,9 @@ def run_generate(args):
     if pruned_block(model) is None:
         # k + m covers every patch: the model is unchanged, and a second run of it would only
         # time the same model twice.
-        nothing = (f"nothing was pruned (k_anchors + top_m = {args.k_anchors + args.top_m} "
-                   "keeps every image token)")
+        count = (f"ratio {args.ratio}" if args.ratio is not None else
+                 f"k_anchors + top_m = {args.k_anchors + (args.top_m or IMAGE_TOKEN_TOP_M)}")
+        nothing = f"nothing was pruned ({count} keeps every image token)"
         if args.compare:
             print(f"{nothing}: the answers above are the model's, with nothing to compare them to")
             return
@@ -292,6 +306,6 @@ def run_generate(args):
     after = image_tokens(model, processor, images)
     answers, first, rest, new = measured(model, processor, texts, images, args.max_new_tokens,
                                          device)
-    label = f"pruned (k_anchors {args.k_anchors}, top_m {args.top_m}, alpha {args.alpha})"
+    label = f"pruned ({pruning_settings(args)})"
     report(label, f"{before} -> {after}", answers, first, rest, new, names, per_answer,
            baseline=unpruned_first)

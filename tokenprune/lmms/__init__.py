@@ -22,13 +22,16 @@ PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alph
                      "backend": "str"}
 
 # model id -> (the lmms-eval model it wraps, our class).
-MODELS = {"tokenprune_llava_hf": ("llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf")}
+MODELS = {"tokenprune_llava_hf": ("llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
+          "tokenprune_qwen2_5_vl": ("qwen2_5_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_5_VL"),
+          "tokenprune_qwen3_vl": ("qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL")}
 
 
 def manifests():
     """The `lmms_eval.models` entry point: one ModelManifest per model in MODELS."""
     from lmms_eval.models.registry_v2 import ModelManifest
-    # lmms-eval's own llava_hf resolves to its chat implementation; ours wraps that one.
+    # lmms-eval's own llava_hf, qwen2_5_vl and qwen3_vl resolve to their chat implementations;
+    # ours wrap those.
     return [ModelManifest(model_id=model_id, chat_class_path=class_path)
             for model_id, (_, class_path) in MODELS.items()]
 
@@ -60,7 +63,7 @@ def split_pruning_arguments(model_id, arguments):
     """(pruning, base): the pruning arguments among `arguments`, parsed and checked as
     prune_image_tokens checks them, and the rest, for the base model. A bad one raises
     PruningArgumentError naming it, before anything is loaded."""
-    from ..vlm import image_token_config
+    from ..config import image_token_config
     pruning, base = {}, {}
     for name, value in arguments.items():
         kind = PRUNING_ARGUMENTS.get(name)

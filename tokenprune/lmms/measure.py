@@ -1,0 +1,101 @@
+"""What tokenprune's lmms-eval models add to their base: the pruning, applied once the base has
+loaded, and the measurements the results record (docs/lmms-eval.md, "Where the results record
+the pruning"). Imported by lmms-eval only, with the model classes."""
+import json
+import resource
+import time
+
+import torch
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+from . import split_pruning_arguments
+from ..vlm import prune_image_tokens
+
+
+def peak_memory_mib(device):
+    """The peak memory so far: allocated on a CUDA device, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux: kB
+
+
+class PruningPlugin:
+    """Mixed into an lmms-eval model class before its base. `MODEL_ID` names the model."""
+
+    MODEL_ID = None
+
+    @classmethod
+    def split_arguments(cls, arguments):
+        """(pruning, base, record path): checked before the base loads anything."""
+        arguments = dict(arguments)
+        record = arguments.pop("tokenprune_record", None)
+        pruning, base = split_pruning_arguments(cls.MODEL_ID, arguments)
+        return pruning, base, record
+
+    def start_pruning(self, model, processor, pruning, record_path):
+        """Prune the loaded model (when there are pruning arguments), and measure each of its
+        `generate` calls: image tokens per image from its input_ids, time to first token."""
+        self.pruning, self.record_path = pruning, record_path
+        # This generate_until call's (lmms-eval makes one per task), and the whole run's.
+        self.measured, self.run_measured = self._nothing_measured(), self._nothing_measured()
+        if pruning:
+            prune_image_tokens(model, processor, **pruning)
+        image_token = model.config.image_token_id
+        generate = model.generate
+        first_token = []
+
+        def prefill_done(module, args, output):
+            if not first_token:
+                if self._device.type == "cuda":
+                    torch.cuda.synchronize(self._device)
+                first_token.append(time.perf_counter())
+
+        def measured_generate(*args, **kwargs):
+            grid = kwargs.get("image_grid_thw")  # Qwen-VL: a row per image
+            pixels = kwargs.get("pixel_values")  # LLaVA-1.5: an image per row
+            images = len(grid) if grid is not None else (0 if pixels is None else len(pixels))
+            self.measured["images"] += images
+            self.measured["image_tokens"] += int((kwargs["input_ids"] == image_token).sum())
+            first_token.clear()
+            hook = model.register_forward_hook(prefill_done)
+            try:
+                start = time.perf_counter()
+                output = generate(*args, **kwargs)
+            finally:
+                hook.remove()
+            self.measured["first_token_s"].append(first_token[0] - start)
+            return output
+
+        model.generate = measured_generate
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    @staticmethod
+    def _nothing_measured():
+        return {"images": 0, "image_tokens": 0, "first_token_s": []}
+
+    def measurements(self, m):
+        """The pruning settings and what they gave in `m`. The time to first token is the mean
+        over generate calls (each prompt of a batch waits for it)."""
+        return {"model": self.MODEL_ID, "pruned": bool(self.pruning), **self.pruning,
+                "batch_size": self.batch_size,
+                "image_tokens_per_image": m["image_tokens"] / m["images"] if m["images"] else None,
+                "time_to_first_token_s": (sum(m["first_token_s"]) / len(m["first_token_s"])
+                                          if m["first_token_s"] else None),
+                "peak_memory_mib": peak_memory_mib(self._device)}
+
+    def log_measurements(self):
+        """At the end of a generate_until call: its measurements into lmms-eval's `throughput`
+        results (numeric fields, as avg_tokenprune_*; no tokens or time of their own, so its
+        totals stay the base's), and the whole run's into the record file if one was asked."""
+        measured = self.measurements(self.measured)
+        for key, value in self.measured.items():
+            self.run_measured[key] += value
+        self.measured = self._nothing_measured()
+        log_metrics(total_elapsed_time=0.0, total_gen_tokens=0, avg_speed=0.0,
+                    additional_metrics={f"tokenprune_{k}": v for k, v in measured.items()
+                                        if isinstance(v, (int, float))
+                                        and not isinstance(v, bool)})
+        if self.record_path:
+            with open(self.record_path, "w", encoding="utf-8") as f:
+                json.dump(self.measurements(self.run_measured), f, indent=2)

@@ -1,0 +1,34 @@
+"""tokenprune_qwen2_5_vl and tokenprune_qwen3_vl: lmms-eval's own `qwen2_5_vl` and `qwen3_vl`
+models (their chat implementations, which `--model qwen2_5_vl` / `qwen3_vl` run), pruned by
+tokenprune.prune_image_tokens. Their bases already run real batches (left-padded), so only the
+pruning and the measurements are added.
+
+Imported by lmms-eval only, when a run asks for one of these models.
+"""
+from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
+from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
+
+from .measure import PruningPlugin
+
+
+class _QwenPlugin(PruningPlugin):
+    def __init__(self, **arguments):
+        pruning, base, record = self.split_arguments(arguments)
+        # The base's device_map "auto" sends the inputs to "cuda": on the CPU, the CPU.
+        if str(base.get("device")) == "cpu":
+            base.setdefault("device_map", "cpu")
+        super().__init__(**base)
+        self.start_pruning(self.model, self.processor, pruning, record)
+
+    def generate_until(self, requests):
+        results = super().generate_until(requests)
+        self.log_measurements()
+        return results
+
+
+class TokenpruneQwen2_5_VL(_QwenPlugin, Qwen2_5_VL):
+    MODEL_ID = "tokenprune_qwen2_5_vl"
+
+
+class TokenpruneQwen3_VL(_QwenPlugin, Qwen3_VL):
+    MODEL_ID = "tokenprune_qwen3_vl"
