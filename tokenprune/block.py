@@ -72,15 +72,6 @@ class PrunedBlock(nn.Module):
     def extra_repr(self):
         return f"{type(self._original_block).__name__}, {self.stage_config!r}"
 
-    def kept_so_far(self):
-        """The original indices (B, n) of the patches that leave this block: its own
-        last_keep_idx, or where it pruned nothing the previous stages'; None where no stage up
-        to here pruned anything."""
-        block = self
-        while block is not None and block.last_keep_idx is None:
-            block = block.previous
-        return None if block is None else block.last_keep_idx
-
     def forward(self, *args, **kwargs):
         x, call = self.adapter.tokens(*args, **kwargs)  # x (B, T, C), batch first
         num_patches = x.shape[1] - self.num_prefix
@@ -99,9 +90,10 @@ class PrunedBlock(nn.Module):
             x, qkv, self.adapter.num_heads, cfg, num_prefix=self.num_prefix,
             class_token=self.class_token, scale=self.adapter.scale, generator=self.generator)
         del qkv  # the full (B, T, 3C) projection must not stay alive through the MLP
-        # keep_idx numbers the tokens that reached this block: patch p + i is the i-th patch
-        # the earlier stages kept.
-        kept_before = self.previous.kept_so_far() if self.previous is not None else None
+        # keep_idx numbers the tokens that reached this block: patch p + i is the i-th patch the
+        # stage before kept. (A stage before this one pruned nothing only if every stage before
+        # it did: each keeps fewer patches than the one before it, so fewer than reach it.)
+        kept_before = self.previous.last_keep_idx if self.previous is not None else None
         if kept_before is not None:
             keep_idx = kept_before.gather(1, keep_idx - self.num_prefix)
         self.last_keep_idx = keep_idx

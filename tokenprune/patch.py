@@ -182,7 +182,7 @@ class PrunedVisionEncoder(nn.Module):
     def keep_idx(self) -> Optional[torch.Tensor]:
         """Kept patch indices (B, k + m) of the last forward (None if nothing was pruned); with a
         schedule, the last stage's, in the original token numbering."""
-        return pruned_block(self.visual).kept_so_far()
+        return pruned_block(self.visual).last_keep_idx
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)

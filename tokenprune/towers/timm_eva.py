@@ -70,16 +70,17 @@ def kept_rope(rope, keep_idx, num_prefix):
 
 class KeptPositions:
     """Forward pre-hook of a block after the pruned one: its `rope` argument (the tower's full
-    table) becomes the rows at the patches kept so far, in the original numbering (unchanged
-    when nothing was pruned). In a schedule, the blocks up to and including the next stage's.
-    A plain object, so that copy.deepcopy of the model copies the link too."""
+    table) becomes the rows at the kept patches (original numbering) of the pruned block's last
+    forward (unchanged when that forward pruned nothing). In a schedule, on the blocks up to and
+    including the next stage's. A plain object, so that copy.deepcopy of the model copies the
+    link too."""
 
     def __init__(self, pruned, num_prefix):
         self.pruned = pruned
         self.num_prefix = num_prefix
 
     def __call__(self, module, args, kwargs):
-        keep_idx = self.pruned.kept_so_far()
+        keep_idx = self.pruned.last_keep_idx
         if keep_idx is None:
             return None
         if "rope" in kwargs:
