@@ -46,7 +46,7 @@ def add_visualize_arguments(parser):
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="kept.png", help="output PNG (default %(default)s)")
-    add_pruning_arguments(parser, always_on=True)
+    add_pruning_arguments(parser, always_on=True, schedule=False)  # one picture, one cut
     # None until visualize.use_shipped_model knows which model runs: k and m suit its patch count.
     for name, shipped in SHIPPED_MODEL_PRUNING.items():
         action = parser._option_string_actions[f"--{name}"]
