@@ -9,6 +9,7 @@ the patches that reach each block. A wrong stage order, a wrong index mapping or
 rows makes the outputs or the indices differ. Towers: 4 blocks, 36 patches, random weights.
 """
 import copy
+import functools
 from contextlib import contextmanager
 
 import pytest
@@ -98,13 +99,8 @@ def output(model, images):
 
 @pytest.fixture(scope="module")
 def towers():
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(name)
-        return built[name]
-    return get
+    """towers(name): the tower, built once per test module."""
+    return functools.lru_cache(maxsize=None)(build)
 
 
 def images_for(name, batch=2):
