@@ -321,6 +321,22 @@ def test_remove_pruning_undoes_every_stage(towers, name):
     assert torch.equal(before, after)
 
 
+def test_the_seed_entry_points_take_a_schedule(towers):
+    from tokenprune import PrunedVisionEncoder, apply_pruning_to_model
+    model, images = towers("openclip"), images_for("openclip")
+    try:
+        encoder = PrunedVisionEncoder(model, schedule=SCHEDULE)
+        with torch.no_grad():
+            encoder(images)
+        assert encoder.config.schedule == tuple(SCHEDULE)
+        assert torch.equal(encoder.keep_idx, pruned_blocks(model)[-1].last_keep_idx)
+        assert encoder.keep_idx.shape == (2, 5)
+        apply_pruning_to_model(model, schedule=SCHEDULE[1:])
+        assert [block.stage_config.layer for block in pruned_blocks(model)] == [2, -1]
+    finally:
+        remove_pruning(model)
+
+
 def test_a_deep_copy_prunes_as_the_original(towers):
     model, images = towers("eva02"), images_for("eva02")
     replace_last_block(model, schedule=SCHEDULE)
