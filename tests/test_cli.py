@@ -199,6 +199,16 @@ def test_eval_bad_schedules_are_refused_before_loading(tiny, tmp_path, capsys, n
     assert status != 0 and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command, required", [("visualize", []),
+                                               ("sweep", ["--output_dir", "out"])])
+def test_commands_without_a_schedule_say_which_takes_it(capsys, command, required):
+    status, _, err = run_main([command, *required, "--schedule", "0:4:20,1:2:6"], capsys)
+    assert status == 2
+    assert (f"tokenprune {command}: error: unrecognized arguments: --schedule 0:4:20,1:2:6; "
+            f"tokenprune {command} takes no schedule yet (one pruned block, --layer); "
+            "`tokenprune eval` takes --schedule") in err
+
+
 def test_eval_schedule_outside_the_tower_is_one_line(tiny, tmp_path, capsys):
     status, _, err = run_main(eval_args(tiny, tmp_path / "out.json", "--enable_pruning",
                                         "--schedule", "0:4:20,2:2:6"), capsys)

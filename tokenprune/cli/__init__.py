@@ -190,6 +190,10 @@ def unrecognized(extras, parser):
         if underscored == "--enable_pruning" and underscored not in known:
             hints.append(f"{parser.prog} always prunes: leave out {name}")
             continue
+        if underscored == "--schedule" and underscored not in known:
+            hints.append(f"{parser.prog} takes no schedule yet (one pruned block, --layer); "
+                         f"`{PROG} eval` takes {name}")
+            continue
         close = difflib.get_close_matches(underscored, known, n=1, cutoff=0.6)
         if close:
             hints.append(f"did you mean {close[0]} instead of {name}?")
