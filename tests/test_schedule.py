@@ -337,6 +337,19 @@ def test_the_seed_entry_points_take_a_schedule(towers):
         remove_pruning(model)
 
 
+def test_training_mode_gradients_flow_through_every_stage(towers):
+    model = build("eva02").train()  # its own copy: the module's towers stay in eval mode
+    images = images_for("eva02")
+    replace_last_block(model, schedule=SCHEDULE)
+    model(images).sum().backward()
+    stages = pruned_blocks(model)
+    assert all(block.training for block in stages)
+    assert all(block.attn.proj.weight.grad is not None for block in stages)
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    remove_pruning(model)
+    assert all(block.training for block in model.blocks)
+
+
 def test_a_deep_copy_prunes_as_the_original(towers):
     model, images = towers("eva02"), images_for("eva02")
     replace_last_block(model, schedule=SCHEDULE)
@@ -428,7 +441,8 @@ def test_bad_schedules_are_refused_in_one_line(schedule, message):
 def test_schedule_and_the_single_cut_settings_together():
     config = PruneConfig(schedule=[(3, 4, 20), (6, 2, 10)], selection="cls")
     assert (config.layer, config.k_anchors, config.top_m, config.kept_patches) == (6, 2, 10, 12)
-    assert config.stages == ((3, 4, 20), (6, 2, 10))
+    assert config.stages == ((3, 4, 20), (6, 2, 10)) and config.stages[1].k_anchors == 2
+    assert eval(repr(config), {"PruneConfig": PruneConfig}) == config
     assert [(c.layer, c.kept_patches, c.selection, c.schedule) for c in config.stage_configs()] \
         == [(3, 24, "cls", ()), (6, 12, "cls", ())]
     # dataclasses.replace of another setting keeps the schedule; a conflicting count is refused.

@@ -48,6 +48,9 @@ class Stage(NamedTuple):
     k_anchors: int
     top_m: int
 
+    def __repr__(self):  # as written: PruneConfig's repr then reads as the call that made it
+        return repr(tuple(self))
+
 
 def _stages(schedule):
     """The schedule as a tuple of Stages, every value checked (each error names the stage)."""
