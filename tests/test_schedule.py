@@ -259,6 +259,29 @@ def test_random_control_keeps_a_subset_per_stage_and_repeats(towers):
     assert_close(out, expected)
 
 
+def test_specs_worked_example(monkeypatch):
+    """SPEC.md's worked example: the class token's attention at each stage is the example's
+    (patched into the reference), 8 patches, cls selection; the kept patches in the original
+    numbering are [2, 3, 5, 7], then [3, 7] (the local [2, 4] would be wrong)."""
+    import tokenprune.reference as reference
+    rows = {9: [0.12, 0.05, 0.20, 0.10, 0.02, 0.15, 0.08, 0.25, 0.03],  # block 0, 9 tokens
+            5: [0.20, 0.10, 0.30, 0.05, 0.35]}                          # block 1, 5 tokens
+
+    def example_attention(qkv, num_heads, scale=None):
+        B, T, _ = qkv.shape
+        return torch.tensor(rows[T]).expand(B, T, T).clone()
+    monkeypatch.setattr(reference, "head_mean_attention", example_attention)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3,
+                              img_size=(32, 64)).eval()  # 2 x 4 = 8 patches
+    replace_last_block(model, schedule=[(0, 2, 2), (1, 1, 1)], selection="cls",
+                       backend="reference")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 64))
+    assert [block.last_keep_idx.tolist() for block in pruned_blocks(model)] == [[[2, 3, 5, 7]],
+                                                                               [[3, 7]]]
+
+
 # ----- one stage, nothing to prune, undo ---------------------------------------------------
 
 @pytest.mark.parametrize("name", ["openclip", "eva02", "hf-clip"])
