@@ -126,7 +126,8 @@ def test_eval_pruned_json(tiny, unpruned, tmp_path, capsys, monkeypatch):
     assert result["pruning"] == {"enabled": True, "applied": True, "k_anchors": 4, "top_m": 20,
                                  "alpha": 0.3, "score_norm": "minmax", "layer": -1,
                                  "backend": "auto", "selection": "score", "mmr_lambda": 0.8,
-                                 "block": 1, "num_blocks": 2, "backend_used": "reference"}
+                                 "schedule": [], "block": 1, "num_blocks": 2,
+                                 "backend_used": "reference"}
     assert (result["tokens_before"], result["tokens_after"]) == (65, 25)
     assert result["throughput"]["images_per_second"] > 0
     # CLIP_benchmark's evaluation really ran the pruned block: 4 batches of 8, 6 left over.
@@ -158,6 +159,61 @@ def test_eval_other_selections_reach_the_block_and_the_json(tiny, tmp_path, caps
     assert (pruning["selection"], pruning["mmr_lambda"]) == (selection, 0.25)
     assert seen and all((c.selection, c.mmr_lambda, c.kept_patches) == (selection, 0.25, 12)
                         for c in seen)
+
+
+def test_eval_schedule_prunes_at_each_stage_and_the_json_says_so(tiny, tmp_path, capsys,
+                                                                 monkeypatch):
+    seen = []
+    forward = PrunedResidualAttentionBlock.forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append((self.stage, tuple(out.shape[1:])))
+        return out
+    monkeypatch.setattr(PrunedResidualAttentionBlock, "forward", spy)
+    status, _, err = run_main(eval_args(tiny, tmp_path / "out.json", "--enable_pruning",
+                                        "--schedule", "0:4:20,-1:2:6"), capsys)
+    assert status == 0, err
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["pruning"]["schedule"] == [[0, 4, 20], [-1, 2, 6]]
+    assert (result["tokens_before"], result["tokens_after"]) == (65, 9)
+    assert "(pruned at blocks 1, 2 of 2 (a schedule))" in err and "65 -> 9 tokens" in err
+    # Block 0 keeps CLS + 24 of the 64 patches, block 1 CLS + 8 of those 24.
+    assert set(seen) == {(0, (25, 64)), (1, (9, 64))}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--schedule", "0:4"], "argument --schedule: must be stages LAYER:K_ANCHORS:TOP_M separated "
+                            "by commas, e.g. 3:4:20,6:2:10, got '0:4'"),
+    (["--schedule", "1:4:20,0:2:6"], "--schedule blocks must be strictly increasing, got stage 1 "
+                                     "at block 1 and stage 2 at block 0"),
+    (["--schedule", "0:4:20,1:2:30"], "--schedule stage 2 must keep fewer patches than the 24 "
+                                      "that stage 1 keeps"),
+    (["--schedule", "0:4:20,1:2:6", "--top_m", "6"], "--schedule gives every stage's block and "
+                                                     "counts: leave out --top_m 6"),
+])
+def test_eval_bad_schedules_are_refused_before_loading(tiny, tmp_path, capsys, no_loading, flags,
+                                                       message):
+    status, _, err = run_main(eval_args(tiny, tmp_path / "out.json", "--enable_pruning", *flags),
+                              capsys)
+    assert status != 0 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, required", [("visualize", []),
+                                               ("sweep", ["--output_dir", "out"])])
+def test_commands_without_a_schedule_say_which_takes_it(capsys, command, required):
+    status, _, err = run_main([command, *required, "--schedule", "0:4:20,1:2:6"], capsys)
+    assert status == 2
+    assert (f"tokenprune {command}: error: unrecognized arguments: --schedule 0:4:20,1:2:6; "
+            f"tokenprune {command} takes no schedule yet (one pruned block, --layer); "
+            "`tokenprune eval` takes --schedule") in err
+
+
+def test_eval_schedule_outside_the_tower_is_one_line(tiny, tmp_path, capsys):
+    status, _, err = run_main(eval_args(tiny, tmp_path / "out.json", "--enable_pruning",
+                                        "--schedule", "0:4:20,2:2:6"), capsys)
+    assert status == 1
+    assert "--schedule stage 2 layer must be in [-2, 1] for this 2-block tower, got 2" in err
 
 
 def test_visualize_other_selections_say_what_kept_the_patches(tiny, tmp_path, capsys):

@@ -12,6 +12,7 @@ _PUBLIC = {
     "apply_pruning_to_model": "patch",
     "prune_image_tokens": "vlm",
     "pruned_block": "patch",
+    "pruned_blocks": "patch",
     "remove_pruning": "patch",
     "replace_last_block": "patch",
     "select_and_gather": "selection",

@@ -1,7 +1,9 @@
 """The pruning configuration: every parameter is validated here, once, when the config is made."""
+import dataclasses
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import NamedTuple, Tuple
 
 SCORE_NORMS = ("none", "minmax")
 BACKENDS = ("auto", "triton", "reference")
@@ -36,6 +38,55 @@ def _require_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _require_layer(name, value):
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer block index (negative counts from the end), "
+                         f"got {value!r}")
+
+
+class Stage(NamedTuple):
+    """One stage of a pruning schedule: at block `layer`, keep k_anchors + top_m of the patches
+    that reach it (SPEC.md, "Pruning at several blocks")."""
+
+    layer: int
+    k_anchors: int
+    top_m: int
+
+    def __repr__(self):  # as written: PruneConfig's repr then reads as the call that made it
+        return repr(tuple(self))
+
+
+def _stages(schedule):
+    """The schedule as a tuple of Stages, every value checked (each error names the stage)."""
+    if schedule is None:
+        return ()
+    if isinstance(schedule, (str, bytes)) or not hasattr(schedule, "__iter__"):
+        raise ValueError(f"schedule must be a sequence of (layer, k_anchors, top_m) stages, "
+                         f"got {schedule!r}")
+    stages = []
+    for number, stage in enumerate(schedule, 1):
+        if isinstance(stage, (str, bytes)) or not hasattr(stage, "__len__") or len(stage) != 3:
+            raise ValueError(f"schedule stage {number} must be a (layer, k_anchors, top_m) triple, "
+                             f"got {stage!r}")
+        layer, k_anchors, top_m = stage
+        _require_layer(f"schedule stage {number} layer", layer)
+        _require_int(f"schedule stage {number} k_anchors", k_anchors, 1)
+        _require_int(f"schedule stage {number} top_m", top_m, 0)
+        stages.append(Stage(int(layer), int(k_anchors), int(top_m)))
+    for number, (before, after) in enumerate(zip(stages, stages[1:]), 2):
+        # Layers of different signs are ordered once the tower's depth is known (block_indices).
+        if (before.layer < 0) == (after.layer < 0) and after.layer <= before.layer:
+            raise ValueError(f"schedule blocks must be strictly increasing, got stage "
+                             f"{number - 1} at block {before.layer} and stage {number} at block "
+                             f"{after.layer}")
+        kept_before, kept = before.k_anchors + before.top_m, after.k_anchors + after.top_m
+        if kept >= kept_before:
+            raise ValueError(f"schedule stage {number} must keep fewer patches than the "
+                             f"{kept_before} that stage {number - 1} keeps, got k_anchors + top_m "
+                             f"= {kept}")
+    return tuple(stages)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how.
@@ -65,6 +116,12 @@ class PruneConfig:
     seed: the random control's seed (an integer >= 0).
     mmr_lambda: the mmr selection's weight of relevance (class-token attention) against
         redundancy (cosine to the patches kept), in [0, 1]; 1 is the cls selection's order.
+    schedule: prune at several blocks: a sequence of (layer, k_anchors, top_m) stages, blocks
+        strictly increasing, each keeping fewer patches than the stage before; each stage
+        selects among the patches the earlier stages kept (SPEC.md, "Pruning at several
+        blocks"). Give either schedule or layer / k_anchors / top_m: with a schedule those
+        three become its last stage's. A one-stage schedule is that single cut (an equal
+        config); the other settings (selection, alpha, backend...) are shared by every stage.
     """
 
     k_anchors: int = 10
@@ -75,20 +132,34 @@ class PruneConfig:
     backend: str = "auto"
     selection: str = "score"
     seed: int = 0
-    mmr_lambda: float = MMR_LAMBDA  # last, so that positional arguments keep their meaning
+    # New fields go last, so that positional arguments keep their meaning.
+    mmr_lambda: float = MMR_LAMBDA
+    schedule: Tuple[Stage, ...] = ()
 
     def __post_init__(self):
         _require_int("k_anchors", self.k_anchors, 1)
         _require_int("top_m", self.top_m, 0)
         _require_unit_interval("alpha", self.alpha)
         _require_unit_interval("mmr_lambda", self.mmr_lambda)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, Integral):
-            raise ValueError(f"layer must be an integer block index (negative counts from the end), "
-                             f"got {self.layer!r}")
+        _require_layer("layer", self.layer)
         _require_choice("score_norm", self.score_norm, SCORE_NORMS)
         _require_choice("backend", self.backend, BACKENDS)
         _require_choice("selection", self.selection, SELECTIONS)
         _require_int("seed", self.seed, 0)
+        stages = _stages(self.schedule)
+        if stages:
+            cut = (self.layer, self.k_anchors, self.top_m)
+            if cut not in (_SINGLE_CUT, stages[-1]):
+                raise ValueError(f"give the blocks and counts either in schedule or as layer, "
+                                 f"k_anchors, top_m, not both: got layer={self.layer!r}, "
+                                 f"k_anchors={self.k_anchors!r}, top_m={self.top_m!r} with "
+                                 f"schedule={self.schedule!r}")
+            # The last stage's values: kept_patches is then what leaves the last stage.
+            object.__setattr__(self, "layer", stages[-1].layer)
+            object.__setattr__(self, "k_anchors", stages[-1].k_anchors)
+            object.__setattr__(self, "top_m", stages[-1].top_m)
+        # A one-stage schedule is the single cut itself, equal to it as a config too.
+        object.__setattr__(self, "schedule", stages if len(stages) > 1 else ())
         # Plain Python numbers from here on, whatever numeric type was passed in.
         object.__setattr__(self, "k_anchors", int(self.k_anchors))
         object.__setattr__(self, "top_m", int(self.top_m))
@@ -99,7 +170,43 @@ class PruneConfig:
 
     @property
     def kept_patches(self) -> int:
+        """The patches that leave the (last) pruned block: k_anchors + top_m."""
         return self.k_anchors + self.top_m
+
+    @property
+    def stages(self) -> Tuple[Stage, ...]:
+        """(layer, k_anchors, top_m) of every stage, in order; one stage for a single cut."""
+        return self.schedule or (Stage(self.layer, self.k_anchors, self.top_m),)
+
+    def stage_configs(self) -> Tuple["PruneConfig", ...]:
+        """One single-cut PruneConfig per stage (the other settings shared): what each stage's
+        pruned block selects with."""
+        if not self.schedule:
+            return (self,)
+        return tuple(dataclasses.replace(self, schedule=(), layer=stage.layer,
+                                         k_anchors=stage.k_anchors, top_m=stage.top_m)
+                     for stage in self.schedule)
+
+    def block_indices(self, depth: int) -> Tuple[int, ...]:
+        """Each stage's block index in a `depth`-block tower (negative layers count from the
+        end); ValueError when one is outside the tower or they are not strictly increasing."""
+        indices = []
+        for number, stage in enumerate(self.stages, 1):
+            name = f"schedule stage {number} layer" if self.schedule else "layer"
+            if not -depth <= stage.layer < depth:
+                raise ValueError(f"{name} must be in [{-depth}, {depth - 1}] for this "
+                                 f"{depth}-block tower, got {stage.layer}")
+            indices.append(stage.layer % depth)
+        if any(after <= before for before, after in zip(indices, indices[1:])):
+            raise ValueError(f"schedule blocks must be strictly increasing, got "
+                             f"{', '.join(str(s.layer) for s in self.stages)}, which are blocks "
+                             f"{', '.join(map(str, indices))} of this {depth}-block tower")
+        return tuple(indices)
+
+
+# layer, k_anchors and top_m as PruneConfig() has them: a schedule given with these is no
+# conflict (they become the schedule's last stage's).
+_SINGLE_CUT = (PruneConfig.layer, PruneConfig.k_anchors, PruneConfig.top_m)
 
 
 def _check_ratio(ratio, top_m):

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from .towers import UnsupportedModelError, block_adapter, find_tower, vision_lan
 from .vlm import image_token_pruning, remove_image_token_pruning
 
 __all__ = ["PrunedVisionEncoder", "UnsupportedModelError", "apply_pruning_to_model",
-           "pruned_block", "remove_pruning", "replace_last_block"]
+           "pruned_block", "pruned_blocks", "remove_pruning", "replace_last_block"]
 
 
 SETTINGS = tuple(field.name for field in dataclasses.fields(PruneConfig))
@@ -44,6 +44,11 @@ def _config_or_keywords(name):
                 raise TypeError(f"{name}: config must be a PruneConfig, got "
                                 f"{type(config).__name__}")
             settings = ", ".join(f"{key}={given[key]!r}" for key in SETTINGS if key in given)
+            cut = [f"{key}={given[key]!r}" for key in ("layer", "k_anchors", "top_m")
+                   if key in given]
+            if given.get("schedule") and cut:
+                raise TypeError(f"{name}: give either schedule or {', '.join(cut)}, not both (a "
+                                f"schedule's stages are (layer, k_anchors, top_m) triples)")
             if config is not None and settings:
                 raise TypeError(f"{name}: give either config or the keywords {settings}, not "
                                 f"both (dataclasses.replace(config, {settings}) is the config "
@@ -61,17 +66,24 @@ def visual_tower(model: nn.Module) -> nn.Module:
 
 
 def pruned_block(model: nn.Module):
-    """The PrunedBlock of a patched model (or its tower), else None. For a LLaVA model patched
-    by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config` too)."""
+    """The PrunedBlock of a patched model (or its tower), else None; with a schedule, its last
+    stage (whose `last_keep_idx` are the patches the tower's head sees). For a LLaVA model
+    patched by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config`
+    too)."""
+    stages = pruned_blocks(model)
+    return stages[-1] if stages else None
+
+
+def pruned_blocks(model: nn.Module) -> tuple:
+    """Every stage's PrunedBlock of a patched model (or its tower), in order: one for a single
+    cut, none for an unpatched model. Each `last_keep_idx` is in the original token numbering.
+    For a LLaVA model patched by `prune_image_tokens`, its ImageTokenPruning alone."""
     state = image_token_pruning(model)
     if state is not None:
-        return state
+        return (state,)
     if vision_language(model):
-        return None
-    for block in find_tower(model).blocks:
-        if isinstance(block, PrunedBlock):
-            return block
-    return None
+        return ()
+    return tuple(block for block in find_tower(model).blocks if isinstance(block, PrunedBlock))
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
@@ -95,8 +107,11 @@ def remove_pruning(model: nn.Module) -> nn.Module:
 def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
                        alpha: float = 0.5, score_norm: str = "none", layer: int = -1,
                        backend: str = "auto", config: Optional[PruneConfig] = None,
-                       selection: str = "score", mmr_lambda: float = MMR_LAMBDA) -> nn.Module:
-    """Prune tokens at one block (by default the last) of a ViT image tower, in place.
+                       selection: str = "score", mmr_lambda: float = MMR_LAMBDA,
+                       schedule: Optional[Sequence[Tuple[int, int, int]]] = None) -> nn.Module:
+    """Prune tokens at one block (by default the last) of a ViT image tower, in place; or, with
+    `schedule=[(layer, k_anchors, top_m), ...]`, at several blocks, each stage selecting among
+    the patches the stages before it kept (SPEC.md, "Pruning at several blocks").
 
     `model` is an OpenCLIP CLIP/CustomTextCLIP model, its `visual` tower, a timm
     VisionTransformer / Eva model, or a transformers CLIPVisionModel,
@@ -108,23 +123,25 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
                              score_norm=score_norm, layer=layer, backend=backend,
-                             selection=selection, mmr_lambda=mmr_lambda)
+                             selection=selection, mmr_lambda=mmr_lambda, schedule=schedule)
     tower = find_tower(model)
     blocks = tower.blocks
-    depth = len(blocks)
-    if not -depth <= config.layer < depth:
-        raise ValueError(f"layer must be in [{-depth}, {depth - 1}] for this {depth}-block "
-                         f"tower, got {config.layer}")
+    indices = config.block_indices(len(blocks))
     remove_pruning(model)
-    index = config.layer % depth
-    try:
-        block_adapter(blocks[index])
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"block {index} of {type(model).__name__}: {err}") from None
-    pruned = PrunedBlock(blocks[index], config, num_prefix=tower.num_prefix,
-                         class_token=tower.class_token)
-    pruned._hooks = tower.family.follow(pruned, list(blocks)[index + 1:])
-    blocks[index] = pruned
+    for index in indices:
+        try:
+            block_adapter(blocks[index])
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"block {index} of {type(model).__name__}: {err}") from None
+    previous = None
+    for stage, index in enumerate(indices):
+        previous = blocks[index] = PrunedBlock(blocks[index], config, tower.num_prefix,
+                                               tower.class_token, stage, previous)
+    # Each stage's kept tokens travel (rotary positions) up to and including the next stage,
+    # which selects among them and takes over from there.
+    ends = [index + 1 for index in indices[1:]] + [len(blocks)]
+    for index, end in zip(indices, ends):
+        blocks[index]._hooks = tower.family.follow(blocks[index], list(blocks)[index + 1:end])
     return model
 
 
@@ -163,7 +180,8 @@ class PrunedVisionEncoder(nn.Module):
 
     @property
     def keep_idx(self) -> Optional[torch.Tensor]:
-        """Kept patch indices (B, k + m) of the last forward (None if nothing was pruned)."""
+        """Kept patch indices (B, k + m) of the last forward (None if nothing was pruned); with a
+        schedule, the last stage's, in the original token numbering."""
         return pruned_block(self.visual).last_keep_idx
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,11 @@ class GridEncoder:
         self.configs = list(configs)
         if pruned_block(self.visual) is not None:
             raise ValueError("GridEncoder needs an unpruned tower: call remove_pruning(model) first")
+        for config in self.configs:
+            if config is not None and config.schedule:
+                raise ValueError(f"GridEncoder runs one cut per configuration, got a schedule of "
+                                 f"{len(config.schedule)} stages (sweeps over schedules are not "
+                                 f"supported yet)")
         self.tower = find_tower(self.visual)
         self.blocks = self.tower.blocks
         patches = self.tower.num_patches

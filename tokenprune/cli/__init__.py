@@ -48,7 +48,7 @@ def add_visualize_arguments(parser):
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="kept.png", help="output PNG (default %(default)s)")
-    add_pruning_arguments(parser, always_on=True)
+    add_pruning_arguments(parser, always_on=True, schedule=False)  # one picture, one cut
     # None until visualize.use_shipped_model knows which model runs: k and m suit its patch count.
     for name, shipped in SHIPPED_MODEL_PRUNING.items():
         action = parser._option_string_actions[f"--{name}"]
@@ -234,6 +234,10 @@ def unrecognized(extras, parser):
         underscored = "--" + name[2:].replace("-", "_")
         if underscored == "--enable_pruning" and underscored not in known:
             hints.append(f"{parser.prog} always prunes: leave out {name}")
+            continue
+        if underscored == "--schedule" and underscored not in known:
+            hints.append(f"{parser.prog} takes no schedule yet (one pruned block, --layer); "
+                         f"`{PROG} eval` takes {name}")
             continue
         close = difflib.get_close_matches(underscored, known, n=1, cutoff=0.6)
         if close:

@@ -29,7 +29,9 @@ DEBUG_ENV = "TOKENPRUNE_DEBUG"
 # PruneConfig default. The flags' defaults are PruneConfig's (the seed's k_anchors 10, top_m 50,
 # alpha 0.5, and ours).
 PRUNING_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend", "selection",
-                 "mmr_lambda")
+                 "mmr_lambda", "schedule")
+# The flags that a --schedule replaces: each of its stages gives them.
+SCHEDULE_REPLACES = ("layer", "k_anchors", "top_m")
 PRUNING_DEFAULTS = {name: value for name, value in asdict(PruneConfig()).items()
                     if name in PRUNING_FLAGS}
 # `tokenprune sweep`: the list-valued pruning flags (each a PruneConfig field) -> (type, what
@@ -80,8 +82,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_pruning_arguments(parser, always_on=False):
-    """The pruning flags (PruneConfig's fields), and --enable_pruning unless `always_on`."""
+def parse_schedule(text):
+    """--schedule's value, stages LAYER:K_ANCHORS:TOP_M separated by commas, as ((layer, k, m),
+    ...) integers; PruneConfig checks what the numbers may be."""
+    stages = [stage.strip().split(":") for stage in text.split(",")]
+    try:
+        if any(len(stage) != 3 for stage in stages):
+            raise ValueError
+        return tuple(tuple(int(number) for number in stage) for stage in stages)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be stages LAYER:K_ANCHORS:TOP_M separated by "
+                                         f"commas, e.g. 3:4:20,6:2:10, got {text!r}") from None
+
+
+def add_pruning_arguments(parser, always_on=False, schedule=True):
+    """The pruning flags (PruneConfig's fields), --enable_pruning unless `always_on`, and
+    --schedule if `schedule`."""
     group = parser.add_argument_group(
         "token pruning (tokenprune)",
         "Keep CLS + k_anchors + top_m tokens at one block of the image tower.")
@@ -112,6 +128,14 @@ def add_pruning_arguments(parser, always_on=False):
     group.add_argument("--mmr_lambda", type=float, default=d["mmr_lambda"],
                        help="--selection mmr: weight of CLS attention against similarity to "
                             "the kept patches, in [0, 1] (default %(default)s)")
+    if schedule:
+        group.add_argument("--schedule", type=parse_schedule, default=d["schedule"],
+                           metavar="LAYER:K:M,...",
+                           help="prune at several blocks instead of one: stages "
+                                "LAYER:K_ANCHORS:TOP_M separated by commas, blocks increasing, "
+                                "each stage keeping fewer patches than the one before and "
+                                "selecting among them (e.g. 3:4:20,6:2:10); replaces --layer, "
+                                "--k_anchors and --top_m")
     return group
 
 
@@ -197,8 +221,16 @@ def use_shipped_model(args):
 
 def prune_config(args):
     """The PruneConfig of the parsed flags; a bad value is a CLIError naming the flag."""
+    # A command without --schedule (visualize) keeps PruneConfig's default for it.
+    values = {name: getattr(args, name, default) for name, default in PRUNING_DEFAULTS.items()}
+    if values["schedule"]:
+        given = [f"--{name} {values[name]}" for name in SCHEDULE_REPLACES
+                 if values[name] != PRUNING_DEFAULTS[name]]
+        if given:
+            raise CLIError(f"--schedule gives every stage's block and counts: leave out "
+                           f"{', '.join(given)}")
     try:
-        return PruneConfig(**{name: getattr(args, name) for name in PRUNING_DEFAULTS})
+        return PruneConfig(**values)
     except ValueError as err:
         raise CLIError(f"--{err}") from err
 

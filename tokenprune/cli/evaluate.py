@@ -283,7 +283,10 @@ class _Session:
         tokens = (f"; {result['tokens_before']} -> {result['tokens_after']} tokens"
                   if result["tokens_before"] else "")
         pruning = result["pruning"]
-        if pruning.get("applied"):
+        if pruning.get("applied") and pruning.get("schedule"):
+            blocks = [str(layer % pruning["num_blocks"] + 1) for layer, _, _ in pruning["schedule"]]
+            mode = f"pruned at blocks {', '.join(blocks)} of {pruning['num_blocks']} (a schedule)"
+        elif pruning.get("applied"):
             # 1-based in prose; the JSON's "block" is the 0-based index into resblocks.
             mode = (f"pruned at block {pruning['block'] + 1} of {pruning['num_blocks']} "
                     f"(index {pruning['block']})")

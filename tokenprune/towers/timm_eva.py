@@ -5,7 +5,8 @@ rotary positions, attention-pool head).
 Rotary positions: Eva computes one rotary table for the patch grid and hands the same `rope`
 to every block. After the pruned block, each later block gets, through a forward pre-hook,
 the rows of its `rope` at the kept patches' own positions, per image, shaped (B, 1, n, d) as
-timm's own patch dropout does (timm's rotary code broadcasts it over heads).
+timm's own patch dropout does (timm's rotary code broadcasts it over heads). In a schedule,
+a later stage's pruned block is one of those blocks: it selects with the earlier stage's rows.
 """
 from . import BlockAdapter, Family, UnsupportedModelError, timm_tower
 from ._timm_attention import attend, check_attention, packed_qkv
@@ -68,9 +69,11 @@ def kept_rope(rope, keep_idx, num_prefix):
 
 
 class KeptPositions:
-    """Forward pre-hook of a block after the pruned one: its `rope` argument becomes the rows at
-    the kept patches of the pruned block's last forward (unchanged when that forward pruned
-    nothing). A plain object, so that copy.deepcopy of the model copies the link too."""
+    """Forward pre-hook of a block after the pruned one: its `rope` argument (the tower's full
+    table) becomes the rows at the kept patches (original numbering) of the pruned block's last
+    forward (unchanged when that forward pruned nothing). In a schedule, on the blocks up to and
+    including the next stage's. A plain object, so that copy.deepcopy of the model copies the
+    link too."""
 
     def __init__(self, pruned, num_prefix):
         self.pruned = pruned
