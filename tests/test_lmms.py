@@ -99,7 +99,8 @@ def test_the_entry_point_registers_every_model():
         assert get_model(model_id).__module__.startswith("tokenprune.lmms.")
         assert get_model(model_id).MODEL_ID == model_id
     assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
-    assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_5_vl", "tokenprune_qwen3_vl"}
+    assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl",
+                           "tokenprune_qwen3_vl"}
 
 
 @pytest.mark.parametrize("model_args, named", [
@@ -228,7 +229,7 @@ def test_lmms_sweep_bad_input_is_one_line(argv, says, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
     """The base batches already: the answers without pruning are the base's, pruned ones are
     the same at batch 1 and 2 (left padding), and the results count 2 image tokens per image."""

@@ -21,18 +21,21 @@ PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alph
                      "selection": "str", "mmr_lambda": "float", "score_norm": "str",
                      "backend": "str"}
 
-# model id -> (the lmms-eval model it wraps, our class).
+# model id -> (the lmms-eval model it wraps, our class). Each wraps the implementation that
+# lmms-eval runs for the base's name: the chat one where the base has one (llava_hf, qwen2_5_vl,
+# qwen3_vl), else the simple one (qwen2_vl).
 MODELS = {"tokenprune_llava_hf": ("llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
+          "tokenprune_qwen2_vl": ("qwen2_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_VL"),
           "tokenprune_qwen2_5_vl": ("qwen2_5_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_5_VL"),
           "tokenprune_qwen3_vl": ("qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL")}
+SIMPLE = {"tokenprune_qwen2_vl"}
 
 
 def manifests():
     """The `lmms_eval.models` entry point: one ModelManifest per model in MODELS."""
     from lmms_eval.models.registry_v2 import ModelManifest
-    # lmms-eval's own llava_hf, qwen2_5_vl and qwen3_vl resolve to their chat implementations;
-    # ours wrap those.
-    return [ModelManifest(model_id=model_id, chat_class_path=class_path)
+    return [ModelManifest(model_id=model_id, simple_class_path=class_path)
+            if model_id in SIMPLE else ModelManifest(model_id=model_id, chat_class_path=class_path)
             for model_id, (_, class_path) in MODELS.items()]
 
 

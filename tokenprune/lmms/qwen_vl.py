@@ -1,5 +1,6 @@
-"""tokenprune_qwen2_5_vl and tokenprune_qwen3_vl: lmms-eval's own `qwen2_5_vl` and `qwen3_vl`
-models (their chat implementations, which `--model qwen2_5_vl` / `qwen3_vl` run), pruned by
+"""tokenprune_qwen2_vl, tokenprune_qwen2_5_vl and tokenprune_qwen3_vl: lmms-eval's own
+`qwen2_vl`, `qwen2_5_vl` and `qwen3_vl` models (the implementations that `--model qwen2_vl`,
+`qwen2_5_vl` and `qwen3_vl` run: chat, except for qwen2_vl), pruned by
 tokenprune.prune_image_tokens. Their bases already run real batches (left-padded), so only the
 pruning and the measurements are added.
 
@@ -7,6 +8,7 @@ Imported by lmms-eval only, when a run asks for one of these models.
 """
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
+from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 
 from .measure import PruningPlugin
 
@@ -14,7 +16,8 @@ from .measure import PruningPlugin
 class _QwenPlugin(PruningPlugin):
     def __init__(self, **arguments):
         pruning, base, record = self.split_arguments(arguments)
-        # The base's device_map "auto" sends the inputs to "cuda": on the CPU, the CPU.
+        # The bases' device_map ("auto", which sends the inputs to "cuda", or "cuda"): on the
+        # CPU, the CPU.
         if str(base.get("device")) == "cpu":
             base.setdefault("device_map", "cpu")
         super().__init__(**base)
@@ -24,6 +27,10 @@ class _QwenPlugin(PruningPlugin):
         results = super().generate_until(requests)
         self.log_measurements()
         return results
+
+
+class TokenpruneQwen2_VL(_QwenPlugin, Qwen2_VL):
+    MODEL_ID = "tokenprune_qwen2_vl"
 
 
 class TokenpruneQwen2_5_VL(_QwenPlugin, Qwen2_5_VL):
