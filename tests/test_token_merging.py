@@ -128,3 +128,29 @@ def test_bad_r_and_towers_are_refused(towers):
                                   reg_tokens=4)
     with pytest.raises(ValueError, match="5 prefix tokens"):
         token_merging.apply_token_merging(registers, 2)
+
+
+_acc_spec = importlib.util.spec_from_file_location(
+    "tokenprune_bench_merging_accuracy",
+    Path(__file__).resolve().parent.parent / "bench" / "merging_accuracy.py")
+merging_accuracy = importlib.util.module_from_spec(_acc_spec)
+_acc_spec.loader.exec_module(merging_accuracy)
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    rows = [dict(name="a", accuracy=0.9, images_per_s=100), dict(name="b", accuracy=0.8,
+            images_per_s=200), dict(name="c", accuracy=0.7, images_per_s=150),
+            dict(name="d", accuracy=0.9, images_per_s=90)]
+    assert merging_accuracy.pareto(rows) == {"a", "b"}
+
+
+def test_merging_accuracy_rows_on_the_shipped_vit():
+    rows = merging_accuracy.run_regime("small", 20, 10, 1, say=lambda line: None)
+    kinds = [row["kind"] for row in rows]
+    assert kinds[0] == "unpruned" and kinds.count("merging baseline") == len(
+        merging_accuracy.R_VALUES)
+    assert kinds.count("tokenprune") == len(merging_accuracy.PRUNINGS) * 2
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["merging r=4"]["mean_tokens_per_block"] == (65 + 61 + 57 + 53) / 4
+    assert by_name["schedule 2/3 (40, 20), cls"]["mean_tokens_per_block"] == (65 + 41 + 21 + 21) / 4
+    assert any(row["pareto"] for row in rows)
