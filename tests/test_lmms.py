@@ -111,6 +111,7 @@ def test_the_entry_point_registers_every_model():
     ("ratio=1.5", "ratio"),
     ("ratio=0.5,top_m=3", "ratio"),     # two counts
     ("alpha=2", "alpha"),
+    ("layer=1.5", "layer"),
 ])
 def test_bad_pruning_arguments_are_refused_before_loading(model_args, named):
     # The folder does not exist: a refusal that came after loading would be another error.
@@ -246,3 +247,10 @@ def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
     assert batched == single
     # What shows that it pruned: this random model's answers may not change.
     assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2
+    # Inside the tower (the tiny towers' last block): batched as at batch 1, still 2 tokens.
+    inside, single, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1,layer=-1",
+                                 base_args=base_args)
+    _, batched, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1,layer=-1",
+                             batch_size=2, base_args=base_args)
+    assert batched == single
+    assert inside["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2

@@ -344,3 +344,24 @@ def test_remove_pruning_restores_the_tower(deep, family):
     assert torch.equal(after["input_ids"], batch["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**after).logits, before)
+
+
+def test_the_generate_command_prunes_inside_the_tower(tmp_path, capsys):
+    from helpers import run_main
+    from PIL import Image
+    from tiny_qwen_vl import save_qwen_vl
+    folder = save_qwen_vl(str(tmp_path / "qwen"), "qwen2_5_vl", "tiny", seed=0)
+    path = str(tmp_path / "0.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3),
+                                                      dtype=np.uint8)).save(path)  # 9 units
+    common = ["generate", "--model", folder, "--image", path, "--prompt", "what is this ?",
+              "--max_new_tokens", "2", "--k_anchors", "2", "--top_m", "2"]
+    status, out, err = run_main(common + ["--layer", "-1"], capsys)
+    assert status == 0, err
+    assert "9 -> 4 image tokens per image" in out and "vision block -1" in out
+    # Block 0 of the tiny Qwen2.5-VL attends in windows: refused in one line, after loading.
+    status, out, err = run_main(common + ["--layer", "0"], capsys)
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("tokenprune: error: --layer=0 is window-attention block 0")
+    assert "Traceback" not in err
