@@ -6,7 +6,9 @@ the Qwen2.5-VL-7B-Instruct configuration in bfloat16, one 1288 x 728 image (92 x
 on the CPU at batch 1 only when TOKENPRUNE_BENCH_QWEN_7B=1 (the weights take about 17 GB: run
 it alone); with TOKENPRUNE_BENCH_SMOKE=1 the tiny model at batch 1 and 2, a 64 x 48 image.
 
-Providers: "unpruned", and prune_image_tokens at ratio 0.25 and 0.1 (default selection, mmr).
+Providers: "unpruned", and prune_image_tokens at ratio 0.25 and 0.1 (default selection, mmr),
+each with the selection at the last block's input (layer None) and inside the tower at
+`layer` 7, 15 and -1 (the smoke run: -1 only).
 Measures, each a pytest-benchmark row with its extra_info:
 - ttft: one forward over the prompt with the image, to the first token's logits (the tower,
   the selection, the merger and the language model's prefill);
@@ -31,6 +33,7 @@ import tokenprune  # noqa: E402
 SMOKE = os.environ.get("TOKENPRUNE_BENCH_SMOKE", "0") not in ("", "0")
 REAL_ON_CPU = os.environ.get("TOKENPRUNE_BENCH_QWEN_7B", "0") not in ("", "0")
 RATIOS = (None, 0.25, 0.1)
+LAYERS = (None, 7, 15, -1)  # Qwen2.5-VL-7B's full-attention blocks 7, 15 and 31
 PROMPT = ("what is the color of the big dog on the left of the picture , and how many people "
           "are there in the middle of it ? describe the sky .")
 
@@ -67,12 +70,15 @@ def prompt_inputs(processor, image, batch, device):
 @pytest.mark.parametrize("measure", ["ttft", "vision", "lm"])
 @pytest.mark.parametrize("ratio", RATIOS, ids=lambda r: "unpruned" if r is None else f"r{r}")
 @pytest.mark.parametrize("batch", [1, 2, 4])
-def test_qwen_vl(qwen, env, benchmark, measure, ratio, batch):
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: f"layer{layer}")
+def test_qwen_vl(qwen, env, benchmark, measure, ratio, batch, layer):
     if batch not in batches(env.device.type == "cuda"):
         pytest.skip(f"batch {batch} is not run on this device")
+    if layer is not None and (ratio is None or (SMOKE and layer != -1)):
+        pytest.skip("layer is a pruned provider's (the tiny tower has 2 blocks)")
     model, processor, image, size = qwen
     if ratio is not None:
-        tokenprune.prune_image_tokens(model, processor, ratio=ratio)
+        tokenprune.prune_image_tokens(model, processor, ratio=ratio, layer=layer)
     try:
         inputs = prompt_inputs(processor, image, batch, env.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -106,7 +112,7 @@ def test_qwen_vl(qwen, env, benchmark, measure, ratio, batch):
         benchmark.group = f"qwen_vl {size} B={batch}"
         benchmark.extra_info.update(
             kind="qwen_vl", measure=measure, model=size, batch=batch,
-            provider="unpruned" if ratio is None else "ours", ratio=ratio,
+            provider="unpruned" if ratio is None else "ours", ratio=ratio, layer=layer,
             image_tokens=image_tokens, prompt_tokens=int(inputs["input_ids"].shape[1]),
             device=env.device_name(), device_type=env.device.type,
             dtype=str(model.dtype).replace("torch.", ""),
