@@ -37,15 +37,20 @@ def qwen():
     def get(family):
         if family not in built:
             model, processor = build_qwen_vl(family, "tiny", seed=0)
-            scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
-            rng = np.random.default_rng(0)
-            from PIL import Image
-            drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3),
-                                                  dtype=np.uint8)) for h, w in SIZES]
-            # the batch's images in prompt order: prompt 1 has one, prompt 2 two, prompt 3 one
-            built[family] = model, processor, [drawn[i] for i in IMAGES]
+            built[family] = model, processor, pictures_for(family)
         return built[family]
     return get
+
+
+def pictures_for(family):
+    """The batch's random images in prompt order (prompt 1 has one, prompt 2 two, prompt 3
+    one), of SIZES in the family's patches."""
+    from PIL import Image
+    scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
+    rng = np.random.default_rng(0)
+    drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3), dtype=np.uint8))
+             for h, w in SIZES]
+    return [drawn[i] for i in IMAGES]
 
 
 def inputs(processor, pictures, prompts=PROMPTS, side="left"):
@@ -174,9 +179,14 @@ def generate(model, batch, tokens=5):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_of_a_batch_equals_each_sample_alone(qwen, family):
-    model, processor, pictures = qwen(family)
+    batched_generate_equals_each_alone(*qwen(family), k_anchors=2, top_m=3)
+
+
+def batched_generate_equals_each_alone(model, processor, pictures, **how):
+    """Pruned with `how`: greedy generate on PROMPTS in one batch gives each prompt's tokens
+    and kept units alone (also used by test_qwen_vl_layer.py)."""
     per_prompt = [[pictures[i] for i in images] for images in PER_PROMPT]
-    prune_image_tokens(model, processor, k_anchors=2, top_m=3)
+    prune_image_tokens(model, processor, **how)
     try:
         batched = generate(model, inputs(processor, pictures))
         keep_batched = pruned_block(model).last_keep_idx

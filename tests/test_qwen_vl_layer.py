@@ -22,8 +22,8 @@ import torch
 from tokenprune import prune_image_tokens, pruned_block, remove_pruning
 
 pytest.importorskip("transformers")
-from test_qwen_vl import (IMAGES, PER_PROMPT, PROMPTS, SIZES, expected_logits,  # noqa: E402
-                          generate, inputs, unpruned)
+from test_qwen_vl import (batched_generate_equals_each_alone, expected_logits,  # noqa: E402
+                          inputs, pictures_for, unpruned)
 from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402
 
 DEEP = {"qwen2_vl": dict(depth=3),
@@ -42,12 +42,7 @@ def deep():
         if family not in built:
             model, processor = build_qwen_vl(family, "tiny", seed=1, vision=DEEP[family])
             sharpen(model)
-            scale = 2 if family == "qwen3_vl" else 1
-            rng = np.random.default_rng(0)
-            from PIL import Image
-            drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3),
-                                                  dtype=np.uint8)) for h, w in SIZES]
-            built[family] = model, processor, [drawn[i] for i in IMAGES]
+            built[family] = model, processor, pictures_for(family)
         return built[family]
     return get
 
@@ -282,21 +277,7 @@ def test_layer_last_keeps_the_units_of_layer_none(deep, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_of_a_batch_equals_each_sample_alone(deep, family):
-    model, processor, pictures = deep(family)
-    per_prompt = [[pictures[i] for i in images] for images in PER_PROMPT]
-    prune_image_tokens(model, processor, layer=LAYER, k_anchors=2, top_m=3)
-    try:
-        batched = generate(model, inputs(processor, pictures))
-        keep_batched = pruned_block(model).last_keep_idx
-        alone, keep_alone = [], []
-        for images, prompt in zip(per_prompt, PROMPTS):
-            alone.append(generate(model, inputs(processor, images, [prompt]))[0])
-            keep_alone += pruned_block(model).last_keep_idx
-    finally:
-        remove_pruning(model)
-    assert all(torch.equal(a, b) for a, b in zip(keep_batched, keep_alone))
-    for b in range(3):
-        assert torch.equal(batched[b], alone[b])
+    batched_generate_equals_each_alone(*deep(family), layer=LAYER, k_anchors=2, top_m=3)
 
 
 def test_refusals(deep):
