@@ -139,7 +139,8 @@ class QwenImageTokenPruning:
     `tokenprune.pruned_block(model)` returns it. `last_keep_idx`: one 1-D int64 tensor per image
     of the last image batch, in the order of image_grid_thw, the kept unit indices ascending
     (indices into that image's units in the order `model.visual` outputs them); None before the
-    first image. `kept(n)`: the units an image of n units keeps.
+    first image. `kept(n)`: the units an image of n units keeps. `layer`: the vision block index
+    where the selection cuts the tower (0 .. depth - 1), or None (the last block's input, no cut).
     """
 
     def __init__(self, model, inner, config, ratio, layer=None):
