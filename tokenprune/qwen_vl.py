@@ -170,27 +170,32 @@ class QwenImageTokenPruning:
     # --- the vision side -------------------------------------------------------------------
 
     def _unit_order(self, grid, rows, device):
-        """(rows,) int64: for each patch in unit order, its row in the last block's input.
-        Qwen2.5-VL's tower holds the units in window order (the same order in every block)."""
+        """(order, windows): for each patch in unit order, its row in a block's input (rows,)
+        int64; and Qwen2.5-VL's cu_window_seqlens, None in the other families. Qwen2.5-VL's
+        tower holds the units in window order (the same order in every block)."""
         if self.family != "qwen2_5_vl":
-            return torch.arange(rows, device=device)
+            return torch.arange(rows, device=device), None
         from transformers.vision_utils import get_vision_window_index
         visual = self.inner.visual
-        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size,
-                                                  visual.window_size, visual.patch_size)
+        window_index, windows = get_vision_window_index(grid, visual.spatial_merge_size,
+                                                        visual.window_size, visual.patch_size)
         merge2 = self.merge ** 2
         position = torch.argsort(window_index.to(device))  # unit -> its place in window order
-        return (position[:, None] * merge2 + torch.arange(merge2, device=device)).reshape(-1)
+        order = (position[:, None] * merge2 + torch.arange(merge2, device=device)).reshape(-1)
+        return order, windows
 
     def select(self, block, args, kwargs):
         """Forward pre-hook of the tower's last block (layer=None): SPEC's unit selection per
         image."""
         if self._grid is None:
             return
-        self._keep = self._select(block, args[0] if args else kwargs["hidden_states"], kwargs)
+        x = args[0] if args else kwargs["hidden_states"]
+        order, _ = self._unit_order(self._grid, x.shape[0], x.device)
+        self._keep = self._select(block, x, kwargs, order)
 
-    def _select(self, block, x, kwargs):
-        """The kept units of every image, from the block's input x and its own q/k."""
+    def _select(self, block, x, kwargs, order):
+        """The kept units of every image, from the block's input x and its own q/k; `order`
+        from _unit_order."""
         cu_seqlens = kwargs["cu_seqlens"]
         cos, sin = kwargs["position_embeddings"]
         attn = block.attn
@@ -201,7 +206,6 @@ class QwenImageTokenPruning:
             q, k = rotary(q, k, cos, sin)
             segment = torch.searchsorted(cu_seqlens[1:].to(x.device),
                                          torch.arange(L, device=x.device), right=True)
-            order = self._unit_order(self._grid, L, x.device)
             x, q, k, segment = x[order], q[order], k[order], segment[order]
             return self._select_images(x, q, k, segment, attn.scaling)
 
@@ -213,10 +217,9 @@ class QwenImageTokenPruning:
         if self._grid is None:
             return None
         x = args[0] if args else kwargs.pop("hidden_states")
-        keep = self._select(block, x, kwargs)
-        self._keep = keep
+        order, windows = self._unit_order(self._grid, x.shape[0], x.device)
+        keep = self._keep = self._select(block, x, kwargs, order)
         merge2 = self.merge ** 2
-        order = self._unit_order(self._grid, x.shape[0], x.device)
         starts = [0]
         for units in image_units(self._grid, self.merge)[:-1]:
             starts.append(starts[-1] + units)
@@ -225,14 +228,8 @@ class QwenImageTokenPruning:
                              for start, idx in zip(starts, keep)])
         rows = order[patches].sort().values  # the tower's order (window order in Qwen2.5-VL)
         cos, sin = kwargs["position_embeddings"]
-        windows = None
-        if self.family == "qwen2_5_vl":
-            from transformers.vision_utils import get_vision_window_index
-            visual = self.inner.visual
-            _, windows = get_vision_window_index(self._grid, self.merge, visual.window_size,
-                                                 visual.patch_size)
-            windows = recount(windows, rows)
-        self._kept_run = KeptPatches(rows, recount(kwargs["cu_seqlens"], rows), windows,
+        self._kept_run = KeptPatches(rows, recount(kwargs["cu_seqlens"], rows),
+                                     None if windows is None else recount(windows, rows),
                                      (cos.index_select(0, rows), sin.index_select(0, rows)))
         return self.run_on_kept(block, (x.index_select(0, rows), *args[1:]), kwargs)
 
