@@ -13,13 +13,19 @@ Measures, each a pytest-benchmark row with its extra_info:
 - ttft: one forward over the prompt with the image, to the first token's logits (the tower,
   the selection, the merger and the language model's prefill);
 - vision: get_image_features alone (the tower and merger; for a pruned provider with the
-  selection in it): selection overhead = pruned vision / unpruned vision - 1;
+  selection in it): selection overhead = pruned vision / unpruned vision - 1; a provider with
+  `layer` also times its selecting block's pre-hook (the selection and the cut) inside these
+  runs, extra_info selection_s (median);
 - lm: the language model's prefill alone over the prompt's token count for that provider
   (random embeddings at the prompt's positions).
 The ceiling of a pruned provider is unpruned ttft / (unpruned vision + lm at the kept count),
-from the medians; bench/qwen_vl_report.py prints each speed-up beside it.
+and with `layer` unpruned ttft / (its vision - selection_s + lm at the kept count: the first L
+blocks on every patch, the rest on the kept ones), from the medians; bench/qwen_vl_report.py
+prints each speed-up beside it.
 """
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -122,6 +128,26 @@ def test_qwen_vl(qwen, env, benchmark, measure, ratio, batch, layer):
             benchmark.extra_info["peak_mem_bytes"], benchmark.extra_info[
                 "peak_mem_total_bytes"] = env.peak_memory(run)
         rounds, warmup = (1, 0) if SMOKE else (3, 1) if env.device.type == "cpu" else (10, 2)
-        benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        timed = []  # the selecting block's pre-hook, per vision run
+        if measure == "vision" and layer is not None:
+            block = inner.visual.blocks[layer]
+
+            def started(module, args, kwargs):
+                env.sync()
+                timed.append(-time.perf_counter())
+
+            def done(module, args, kwargs):  # after tokenprune's pre-hook, registered earlier
+                env.sync()
+                timed[-1] += time.perf_counter()
+            timers = [block.register_forward_pre_hook(started, with_kwargs=True, prepend=True),
+                      block.register_forward_pre_hook(done, with_kwargs=True)]
+        try:
+            benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        finally:
+            if timed:
+                for timer in timers:
+                    timer.remove()
+        if timed:
+            benchmark.extra_info["selection_s"] = statistics.median(timed[warmup:] or timed)
     finally:
         tokenprune.remove_pruning(model)

@@ -7,9 +7,10 @@ Per run, batch and provider, from the medians: time to first token (ttft), the s
 unpruned, the ceiling that the token counts allow (unpruned ttft / (unpruned vision + the
 language model's prefill at the provider's prompt length)), the speed-up as a fraction of it,
 the selection's share of the vision tower's time (pruned vision / unpruned vision - 1), and the
-peak memory of one ttft against unpruned. Rows pruned inside the tower (`layer`) give their
-tower time against unpruned instead of the selection's share, and no ceiling yet (it needs the
-tower's blocks timed apart).
+peak memory of one ttft against unpruned. Rows pruned inside the tower (`layer`): the ceiling
+is unpruned ttft / (their vision - their selection + the language model's prefill), the
+selection timed inside their vision runs (extra_info selection_s), its share of their vision
+time, and their vision time against unpruned.
 """
 import argparse
 import sys
@@ -48,8 +49,12 @@ def report(paths):
                 if ratio is None or lm is None or vision is None:
                     cells += ["1.00x", "-", "-", "-", "1.00"]
                 elif layer is not None:
+                    select = vision.get("selection_s") or 0.0
+                    ceiling = base["ttft"]["median_s"] / (vision["median_s"] - select
+                                                         + lm["median_s"])
                     tower = vision["median_s"] / base["vision"]["median_s"]
-                    cells += [f"{speed:.2f}x", "-", "-", f"tower {tower:.2f}x of unpruned",
+                    cells += [f"{speed:.2f}x", f"{ceiling:.2f}x", f"{speed / ceiling:.0%}",
+                              f"{select / vision['median_s']:.1%} (tower {tower:.2f}x)",
                               f"{memory:.2f}"]
                 else:
                     ceiling = base["ttft"]["median_s"] / (base["vision"]["median_s"]
