@@ -7,7 +7,8 @@
 #   4. bench/gpu_bench.sh's LLaVA rows (bench/bench_vlm.py, LLaVA-1.5-7B shapes in float16),
 #      unless GPU_CHECK_VLM=0; about 5 minutes at most (TOKENPRUNE_VLM_BENCH_TIMEOUT).
 #   5. with GPU_CHECK_QWEN=1 (or =only): bench/bench_qwen_vl.py, the Qwen2.5-VL-7B rows (one
-#      1288 x 728 image, unpruned and ratio 0.25 / 0.1, batch 1 and 4, with their ceilings);
+#      1288 x 728 image, unpruned and ratio 0.25 / 0.1, each also with layer 7, 15 and -1,
+#      batch 1 and 4, with their ceilings);
 #      needs transformers >= 5.25 on that machine. Not yet run on any GPU.
 # Steps 1-3 and step 4 together can take longer than one 10-minute device call: run it with
 # GPU_CHECK_VLM=0, then with GPU_CHECK_VLM=only (step 4 alone).

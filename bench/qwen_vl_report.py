@@ -7,7 +7,10 @@ Per run, batch and provider, from the medians: time to first token (ttft), the s
 unpruned, the ceiling that the token counts allow (unpruned ttft / (unpruned vision + the
 language model's prefill at the provider's prompt length)), the speed-up as a fraction of it,
 the selection's share of the vision tower's time (pruned vision / unpruned vision - 1), and the
-peak memory of one ttft against unpruned.
+peak memory of one ttft against unpruned. Rows pruned inside the tower (`layer`): the ceiling
+is unpruned ttft / (their vision - their selection + the language model's prefill), the
+selection timed inside their vision runs (extra_info selection_s), its share of their vision
+time, and their vision time against unpruned.
 """
 import argparse
 import sys
@@ -24,28 +27,39 @@ def report(paths):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         rows = read_rows(path, kinds=("qwen_vl",))
-        at = {(r["batch"], r["ratio"], r["measure"]): r for r in rows}
+        at = {(r["batch"], r["ratio"], r.get("layer"), r["measure"]): r for r in rows}
         for batch in sorted({r["batch"] for r in rows}):
-            base = {m: at.get((batch, None, m)) for m in ("ttft", "vision", "lm")}
+            base = {m: at.get((batch, None, None, m)) for m in ("ttft", "vision", "lm")}
             if None in base.values():
                 continue
-            for ratio in sorted({r["ratio"] for r in rows if r["batch"] == batch},
-                                key=lambda r: -(r or 2)):
-                ttft, vision, lm = (at.get((batch, ratio, m)) for m in ("ttft", "vision", "lm"))
+            settings = sorted({(r["ratio"], r.get("layer")) for r in rows if r["batch"] == batch},
+                              key=lambda s: (-(s[0] or 2), s[1] is not None, s[1] or 0))
+            for ratio, layer in settings:
+                ttft, vision, lm = (at.get((batch, ratio, layer, m))
+                                    for m in ("ttft", "vision", "lm"))
                 if ttft is None:
                     continue
                 speed = base["ttft"]["median_s"] / ttft["median_s"]
+                name = "unpruned" if ratio is None else f"ratio {ratio}"
                 cells = [f"{Path(path).name}", str(batch),
-                         "unpruned" if ratio is None else f"ratio {ratio}",
+                         name if layer is None else f"{name}, layer {layer}",
                          str(ttft["image_tokens"]), f"{ttft['median_s'] * 1000:.1f}"]
+                memory = (ttft.get("peak_mem_bytes") or 0) / max(
+                    1, base["ttft"].get("peak_mem_bytes") or 0)
                 if ratio is None or lm is None or vision is None:
                     cells += ["1.00x", "-", "-", "-", "1.00"]
+                elif layer is not None:
+                    select = vision.get("selection_s") or 0.0
+                    ceiling = base["ttft"]["median_s"] / (vision["median_s"] - select
+                                                         + lm["median_s"])
+                    tower = vision["median_s"] / base["vision"]["median_s"]
+                    cells += [f"{speed:.2f}x", f"{ceiling:.2f}x", f"{speed / ceiling:.0%}",
+                              f"{select / vision['median_s']:.1%} (tower {tower:.2f}x)",
+                              f"{memory:.2f}"]
                 else:
                     ceiling = base["ttft"]["median_s"] / (base["vision"]["median_s"]
                                                          + lm["median_s"])
                     overhead = vision["median_s"] / base["vision"]["median_s"] - 1
-                    memory = (ttft.get("peak_mem_bytes") or 0) / max(
-                        1, base["ttft"].get("peak_mem_bytes") or 0)
                     cells += [f"{speed:.2f}x", f"{ceiling:.2f}x", f"{speed / ceiling:.0%}",
                               f"{overhead:+.1%}", f"{memory:.2f}"]
                 lines.append("| " + " | ".join(cells) + " |")

@@ -221,3 +221,23 @@ def test_vlm_report_ratios_and_the_results_page_section(tmp_path):
     assert section.startswith("\n\n## Vision-language models")
     assert ours in section and "\n### Test CPU (2 threads): float32" in section
     assert report.vlm_section(tmp_path / "nothing") == ""
+
+
+def test_the_qwen_vl_report_gives_a_layer_row_its_ceiling(tmp_path):
+    """bench/qwen_vl_report.py: a row pruned inside the tower has the ceiling unpruned ttft /
+    (its vision - its selection + its language model), and its selection's share of its vision."""
+    qwen_report = load_bench_module("qwen_vl_report")
+
+    def row(measure, median, ratio=None, layer=None, **extra):
+        return bench_entry(median, kind="qwen_vl", measure=measure, batch=1, ratio=ratio,
+                           layer=layer, provider="unpruned" if ratio is None else "ours",
+                           image_tokens=1196 if ratio is None else 299, **extra)
+    rows = [row("ttft", 10.0), row("vision", 4.0), row("lm", 6.0),
+            row("ttft", 3.0, 0.25, 7), row("vision", 2.0, 0.25, 7, selection_s=0.5),
+            row("lm", 1.5, 0.25, 7)]
+    path = tmp_path / "qwen.json"
+    path.write_text(json.dumps({"benchmarks": rows}), encoding="utf-8")
+    table = qwen_report.report([str(path)])
+    line = next(line for line in table.splitlines() if "layer 7" in line)
+    # ceiling 10 / (2 - 0.5 + 1.5) = 3.33x; speed-up 10 / 3 = 3.33x, 100% of it; 0.5 / 2 = 25%
+    assert "| 3.33x | 3.33x | 100% | 25.0% (tower 0.50x) |" in line

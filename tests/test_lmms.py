@@ -112,6 +112,7 @@ def test_the_entry_point_registers_every_model():
     ("ratio=1.5", "ratio"),
     ("ratio=0.5,top_m=3", "ratio"),     # two counts
     ("alpha=2", "alpha"),
+    ("layer=1.5", "layer"),
 ])
 def test_bad_pruning_arguments_are_refused_before_loading(model_args, named):
     # The folder does not exist: a refusal that came after loading would be another error.
@@ -240,10 +241,12 @@ def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
     unpruned, ours, _ = evaluate(setup, f"tokenprune_{family}", base_args=base_args)
     assert ours == base
     assert unpruned["throughput"]["avg_tokenprune_image_tokens_per_image"] > 2
-    pruned, single, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1",
+    # The second setting prunes inside the tower (layer=-1: the tiny towers' last block).
+    for setting in ("k_anchors=1,top_m=1", "k_anchors=1,top_m=1,layer=-1"):
+        pruned, single, _ = evaluate(setup, f"tokenprune_{family}", setting,
+                                     base_args=base_args)
+        _, batched, _ = evaluate(setup, f"tokenprune_{family}", setting, batch_size=2,
                                  base_args=base_args)
-    _, batched, _ = evaluate(setup, f"tokenprune_{family}", "k_anchors=1,top_m=1",
-                             batch_size=2, base_args=base_args)
-    assert batched == single
-    # What shows that it pruned: this random model's answers may not change.
-    assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2
+        assert batched == single, setting
+        # What shows that it pruned: this random model's answers may not change.
+        assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2, setting

@@ -37,15 +37,20 @@ def qwen():
     def get(family):
         if family not in built:
             model, processor = build_qwen_vl(family, "tiny", seed=0)
-            scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
-            rng = np.random.default_rng(0)
-            from PIL import Image
-            drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3),
-                                                  dtype=np.uint8)) for h, w in SIZES]
-            # the batch's images in prompt order: prompt 1 has one, prompt 2 two, prompt 3 one
-            built[family] = model, processor, [drawn[i] for i in IMAGES]
+            built[family] = model, processor, pictures_for(family)
         return built[family]
     return get
+
+
+def pictures_for(family):
+    """The batch's random images in prompt order (prompt 1 has one, prompt 2 two, prompt 3
+    one), of SIZES in the family's patches."""
+    from PIL import Image
+    scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
+    rng = np.random.default_rng(0)
+    drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3), dtype=np.uint8))
+             for h, w in SIZES]
+    return [drawn[i] for i in IMAGES]
 
 
 def inputs(processor, pictures, prompts=PROMPTS, side="left"):
@@ -174,9 +179,14 @@ def generate(model, batch, tokens=5):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_of_a_batch_equals_each_sample_alone(qwen, family):
-    model, processor, pictures = qwen(family)
+    batched_generate_equals_each_alone(*qwen(family), k_anchors=2, top_m=3)
+
+
+def batched_generate_equals_each_alone(model, processor, pictures, **how):
+    """Pruned with `how`: greedy generate on PROMPTS in one batch gives each prompt's tokens
+    and kept units alone (also used by test_qwen_vl_layer.py)."""
     per_prompt = [[pictures[i] for i in images] for images in PER_PROMPT]
-    prune_image_tokens(model, processor, k_anchors=2, top_m=3)
+    prune_image_tokens(model, processor, **how)
     try:
         batched = generate(model, inputs(processor, pictures))
         keep_batched = pruned_block(model).last_keep_idx
@@ -270,15 +280,16 @@ def test_ratio_one_is_bit_identical_and_remove_pruning_restores(qwen, family):
         assert torch.equal(model(**after).logits, before)
 
 
+@pytest.mark.parametrize("layer", [None, -1])  # -1: pruning inside the tower leaves it too
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_video_passes_through_unpruned(qwen, family):
+def test_video_passes_through_unpruned(qwen, family, layer):
     model, processor, _ = qwen(family)
     patch = 2 * 2 * 3 * (16 if family == "qwen3_vl" else 8) ** 2  # t x s x s x C x patch^2 / 2
     grid = torch.tensor([[1, 4, 4]])
     video = torch.randn(16, patch // 4 * 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model.model.get_video_features(video, grid).pooler_output
-    prune_image_tokens(model, processor, ratio=0.25)
+    prune_image_tokens(model, processor, ratio=0.25, layer=layer)
     try:
         with torch.no_grad():
             after = model.model.get_video_features(video, grid).pooler_output

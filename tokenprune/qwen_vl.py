@@ -19,9 +19,18 @@ Nothing in the model's modules changes. On the one model object:
 - A forward pre-hook on the language model writes each kept unit's own position into its slot
   (the selection is made after generate computed the positions, so this is the first place
   where both are known).
+
+With `layer=L` (SPEC.md, "Pruning inside the Qwen vision tower") the selection hook sits on
+block L instead and also cuts: it hands block L the kept units' patches, with their own rotary
+embeddings and recounted cu_seqlens; a pre-hook on every later block swaps in the same cut
+arguments (Qwen2.5-VL's window blocks get the recounted windows); a forward hook on the merger
+(and on the deepstack mergers of blocks L and after) spreads the kept units' rows back over a
+zero tensor of every unit, so that the tower's own reordering and splitting run unchanged and
+the wrapper above keeps the kept rows as it does without `layer`.
 """
 import math
 import sys
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -130,10 +139,11 @@ class QwenImageTokenPruning:
     `tokenprune.pruned_block(model)` returns it. `last_keep_idx`: one 1-D int64 tensor per image
     of the last image batch, in the order of image_grid_thw, the kept unit indices ascending
     (indices into that image's units in the order `model.visual` outputs them); None before the
-    first image. `kept(n)`: the units an image of n units keeps.
+    first image. `kept(n)`: the units an image of n units keeps. `layer`: the vision block index
+    where the selection cuts the tower (0 .. depth - 1), or None (the last block's input, no cut).
     """
 
-    def __init__(self, model, inner, config, ratio):
+    def __init__(self, model, inner, config, ratio, layer=None):
         self.model = model
         self.inner = inner
         self.config = config
@@ -141,13 +151,15 @@ class QwenImageTokenPruning:
         self.family = FAMILIES[next(p for p in sorted(FAMILIES, key=len, reverse=True)
                                     if type(inner).__name__.startswith(p))]
         self.merge = inner.visual.spatial_merge_size
+        self.layer = layer         # the block index where the selection cuts, or None
         self.image_token_id = inner.config.image_token_id
         self.last_keep_idx = None
         self.processors = []
         self._generator = torch.Generator().manual_seed(config.seed)
         self._handles = []
         self._grid = None          # image_grid_thw of the images the tower is encoding
-        self._keep = None          # their kept units, set by the last block's pre-hook
+        self._keep = None          # their kept units, set by the selecting block's pre-hook
+        self._kept_run = None      # layer=L: what blocks L.. run with (KeptPatches)
         self._in_video = False
         self._slots = None         # (B, L) image placeholders of the prompt being run
         self._pending = None       # (grids, keep) whose positions the language model still needs
@@ -158,23 +170,32 @@ class QwenImageTokenPruning:
     # --- the vision side -------------------------------------------------------------------
 
     def _unit_order(self, grid, rows, device):
-        """(rows,) int64: for each patch in unit order, its row in the last block's input.
-        Qwen2.5-VL's tower holds the units in window order (the same order in every block)."""
+        """(order, windows): for each patch in unit order, its row in a block's input (rows,)
+        int64; and Qwen2.5-VL's cu_window_seqlens, None in the other families. Qwen2.5-VL's
+        tower holds the units in window order (the same order in every block)."""
         if self.family != "qwen2_5_vl":
-            return torch.arange(rows, device=device)
+            return torch.arange(rows, device=device), None
         from transformers.vision_utils import get_vision_window_index
         visual = self.inner.visual
-        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size,
-                                                  visual.window_size, visual.patch_size)
+        window_index, windows = get_vision_window_index(grid, visual.spatial_merge_size,
+                                                        visual.window_size, visual.patch_size)
         merge2 = self.merge ** 2
         position = torch.argsort(window_index.to(device))  # unit -> its place in window order
-        return (position[:, None] * merge2 + torch.arange(merge2, device=device)).reshape(-1)
+        order = (position[:, None] * merge2 + torch.arange(merge2, device=device)).reshape(-1)
+        return order, windows
 
     def select(self, block, args, kwargs):
-        """Forward pre-hook of the tower's last block: SPEC's unit selection per image."""
+        """Forward pre-hook of the tower's last block (layer=None): SPEC's unit selection per
+        image."""
         if self._grid is None:
             return
         x = args[0] if args else kwargs["hidden_states"]
+        order, _ = self._unit_order(self._grid, x.shape[0], x.device)
+        self._keep = self._select(block, x, kwargs, order)
+
+    def _select(self, block, x, kwargs, order):
+        """The kept units of every image, from the block's input x and its own q/k; `order`
+        from _unit_order."""
         cu_seqlens = kwargs["cu_seqlens"]
         cos, sin = kwargs["position_embeddings"]
         attn = block.attn
@@ -185,9 +206,61 @@ class QwenImageTokenPruning:
             q, k = rotary(q, k, cos, sin)
             segment = torch.searchsorted(cu_seqlens[1:].to(x.device),
                                          torch.arange(L, device=x.device), right=True)
-            order = self._unit_order(self._grid, L, x.device)
             x, q, k, segment = x[order], q[order], k[order], segment[order]
-            self._keep = self._select_images(x, q, k, segment, attn.scaling)
+            return self._select_images(x, q, k, segment, attn.scaling)
+
+    # --- layer=L: blocks L and after on the kept units only ----------------------------------
+
+    def select_and_cut(self, block, args, kwargs):
+        """Forward pre-hook of block L: the selection, then block L's input cut to the kept
+        units' patches (in the tower's row order), with the arguments that go with them."""
+        if self._grid is None:
+            return None
+        x = args[0] if args else kwargs.pop("hidden_states")
+        order, windows = self._unit_order(self._grid, x.shape[0], x.device)
+        keep = self._keep = self._select(block, x, kwargs, order)
+        merge2 = self.merge ** 2
+        starts = [0]
+        for units in image_units(self._grid, self.merge)[:-1]:
+            starts.append(starts[-1] + units)
+        patches = torch.cat([((start + idx.to(x.device))[:, None] * merge2
+                              + torch.arange(merge2, device=x.device)).reshape(-1)
+                             for start, idx in zip(starts, keep)])
+        rows = order[patches].sort().values  # the tower's order (window order in Qwen2.5-VL)
+        cos, sin = kwargs["position_embeddings"]
+        self._kept_run = KeptPatches(rows, recount(kwargs["cu_seqlens"], rows),
+                                     None if windows is None else recount(windows, rows),
+                                     (cos.index_select(0, rows), sin.index_select(0, rows)))
+        return self.run_on_kept(block, (x.index_select(0, rows), *args[1:]), kwargs)
+
+    def run_on_kept(self, block, args, kwargs):
+        """Forward pre-hook of the blocks after L (and used by block L's): the cut arguments;
+        a Qwen2.5-VL window-attention block gets the recounted windows."""
+        run = self._kept_run
+        if run is None:
+            return None
+        full = (run.windows is None
+                or self._block_index(block) in self.inner.visual.fullatt_block_indexes)
+        cu_seqlens = run.cu_seqlens if full else run.windows
+        kwargs = {**kwargs, "cu_seqlens": cu_seqlens, "position_embeddings": run.rotary}
+        if kwargs.get("max_seqlen") is not None:  # flash attention's, else None
+            kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return args, kwargs
+
+    def spread_units(self, merger, args, output):
+        """Forward hook of a merger that ran on the kept patches: its rows spread over a zero
+        tensor of every unit, in the tower's unit order (the wrapper keeps the kept rows)."""
+        run = self._kept_run
+        if run is None:
+            return None
+        merge2 = self.merge ** 2
+        units = sum(image_units(self._grid, self.merge))
+        spread = output.new_zeros(units, *output.shape[1:])
+        spread[run.rows[::merge2] // merge2] = output
+        return spread
+
+    def _block_index(self, block):
+        return next(i for i, b in enumerate(self.inner.visual.blocks) if b is block)
 
     def _select_images(self, x, q, k, segment, scale):
         config, merge2 = self.config, self.merge ** 2
@@ -223,11 +296,11 @@ class QwenImageTokenPruning:
         try:
             output = original(pixel_values, image_grid_thw, **kwargs)
         finally:
-            self._grid = None
+            self._grid = self._kept_run = None
         keep, self._keep = self._keep, None
         if keep is None:
-            raise RuntimeError("the vision tower's last block did not run: tokenprune cannot "
-                               "tell which image tokens to keep")
+            raise RuntimeError("the vision tower's selecting block did not run: tokenprune "
+                               "cannot tell which image tokens to keep")
         self._cut(output, keep)
         self.last_keep_idx = keep
         self._pending = (image_grid_thw, keep)
@@ -347,10 +420,26 @@ class QwenImageTokenPruning:
             wrapper = getattr(self, name)
             setattr(inner, name, _Wrapped(wrapper, original))
         self._handles = [
-            inner.visual.blocks[-1].register_forward_pre_hook(self.select, with_kwargs=True),
             inner.register_forward_pre_hook(self.note_prompt, with_kwargs=True),
             inner.language_model.register_forward_pre_hook(self.place_units, with_kwargs=True),
         ]
+        visual = inner.visual
+        if self.layer is None:
+            self._handles.append(
+                visual.blocks[-1].register_forward_pre_hook(self.select, with_kwargs=True))
+            return
+        self._handles.append(visual.blocks[self.layer].register_forward_pre_hook(
+            self.select_and_cut, with_kwargs=True))
+        for block in visual.blocks[self.layer + 1:]:
+            self._handles.append(block.register_forward_pre_hook(self.run_on_kept,
+                                                                 with_kwargs=True))
+        mergers = [visual.merger]
+        # Qwen3-VL's deepstack features of blocks L and after come from the kept patches.
+        for index, merger in zip(getattr(visual, "deepstack_visual_indexes", ()),
+                                 getattr(visual, "deepstack_merger_list", ())):
+            if index >= self.layer:
+                mergers.append(merger)
+        self._handles += [merger.register_forward_hook(self.spread_units) for merger in mergers]
 
     def patch_processor(self, processor):
         from .vlm import ATTRIBUTE, remove_image_token_pruning
@@ -372,6 +461,42 @@ class QwenImageTokenPruning:
             if getattr(processor, ATTRIBUTE, None) is not None:
                 remove_image_token_pruning(processor)
         self.processors = []
+
+
+class KeptPatches:
+    """What blocks L and after run with under layer=L: `rows` the kept patches' rows in the
+    tower's input (ascending), `cu_seqlens` the full-attention segments and `windows` (Qwen2.5-VL,
+    else None) the window segments recounted over those rows, `rotary` their (cos, sin)."""
+
+    def __init__(self, rows, cu_seqlens, windows, rotary):
+        self.rows = rows
+        self.cu_seqlens = cu_seqlens
+        self.windows = windows
+        self.rotary = rotary
+
+
+def recount(cu_seqlens, rows):
+    """Segment boundaries over the kept rows: each boundary b of the tower's segments becomes
+    the count of kept rows below b; a segment with no kept row disappears."""
+    counted = torch.searchsorted(rows, cu_seqlens.to(rows.device, torch.int64))
+    return torch.unique_consecutive(counted).to(cu_seqlens.dtype)
+
+
+def resolve_layer(layer, inner):
+    """The block index that `layer` names in the Qwen-VL tower of `inner`, or ValueError."""
+    visual = inner.visual
+    depth = len(visual.blocks)
+    if isinstance(layer, bool) or not isinstance(layer, Integral) or not -depth <= layer < depth:
+        raise ValueError(f"layer must be a vision block index in [{-depth}, {depth - 1}] (the "
+                         f"tower has {depth} blocks; negative counts from the end), got {layer!r}")
+    index = int(layer) % depth
+    full = getattr(visual, "fullatt_block_indexes", None)
+    if full is not None and index not in full:
+        raise ValueError(f"layer={layer} is window-attention block {index} of Qwen2.5-VL's "
+                         f"vision tower: layer must be one of its full-attention blocks "
+                         f"{list(full)} (or {[i - depth for i in full]}), where the selection "
+                         f"sees the whole image")
+    return index
 
 
 class _Wrapped:
@@ -421,14 +546,16 @@ def check_processor(processor, model):
                                     f"{type(model).__name__}, got {name}")
 
 
-def prune_qwen(model, inner, processor, config, ratio) -> Optional[QwenImageTokenPruning]:
+def prune_qwen(model, inner, processor, config, ratio,
+               layer=None) -> Optional[QwenImageTokenPruning]:
     """Install the pruning on a Qwen-VL model (tokenprune.vlm.prune_image_tokens checked the
     arguments); None when nothing can be pruned (ratio 1)."""
     from .vlm import ATTRIBUTE, remove_image_token_pruning
+    index = None if layer is None else resolve_layer(layer, inner)
     if processor is not None:
         check_processor(processor, model)
     remove_image_token_pruning(model)
-    state = QwenImageTokenPruning(model, inner, config, ratio)
+    state = QwenImageTokenPruning(model, inner, config, ratio, index)
     if ratio == 1:
         return None
     state.install()

@@ -252,7 +252,8 @@ def remove_image_token_pruning(obj) -> bool:
 def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
                        top_m: Optional[int] = None, alpha: float = 0.5, score_norm: str = "none",
                        backend: str = "auto", selection: str = IMAGE_TOKEN_SELECTION,
-                       mmr_lambda: float = MMR_LAMBDA, ratio: Optional[float] = None) -> Any:
+                       mmr_lambda: float = MMR_LAMBDA, ratio: Optional[float] = None,
+                       layer: Optional[int] = None) -> Any:
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers Qwen2VL-, Qwen2_5_VL- or Qwen3VLForConditionalGeneration (or its
@@ -269,7 +270,10 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     Qwen-VL (SPEC.md, "Image tokens for Qwen2-VL, ..."): the unit is the merged token; the
     selection is made at the vision tower's last block per image; every kept token keeps its
     unpruned 3D position; video passes through whole. `pruned_block(model).last_keep_idx` is a
-    list of one tensor per image of the kept unit indices.
+    list of one tensor per image of the kept unit indices. `layer=L` (Qwen-VL only; SPEC.md,
+    "Pruning inside the Qwen vision tower") makes the selection at vision block L instead
+    (negative counts from the end; Qwen2.5-VL: one of `fullatt_block_indexes`), and block L and
+    every later block run on the kept units' patches only, so that the tower costs less too.
 
     LLaVA: the selection is made at the vision block whose output is
     `config.vision_feature_layer` (the deepest one of a list; a layer that is only the
@@ -294,13 +298,16 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
                                 mmr_lambda, ratio)
     inner = qwen_model(model)
     if inner is not None:
-        if prune_qwen(model, inner, processor, config, ratio) is None:
+        if prune_qwen(model, inner, processor, config, ratio, layer) is None:
             warnings.warn("ratio=1: every image token is kept, nothing to prune: the model is "
                           "unchanged", stacklevel=2)
             if processor is not None:
                 remove_image_token_pruning(processor)
         return model
     llava = _llava(model)
+    if layer is not None:
+        raise ValueError(f"layer={layer!r} is for the Qwen-VL models; a LLaVA model is pruned at "
+                         f"the block of its config.vision_feature_layer: leave layer None")
     try:
         tower = find_tower(llava.vision_tower)
     except UnsupportedModelError:

@@ -138,10 +138,11 @@ def build_processor(family, tokenizer=None, patch_size=8, merge_size=2, min_pixe
 
 
 def build_qwen_vl(family="qwen2_5_vl", size="tiny", seed=0, dtype=None, attn_implementation=None,
-                  device=None):
+                  device=None, vision=None):
     """(model, processor): the family's *ForConditionalGeneration with random weights drawn from
     `seed`, in eval mode (bfloat16 by default for "qwen2.5-vl-7b", else float32), made directly on
-    `device` (default: the CPU), and its processor, both made offline."""
+    `device` (default: the CPU), and its processor, both made offline. `vision`: entries that
+    replace the vision config's (say depth=4, fullatt_block_indexes=[1, 3])."""
     import torch
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -154,9 +155,10 @@ def build_qwen_vl(family="qwen2_5_vl", size="tiny", seed=0, dtype=None, attn_imp
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
     if size == "tiny":
-        text, vision = _tiny_text(family, len(tokenizer)), _tiny_vision(family)
+        text, vision_config = _tiny_text(family, len(tokenizer)), _tiny_vision(family)
     else:
-        text, vision = _qwen2_5_vl_7b(len(tokenizer))
+        text, vision_config = _qwen2_5_vl_7b(len(tokenizer))
+    vision = dict(vision_config, **(vision or {}))
     text.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 bos_token_id=None)
     config_class, model_class, _ = _classes(family)

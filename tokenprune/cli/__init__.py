@@ -86,7 +86,7 @@ def add_generate_arguments(parser):
         "token pruning (tokenprune)",
         "The language model sees k_anchors + top_m image tokens per image (or, with --ratio, that "
         "fraction of them), selected at the vision block whose output LLaVA uses, or at a "
-        "Qwen-VL tower's last block.")
+        "Qwen-VL tower's last block (or its block --layer).")
     group.add_argument("--k_anchors", type=int, default=10,
                        help="anchor patches chosen by the CLS attention (>= 1, default "
                             "%(default)s)")
@@ -99,6 +99,11 @@ def add_generate_arguments(parser):
     group.add_argument("--selection", choices=SELECTIONS, default=IMAGE_TOKEN_SELECTION,
                        help="how the tokens after the anchors are chosen (default %(default)s; "
                             "docs/selections.md)")
+    group.add_argument("--layer", type=int, default=None,
+                       help="Qwen-VL only: select at this vision block and run it and the later "
+                            "blocks on the kept tokens only (negative counts from the end; "
+                            "Qwen2.5-VL: a full-attention block); default: the last block's "
+                            "input, every block on every patch (docs/vlm.md)")
     group.add_argument("--mmr_lambda", type=float, default=MMR_LAMBDA,
                        help="mmr's weight of relevance against redundancy, in [0, 1] (default "
                             "%(default)s)")

@@ -45,7 +45,8 @@ def pruning_settings(args):
         f"k_anchors {args.k_anchors}, top_m "
         f"{IMAGE_TOKEN_TOP_M if args.top_m is None else args.top_m}")
     rule = {"score": f", alpha {args.alpha}", "mmr": f", lambda {args.mmr_lambda}"}
-    return f"{count}, {args.selection}{rule.get(args.selection, '')}"
+    where = "" if args.layer is None else f", vision block {args.layer}"
+    return f"{count}, {args.selection}{rule.get(args.selection, '')}{where}"
 
 
 def check_generate_args(args):
@@ -285,9 +286,11 @@ def run_generate(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            prune_image_tokens(model, processor, **pruning_arguments(args))
+            prune_image_tokens(model, processor, layer=args.layer, **pruning_arguments(args))
         except UnsupportedModelError as err:
             raise CLIError(f"--model {args.model}: {err}") from err
+        except ValueError as err:  # --layer, which needs the model's tower to check
+            raise CLIError(f"--{err}") from err
     for warning in caught:
         note(f"warning: {(str(warning.message).strip().splitlines() or [''])[0]}")
     if pruned_block(model) is None:

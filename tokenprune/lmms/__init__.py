@@ -19,7 +19,7 @@ from numbers import Integral, Real
 # name -> the kind of value; prune_image_tokens' own keywords.
 PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alpha": "float",
                      "selection": "str", "mmr_lambda": "float", "score_norm": "str",
-                     "backend": "str"}
+                     "backend": "str", "layer": "int"}
 
 # model id -> (the lmms-eval model it wraps, our class). Each wraps the implementation that
 # lmms-eval runs for the base's name: the chat one where the base has one (llava_hf, qwen2_5_vl,
@@ -78,8 +78,8 @@ def split_pruning_arguments(model_id, arguments):
             pruning[name] = _as_float(model_id, name, value)
         else:
             pruning[name] = str(value)
-    try:
-        image_token_config(**pruning)
+    try:  # layer's range needs the model's tower: prune_image_tokens checks it after loading
+        image_token_config(**{k: v for k, v in pruning.items() if k != "layer"})
     except (TypeError, ValueError) as err:
         raise PruningArgumentError(model_id, str(err)) from None
     return pruning, base

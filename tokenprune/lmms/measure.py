@@ -8,7 +8,7 @@ import time
 import torch
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-from . import split_pruning_arguments
+from . import PruningArgumentError, split_pruning_arguments
 from ..vlm import prune_image_tokens
 
 
@@ -39,7 +39,10 @@ class PruningPlugin:
         # This generate_until call's (lmms-eval makes one per task), and the whole run's.
         self.measured, self.run_measured = self._nothing_measured(), self._nothing_measured()
         if pruning:
-            prune_image_tokens(model, processor, **pruning)
+            try:
+                prune_image_tokens(model, processor, **pruning)
+            except ValueError as err:  # a layer outside the tower: one line, status 1
+                raise PruningArgumentError(self.MODEL_ID, str(err)) from None
         image_token = model.config.image_token_id
         generate = model.generate
         first_token = []
