@@ -64,12 +64,13 @@ def schedule_tokens(schedule):
 
 def measure(model, pixels, labels, batch, repeats):
     """(accuracy, images/s): accuracy over every canvas; speed the median of `repeats` passes
-    over the first batch, after a warm-up pass."""
+    over the first batch, after three warm-up passes."""
     with torch.inference_mode():
         correct = sum(int((model(pixels[i:i + batch]).argmax(-1) == labels[i:i + batch]).sum())
                       for i in range(0, len(pixels), batch))
         first = pixels[:batch]
-        model(first)
+        for _ in range(3):
+            model(first)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -149,7 +150,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--canvases", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=250)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="OUT.json and OUT.png")
     args = parser.parse_args(argv)
