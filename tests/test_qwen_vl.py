@@ -346,6 +346,22 @@ def test_triton_backend_keeps_the_units_the_reference_keeps(qwen, family, select
     assert all(torch.equal(a, b) for a, b in zip(keeps["triton"], keeps["reference"]))
 
 
+def test_an_explicit_triton_backend_refuses_a_windowed_selecting_block():
+    """The kernels read a block that attends to the whole image. Here the last block attends
+    within windows: "auto" (the reference, on the CPU) selects, "triton" says why it cannot."""
+    model, processor = build_qwen_vl("qwen2_5_vl", "tiny", seed=0,
+                                     vision=dict(fullatt_block_indexes=[0]))
+    batch = inputs(processor, pictures_for("qwen2_5_vl"))
+    prune_image_tokens(model, k_anchors=2, top_m=3, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' needs the selecting block to attend "
+                                         "to the whole image"), torch.no_grad():
+        model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    prune_image_tokens(model, k_anchors=2, top_m=3, backend="auto")
+    with torch.no_grad():
+        model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    assert all(len(keep) == 5 for keep in pruned_block(model).last_keep_idx)
+
+
 def test_the_inner_model_class_and_a_deep_copy_prune_on_their_own(qwen):
     import copy
     model, processor, pictures = qwen("qwen2_5_vl")

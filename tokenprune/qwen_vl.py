@@ -278,7 +278,14 @@ class QwenImageTokenPruning:
             anchors = min(config.k_anchors, kept)
             features = x[rows].reshape(units, -1)
             one_segment = bool((segment[rows] == segment[rows][0]).all())
-            if one_segment and resolve_backend(config.backend, x) == "triton":
+            backend = resolve_backend(config.backend, x)
+            if backend == "triton" and not one_segment and config.backend == "triton":
+                # The kernels read a block whose patches attend to the whole image; "auto"
+                # takes the reference for a windowed one, an explicit "triton" is refused.
+                raise ValueError("backend='triton' needs the selecting block to attend to the "
+                                 "whole image; this one attends within windows: use "
+                                 "backend='auto' or 'reference'")
+            if one_segment and backend == "triton":
                 keep.append(select_units_triton(features, q[rows], k[rows], scale, merge2,
                                                 anchors, kept - anchors, config))
                 continue
