@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (token_merging.py)
-from token_merging import apply_token_merging, remove_token_merging  # noqa: E402
+from token_merging import (apply_token_merging, merging_tokens,  # noqa: E402
+                           remove_token_merging, schedule_tokens)
 
 from tokenprune import remove_pruning, replace_last_block  # noqa: E402
 from tokenprune.proxy import REGIMES, heldout_set, load_proxy_model, preprocess  # noqa: E402
@@ -43,23 +44,6 @@ PRUNINGS = (
     ("schedule 1/2/3 (40, 24, 12)", [(0, 8, 32), (1, 6, 18), (2, 4, 8)]),
 )
 SELECTIONS = ("cls", "mmr")  # the ones docs/choosing-settings.md recommends on large objects
-
-
-def merging_tokens(r):
-    out, tokens = [], TOKENS
-    for _ in range(BLOCKS):
-        out.append(tokens)
-        tokens -= min(r, (tokens - 1) // 2)
-    return out
-
-
-def schedule_tokens(schedule):
-    out, tokens, stages = [], TOKENS, {block: k + m for block, k, m in schedule}
-    for block in range(BLOCKS):
-        if block in stages:
-            tokens = 1 + stages[block]
-        out.append(tokens)
-    return out
 
 
 def measure(model, pixels, labels, batch, repeats):
@@ -104,12 +88,12 @@ def run_regime(regime, canvases, batch, repeats, say=print):
     add("unpruned", "unpruned", [TOKENS] * BLOCKS)
     for r in R_VALUES:
         apply_token_merging(model, r)
-        add(f"merging r={r}", "merging baseline", merging_tokens(r), r=r)
+        add(f"merging r={r}", "merging baseline", merging_tokens(TOKENS, BLOCKS, r), r=r)
         remove_token_merging(model)
     for name, schedule in PRUNINGS:
         for selection in SELECTIONS:
             replace_last_block(model, schedule=schedule, selection=selection)
-            add(f"{name}, {selection}", "tokenprune", schedule_tokens(schedule),
+            add(f"{name}, {selection}", "tokenprune", schedule_tokens(TOKENS, BLOCKS, schedule),
                 schedule=[list(stage) for stage in schedule], selection=selection)
             remove_pruning(model)
     front = pareto(rows)

@@ -110,6 +110,26 @@ def _merging_forward(parts, state):
     return forward
 
 
+def merging_tokens(tokens, blocks, r):
+    """The tokens each block's attention runs on under merging at a constant r (the merge comes
+    after the attention; at most half of the tokens but the class token)."""
+    out = []
+    for _ in range(blocks):
+        out.append(tokens)
+        tokens -= min(r, (tokens - 1) // 2)
+    return out
+
+
+def schedule_tokens(tokens, blocks, schedule):
+    """The tokens each block runs on under a tokenprune schedule of (block index, k_anchors,
+    top_m) stages: a stage's block already runs on the class token and the patches it keeps."""
+    out, stages = [], {block: k + m for block, k, m in schedule}
+    for block in range(blocks):
+        tokens = 1 + stages[block] if block in stages else tokens
+        out.append(tokens)
+    return out
+
+
 def apply_token_merging(model, r):
     """Merge r tokens in every block of the model's tower (OpenCLIP or timm VisionTransformer
     with a class token, or timm without prefix tokens). Returns the state: "r" (may be changed

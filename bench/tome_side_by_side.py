@@ -28,7 +28,8 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (token_merging.py)
-from token_merging import apply_token_merging, remove_token_merging  # noqa: E402
+from token_merging import (apply_token_merging, merging_tokens,  # noqa: E402
+                           remove_token_merging, schedule_tokens)
 
 from tokenprune import remove_pruning, replace_last_block  # noqa: E402
 
@@ -55,24 +56,7 @@ def prunings():
 
 
 def tome_tokens(r):
-    """Tokens each block's attention runs on under ToMe with constant r (merging comes after
-    the attention; at most half of the tokens but the class token)."""
-    out, tokens = [], TOKENS
-    for _ in range(BLOCKS):
-        out.append(tokens)
-        tokens -= min(r, (tokens - 1) // 2)
-    return out
-
-
-def schedule_tokens(schedule):
-    """Tokens each block runs on under a tokenprune schedule: a stage's block already runs on
-    the class token and the patches it keeps."""
-    out, tokens, stages = [], TOKENS, dict((block, k + m) for block, k, m in schedule)
-    for block in range(BLOCKS):
-        if block in stages:
-            tokens = 1 + stages[block]
-        out.append(tokens)
-    return out
+    return merging_tokens(TOKENS, BLOCKS, r)
 
 
 def images_per_s(model, images, repeats):
@@ -120,7 +104,7 @@ def main(argv=None):
         replace_last_block(model, schedule=schedule)
         speed, _ = images_per_s(model, images, args.repeats)
         remove_pruning(model)
-        row(name, "tokenprune", schedule_tokens(schedule), speed,
+        row(name, "tokenprune", schedule_tokens(TOKENS, BLOCKS, schedule), speed,
             schedule=[list(stage) for stage in schedule])
     if args.tome:
         sys.path.insert(0, os.path.abspath(args.tome))
