@@ -207,7 +207,8 @@ class QwenImageTokenPruning:
             segment = torch.searchsorted(cu_seqlens[1:].to(x.device),
                                          torch.arange(L, device=x.device), right=True)
             x, q, k, segment = x[order], q[order], k[order], segment[order]
-            return self._select_images(x, q, k, segment, attn.scaling)
+            return self._select_images(x, q, k, segment, attn.scaling,
+                                       self._attends_whole_image(block))
 
     # --- layer=L: blocks L and after on the kept units only ----------------------------------
 
@@ -239,9 +240,8 @@ class QwenImageTokenPruning:
         run = self._kept_run
         if run is None:
             return None
-        full = (run.windows is None
-                or self._block_index(block) in self.inner.visual.fullatt_block_indexes)
-        cu_seqlens = run.cu_seqlens if full else run.windows
+        cu_seqlens = (run.cu_seqlens if run.windows is None or self._attends_whole_image(block)
+                      else run.windows)
         kwargs = {**kwargs, "cu_seqlens": cu_seqlens, "position_embeddings": run.rotary}
         if kwargs.get("max_seqlen") is not None:  # flash attention's, else None
             kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -259,10 +259,16 @@ class QwenImageTokenPruning:
         spread[run.rows[::merge2] // merge2] = output
         return spread
 
+    def _attends_whole_image(self, block):
+        """Whether the block's patches attend to their whole image: every block but Qwen2.5-VL's
+        window-attention ones (those not in fullatt_block_indexes)."""
+        full = getattr(self.inner.visual, "fullatt_block_indexes", None)
+        return full is None or self._block_index(block) in full
+
     def _block_index(self, block):
         return next(i for i, b in enumerate(self.inner.visual.blocks) if b is block)
 
-    def _select_images(self, x, q, k, segment, scale):
+    def _select_images(self, x, q, k, segment, scale, whole_image):
         config, merge2 = self.config, self.merge ** 2
         keep, start = [], 0
         for units in image_units(self._grid, self.merge):
@@ -277,15 +283,14 @@ class QwenImageTokenPruning:
                 continue
             anchors = min(config.k_anchors, kept)
             features = x[rows].reshape(units, -1)
-            one_segment = bool((segment[rows] == segment[rows][0]).all())
             backend = resolve_backend(config.backend, x)
-            if backend == "triton" and not one_segment and config.backend == "triton":
+            if backend == "triton" and not whole_image and config.backend == "triton":
                 # The kernels read a block whose patches attend to the whole image; "auto"
                 # takes the reference for a windowed one, an explicit "triton" is refused.
                 raise ValueError("backend='triton' needs the selecting block to attend to the "
                                  "whole image; this one attends within windows: use "
                                  "backend='auto' or 'reference'")
-            if one_segment and backend == "triton":
+            if whole_image and backend == "triton":
                 keep.append(select_units_triton(features, q[rows], k[rows], scale, merge2,
                                                 anchors, kept - anchors, config))
                 continue
