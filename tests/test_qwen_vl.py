@@ -250,6 +250,23 @@ def test_the_cls_selection_keeps_the_units_whose_patches_receive_most_attention(
         assert torch.equal(idx, expected), (n, idx, expected)
 
 
+@pytest.mark.parametrize("segmented", [False, True], ids=["whole", "windows"])
+def test_unit_attention_in_bands_equals_the_whole_map(segmented):
+    """The unit attention computed a band of query rows at a time (several bands here, the last
+    one short) equals SPEC's definition taken on the whole N x N map of every head."""
+    from tokenprune.qwen_vl import unit_attention
+    generator = torch.Generator().manual_seed(0)
+    units, merge2, heads, d = 13, 4, 3, 8
+    N = units * merge2
+    q, k = (torch.randn(N, heads, d, generator=generator) for _ in range(2))
+    segment = (torch.arange(N) // 20 if segmented else torch.zeros(N, dtype=torch.long))
+    logits = torch.einsum("ihd,jhd->hij", q, k) * 0.3
+    logits = logits.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+    expected = logits.softmax(dim=-1).mean(dim=0).view(units, merge2, units, merge2).mean((1, 3))
+    banded = unit_attention(q, k, segment, 0.3, units, merge2, chunk_elements=3 * N * merge2)
+    torch.testing.assert_close(banded, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ratio_one_is_bit_identical_and_remove_pruning_restores(qwen, family):
     model, processor, pictures = qwen(family)
