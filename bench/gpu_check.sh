@@ -6,9 +6,10 @@
 #   3. bench/gpu_bench.sh: the pytest-benchmark set (selection and end to end) in float16,
 #   4. bench/gpu_bench.sh's LLaVA rows (bench/bench_vlm.py, LLaVA-1.5-7B shapes in float16),
 #      unless GPU_CHECK_VLM=0; about 5 minutes at most (TOKENPRUNE_VLM_BENCH_TIMEOUT).
-#   5. with GPU_CHECK_QWEN=1 (or =only): bench/bench_qwen_vl.py, the Qwen2.5-VL-7B rows (one
-#      1288 x 728 image, unpruned and ratio 0.25 / 0.1, each also with layer 7, 15 and -1,
-#      batch 1 and 4, with their ceilings);
+#   5. with GPU_CHECK_QWEN=1 (or =only): bench/bench_ttft.py, the time-to-first-token rows of
+#      Qwen2.5-VL-7B (one 1288 x 728 image, unpruned and ratio 0.25 / 0.1, each also with
+#      layer 7, 15 and -1) and LLaVA-1.5-7B (unpruned, ratio 0.25 / 0.1), in bfloat16, batch 1
+#      and 4, with their ceilings;
 #      needs transformers >= 5.25 on that machine. Not yet run on any GPU.
 # Steps 1-3 and step 4 together can take longer than one 10-minute device call: run it with
 # GPU_CHECK_VLM=0, then with GPU_CHECK_VLM=only (step 4 alone).
@@ -49,9 +50,9 @@ TOKENPRUNE_BENCH_ONLY=vlm bash bench/gpu_bench.sh "$out/gpu.json" > /dev/null 2>
 tail -40 "$out/gpu_vlm.log"; cat "$out/gpu_vlm.md" 2>/dev/null
 fi
 if [ "$qwen" != 0 ]; then
-echo "== 5. Qwen2.5-VL rows"
-(cd bench && timeout 420 python3 -m pytest bench_qwen_vl.py --benchmark-only -q \
-    -p no:cacheprovider --benchmark-json "$out/gpu_qwen_vl.json") > "$out/gpu_qwen_vl.log" 2>&1
-tail -20 "$out/gpu_qwen_vl.log"
-python3 bench/qwen_vl_report.py "$out/gpu_qwen_vl.json" | tee "$out/gpu_qwen_vl.md"
+echo "== 5. Qwen2.5-VL-7B and LLaVA-1.5-7B time to first token"
+(cd bench && timeout 420 python3 -m pytest bench_ttft.py --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json "$out/gpu_ttft.json") > "$out/gpu_ttft.log" 2>&1
+tail -20 "$out/gpu_ttft.log"
+python3 bench/ttft_report.py "$out/gpu_ttft.json" | tee "$out/gpu_ttft.md"
 fi

@@ -223,21 +223,29 @@ def test_vlm_report_ratios_and_the_results_page_section(tmp_path):
     assert report.vlm_section(tmp_path / "nothing") == ""
 
 
-def test_the_qwen_vl_report_gives_a_layer_row_its_ceiling(tmp_path):
-    """bench/qwen_vl_report.py: a row pruned inside the tower has the ceiling unpruned ttft /
-    (its vision - its selection + its language model), and its selection's share of its vision."""
-    qwen_report = load_bench_module("qwen_vl_report")
+def test_the_ttft_report_gives_a_layer_row_its_ceiling(tmp_path):
+    """bench/ttft_report.py: a row pruned inside the tower has the ceiling unpruned ttft /
+    (its vision - its selection + the language model at its ratio), and its selection's share of
+    its vision; the language model's row is taken from the same model and ratio without layer."""
+    ttft_report = load_bench_module("ttft_report")
 
-    def row(measure, median, ratio=None, layer=None, **extra):
-        return bench_entry(median, kind="qwen_vl", measure=measure, batch=1, ratio=ratio,
+    def row(measure, median, ratio=None, layer=None, model="qwen2.5-vl-7b", **extra):
+        return bench_entry(median, kind="ttft", measure=measure, batch=1, ratio=ratio,
                            layer=layer, provider="unpruned" if ratio is None else "ours",
-                           image_tokens=1196 if ratio is None else 299, **extra)
+                           model=model, image_tokens=1196 if ratio is None else 299, **extra)
     rows = [row("ttft", 10.0), row("vision", 4.0), row("lm", 6.0),
             row("ttft", 3.0, 0.25, 7), row("vision", 2.0, 0.25, 7, selection_s=0.5),
-            row("lm", 1.5, 0.25, 7)]
-    path = tmp_path / "qwen.json"
+            row("ttft", 4.0, 0.25), row("vision", 4.5, 0.25), row("lm", 1.0, 0.25),
+            # another model's rows at the same settings must not be mixed in
+            row("ttft", 20.0, model="llava-1.5-7b"), row("vision", 1.0, model="llava-1.5-7b"),
+            row("lm", 19.0, model="llava-1.5-7b"), row("lm", 9.0, 0.25, model="llava-1.5-7b")]
+    path = tmp_path / "ttft.json"
     path.write_text(json.dumps({"benchmarks": rows}), encoding="utf-8")
-    table = qwen_report.report([str(path)])
+    table = ttft_report.report([str(path)])
     line = next(line for line in table.splitlines() if "layer 7" in line)
-    # ceiling 10 / (2 - 0.5 + 1.5) = 3.33x; speed-up 10 / 3 = 3.33x, 100% of it; 0.5 / 2 = 25%
-    assert "| 3.33x | 3.33x | 100% | 25.0% (tower 0.50x) |" in line
+    # ceiling 10 / (2 - 0.5 + 1) = 4.00x; speed-up 10 / 3 = 3.33x, 83% of it; 0.5 / 2 = 25%
+    assert "| 3.33x | 4.00x | 83% | 25.0% (tower 0.50x) |" in line
+    line = next(line for line in table.splitlines()
+                if "qwen" in line and "| ratio 0.25 |" in line)
+    # ceiling 10 / (4 + 1) = 2.00x; speed-up 2.50x, 125% of it; vision 4.5 / 4 - 1 = +12.5%
+    assert "| 2.50x | 2.00x | 125% | +12.5% |" in line
