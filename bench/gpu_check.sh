@@ -11,6 +11,10 @@
 #      layer 7, 15 and -1) and LLaVA-1.5-7B (unpruned, ratio 0.25 / 0.1), in bfloat16, batch 1
 #      and 4, with their ceilings;
 #      needs transformers >= 5.25 on that machine. Not yet run on any GPU.
+#   6. unless GPU_CHECK_SCHEDULES=0 (and not with =only above): bench/tome_side_by_side.py on
+#      CUDA in float16, batch 64: images/s of timm ViT-B/16 unpruned, the token-merging baseline
+#      at r = 8, 13, 16, tokenprune's single cut and schedules (issue 23's GPU aim: a schedule
+#      at >= 1.65x unpruned). ToMe's own code is not on that machine: its rows are skipped.
 # Steps 1-3 and step 4 together can take longer than one 10-minute device call: run it with
 # GPU_CHECK_VLM=0, then with GPU_CHECK_VLM=only (step 4 alone).
 # Usage: bash bench/gpu_check.sh OUTDIR   (logs and JSON land in OUTDIR)
@@ -55,4 +59,9 @@ echo "== 5. Qwen2.5-VL-7B and LLaVA-1.5-7B time to first token"
     -p no:cacheprovider --benchmark-json "$out/gpu_ttft.json") > "$out/gpu_ttft.log" 2>&1
 tail -20 "$out/gpu_ttft.log"
 python3 bench/ttft_report.py "$out/gpu_ttft.json" | tee "$out/gpu_ttft.md"
+fi
+if [ "${GPU_CHECK_SCHEDULES:-1}" != 0 ] && [ "$vlm" != only ] && [ "$vlm" != skip ]; then
+echo "== 6. schedules against token merging, ViT-B/16"
+timeout 180 python3 bench/tome_side_by_side.py --device cuda --dtype float16 --batch 64 \
+    --repeats 10 --out "$out/gpu_schedules.json" 2>&1 | tee "$out/gpu_schedules.log"
 fi

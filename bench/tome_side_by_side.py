@@ -9,6 +9,7 @@
 All in one run, one process, the same batch of random images, each timed after a warm-up pass.
 
     python bench/tome_side_by_side.py --tome /tmp/ToMe [--batch 16] [--threads 2] [--out FILE]
+    python bench/tome_side_by_side.py --device cuda --dtype float16 --batch 64 --out FILE
 
 ToMe's code is under a non-commercial licence and is not on the package index: fetch it into a
 temporary folder of your own (it is never copied into this project) and give that folder.
@@ -60,12 +61,15 @@ def tome_tokens(r):
 
 
 def images_per_s(model, images, repeats):
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     with torch.inference_mode():
         model(images)  # warm-up
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             logits = model(images)
+            sync()
             times.append(time.perf_counter() - start)
     return len(images) / statistics.median(times), logits
 
@@ -76,12 +80,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    images = torch.randn(args.batch, 3, 224, 224)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    dtype = getattr(torch, args.dtype)
+    images = torch.randn(args.batch, 3, 224, 224).to(args.device, dtype)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(args.device,
+                                                                                 dtype)
     rows = []
 
     def row(name, kind, tokens, speed, **extra):
@@ -111,6 +119,7 @@ def main(argv=None):
         import tome
         tome_model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
         tome_model.load_state_dict(model.state_dict())
+        tome_model.to(args.device, dtype)
         tome.patch.timm(tome_model)
         for r in R_VALUES:
             tome_model.r = r
@@ -120,10 +129,12 @@ def main(argv=None):
     else:
         print("ToMe's own code: skipped (no --tome FOLDER; see this script's docstring)")
     if args.out:
+        machine = (torch.cuda.get_device_name() if images.is_cuda
+                   else f"{platform.machine()}, {os.cpu_count()} CPUs")
         meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads":
-                args.threads, "batch": args.batch, "torch": torch.__version__,
-                "timm": timm.__version__, "dtype": "float32", "weights": "random",
+                "machine": machine, "device": args.device, "threads": args.threads,
+                "batch": args.batch, "torch": torch.__version__, "timm": timm.__version__,
+                "dtype": args.dtype, "weights": "random",
                 "command": " ".join(["python", "bench/tome_side_by_side.py"] + sys.argv[1:])}
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return 0
