@@ -223,16 +223,17 @@ def use_shipped_model(args):
     """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
     --model, --image or --pretrained). Fills in --model and the unset k, m and selection for
     the model that runs, and `compare_selections`: whether the picture shows the three
-    selections side by side (the shipped model with no --selection); calling it again changes
-    nothing."""
+    selections side by side (the shipped model with no --selection and no --schedule); calling
+    it again changes nothing."""
     shipped = args.model is None and args.image is None and args.pretrained is None
+    schedule = bool(getattr(args, "schedule", None))  # its stages give k and m: one selection
     if not hasattr(args, "compare_selections"):
-        args.compare_selections = shipped and args.selection is None
+        args.compare_selections = shipped and args.selection is None and not schedule
     if args.selection is None:
         args.selection = PRUNING_DEFAULTS["selection"]
     for name, value in SHIPPED_MODEL_PRUNING.items():
         if getattr(args, name) is None:
-            setattr(args, name, value if shipped else PRUNING_DEFAULTS[name])
+            setattr(args, name, value if shipped and not schedule else PRUNING_DEFAULTS[name])
     if args.model is None and not shipped:
         args.model = "ViT-B-16"
     return shipped
