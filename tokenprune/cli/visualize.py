@@ -302,15 +302,21 @@ def run_visualize(args):
     else:
         print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
               f"= {config.kept_patches} >= {n_patches} patches); on {source}")
-    if demo is not None:  # the claim of the picture: the model still reads the digit
+    print_ending(model, pixels, demo, args.out, geo)
+    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
+            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
+            "title": title}
+
+
+def print_ending(model, pixels, demo, out, geo):
+    """The last lines: the shipped model's prediction after pruning (the claim of the picture:
+    the model still reads the digit), then the file written."""
+    if demo is not None:
         with torch.no_grad():
             after = int(model(pixels).argmax(-1))
         print(f"prediction: {demo['before']} before pruning, {after} after pruning (true label "
               f"{demo['label']})")
-    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
-    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
-            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
-            "title": title}
+    print(f"wrote {out} ({geo['size'][0]}x{geo['size'][1]})")
 
 
 def draw_stages(args, config, model, pixels, preprocess, name, weights, source, demo):
@@ -351,12 +357,7 @@ def draw_stages(args, config, model, pixels, preprocess, name, weights, source, 
     save_figure(figure, args.out)
     print(f"{name}: {tokens} tokens at {where}, on {source}:")
     print("\n".join(lines))
-    if demo is not None:
-        with torch.no_grad():
-            after = int(model(pixels).argmax(-1))
-        print(f"prediction: {demo['before']} before pruning, {after} after pruning (true label "
-              f"{demo['label']})")
-    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
+    print_ending(model, pixels, demo, args.out, geo)
     return {"out": args.out, "panels": panels, "layout": geo, "title": title,
             "stages": [{"block": index, "keep": keep, "anchors": anchors}
                        for index, (keep, anchors) in zip(indices, stages)]}
