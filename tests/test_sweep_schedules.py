@@ -173,6 +173,14 @@ def test_sweep_over_schedules_writes_rows_and_the_winners(tiny, tmp_path, capsys
     assert [r["mean_tokens"] for r in score] == [(25 + 9) / 2, (65 + 9) / 2, (49 + 17) / 2]
     assert [r["schedule"] for r in rows if r["kind"] == "cls"] == [
         [[0, 24, 0], [1, 8, 0]], [], [[0, 48, 0], [1, 16, 0]]]
+    # The plot: the schedules at blocks 0 and 1 are a series of their own, beside the cut.
+    meta = json.loads((out / "results.json").read_text())
+    figure = sweep_command.plot_figure(meta, {**meta, "primary": meta["primary_metric"]})
+    labels = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    schedules = labels["blocks 1, 2 of 2 (a schedule), alpha 0.5, none"]
+    assert list(schedules.get_xdata()) == [9, 17]
+    assert list(labels["block 2 of 2 (index 1), alpha 0.5, none"].get_xdata()) == [9]
+    assert "cls control, blocks 1, 2 of 2 (a schedule)" in labels
     # The winner at each budget, from the rows themselves.
     summary = (out / "summary.md").read_text()
     pruned = [r for r in rows if r["pruned"]]

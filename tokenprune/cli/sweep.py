@@ -540,6 +540,17 @@ MARKER_SIZES = (13.0, 4.0)  # the first series drawn, the last
 LINE_WIDTHS = (4.0, 1.0)
 
 
+def _place(row):
+    """Where a row prunes, for the plot: its schedule's blocks, or (its block,)."""
+    return tuple(stage[0] for stage in row["schedule"]) if row.get("schedule") else (row["block"],)
+
+
+def _place_name(place, depth):
+    if len(place) == 1:
+        return f"block {_block_name(place[0], depth)}"
+    return f"blocks {', '.join(str(block + 1) for block in place)} of {depth} (a schedule)"
+
+
 def plot_figure(meta, result):
     """The accuracy-against-kept-tokens figure (matplotlib, not yet saved)."""
     import matplotlib
@@ -549,17 +560,18 @@ def plot_figure(meta, result):
     n = result.get("images")
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
+    # A "block" here is where a row prunes: (its block,), or a schedule's stages' blocks.
+    blocks = sorted({_place(r) for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
     series = {}  # (block, kind, alpha or mmr_lambda, score_norm) -> rows, in drawing order
     for block in blocks:
         for row in rows[1:]:
-            if row["block"] == block and row["kind"] == "score":
+            if _place(row) == block and row["kind"] == "score":
                 series.setdefault((block, "score", row["alpha"], row["score_norm"]),
                                   []).append(row)
-            elif row["block"] == block and row["kind"] == "mmr":
+            elif _place(row) == block and row["kind"] == "mmr":
                 series.setdefault((block, "mmr", row["mmr_lambda"], None), []).append(row)
         for kind in CONTROLS:
-            members = [r for r in rows if r["kind"] == kind and r["block"] == block]
+            members = [r for r in rows if r["kind"] == kind and _place(r) == block]
             if members:
                 series[(block, kind, None, None)] = members
 
@@ -577,11 +589,11 @@ def plot_figure(meta, result):
             marker, linestyle = SCORE_MARKERS[i % len(SCORE_MARKERS)], \
                 LINE_STYLES[i % len(LINE_STYLES)]
             setting = f"alpha {alpha}, {norm}" if kind == "score" else f"mmr, lambda {alpha}"
-            label = f"block {_block_name(block, depth)}, {setting}"
+            label = f"{_place_name(block, depth)}, {setting}"
         else:
             marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
-            label = f"{kind} control{seed}, block {_block_name(block, depth)}"
+            label = f"{kind} control{seed}, {_place_name(block, depth)}"
         x, y = [r["kept_tokens"] for r in members], [r[primary] for r in members]
         ax.plot(x, y, color=colour, marker=marker, linestyle=linestyle,
                 linewidth=shrinking(LINE_WIDTHS, i_series),
