@@ -199,8 +199,8 @@ def test_eval_bad_schedules_are_refused_before_loading(tiny, tmp_path, capsys, n
     assert status != 0 and message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command, required", [("visualize", []),
-                                               ("sweep", ["--output_dir", "out"])])
+@pytest.mark.parametrize("command, required", [
+    ("generate", ["--model", "m", "--image", "a.png", "--prompt", "p"])])
 def test_commands_without_a_schedule_say_which_takes_it(capsys, command, required):
     status, _, err = run_main([command, *required, "--schedule", "0:4:20,1:2:6"], capsys)
     assert status == 2

@@ -486,9 +486,3 @@ def test_block_indices_resolve_against_the_tower():
     with pytest.raises(ValueError, match=r"schedule stage 1 layer must be in \[-3, 2\] for this "
                                          r"3-block tower, got 3"):
         config.block_indices(3)
-
-
-def test_the_sweep_engine_refuses_a_schedule(towers):
-    from tokenprune.sweep import GridEncoder
-    with pytest.raises(ValueError, match="one cut per configuration, got a schedule of 2 stages"):
-        GridEncoder(towers("timm-vit"), [None, PruneConfig(schedule=SCHEDULE[:2])])

@@ -137,12 +137,19 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     for stage, index in enumerate(indices):
         previous = blocks[index] = PrunedBlock(blocks[index], config, tower.num_prefix,
                                                tower.class_token, stage, previous)
-    # Each stage's kept tokens travel (rotary positions) up to and including the next stage,
-    # which selects among them and takes over from there.
-    ends = [index + 1 for index in indices[1:]] + [len(blocks)]
-    for index, end in zip(indices, ends):
-        blocks[index]._hooks = tower.family.follow(blocks[index], list(blocks)[index + 1:end])
+    for index, hooks in zip(indices, follow_stages(tower, indices)):
+        blocks[index]._hooks = hooks
     return model
+
+
+def follow_stages(tower, indices):
+    """For each stage's pruned block, in place at `indices` of the tower's blocks, the hooks
+    (from tower.family.follow) that carry its kept tokens' positions (rotary) up to and
+    including the next stage, which selects among them and takes over from there."""
+    blocks = list(tower.blocks)
+    ends = [index + 1 for index in indices[1:]] + [len(blocks)]
+    return [tower.family.follow(blocks[index], blocks[index + 1:end])
+            for index, end in zip(indices, ends)]
 
 
 @_config_or_keywords("apply_pruning_to_model")

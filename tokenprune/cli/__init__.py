@@ -48,7 +48,7 @@ def add_visualize_arguments(parser):
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", default="kept.png", help="output PNG (default %(default)s)")
-    add_pruning_arguments(parser, always_on=True, schedule=False)  # one picture, one cut
+    add_pruning_arguments(parser, always_on=True)  # with --schedule, a panel per stage
     # None until visualize.use_shipped_model knows which model runs: k and m suit its patch count.
     for name, shipped in SHIPPED_MODEL_PRUNING.items():
         action = parser._option_string_actions[f"--{name}"]
@@ -178,7 +178,8 @@ def build_parser():
         description="Draw an image with the anchors and the kept patches marked and the pruned "
                     "ones dimmed. With no arguments: a held-out canvas and the small ViT trained "
                     "on scikit-learn's digits that ships with tokenprune, offline. --model "
-                    "ViT-B-16 (no --pretrained): random weights, seeded, on the sample image.")
+                    "ViT-B-16 (no --pretrained): random weights, seeded, on the sample image. "
+                    "--schedule: one panel per stage.")
     add_visualize_arguments(visualize)
     visualize.set_defaults(which="visualize")
 

@@ -146,6 +146,12 @@ def add_sweep_arguments(parser):
     for name, (kind, allowed) in LIST_FLAGS.items():
         group.add_argument(f"--{name}", type=kind, nargs="*", default=LIST_DEFAULTS[name],
                            help=f"{allowed} (default: {' '.join(map(str, LIST_DEFAULTS[name]))})")
+    group.add_argument("--schedule", type=parse_schedule, nargs="*", default=[],
+                       metavar="LAYER:K:M,...",
+                       help="schedules to grid over instead of --layer x --k_anchors x --top_m: "
+                            "each value one schedule, stages LAYER:K_ANCHORS:TOP_M separated by "
+                            "commas, as eval's --schedule (e.g. 3:10:90,6:10:50 6:10:50; one "
+                            "stage is a single cut); summary.md says which wins at each budget")
     group.add_argument("--controls", nargs="*", default=list(CONTROLS),
                        help="controls at each grid point's token count: 'random' (k + m "
                             "patches at random, seeded by --seed) and 'cls' (the k + m patches "
@@ -177,6 +183,19 @@ def sweep_lists(args):
             except ValueError as err:
                 raise CLIError(f"--{err}") from None
         lists[name] = list(dict.fromkeys(values))
+    schedules = list(dict.fromkeys(getattr(args, "schedule", None) or []))
+    if schedules:
+        given = [f"--{name} {' '.join(map(str, lists[name]))}" for name in SCHEDULE_REPLACES
+                 if lists[name] != LIST_DEFAULTS[name]]
+        if given:
+            raise CLIError(f"--schedule gives every point's blocks and counts: leave out "
+                           f"{', '.join(given)}")
+        for schedule in schedules:
+            try:
+                PruneConfig(schedule=schedule)
+            except ValueError as err:
+                raise CLIError(f"--{err}") from None
+    lists["schedule"] = schedules
     controls = args.controls
     if not controls or any(c not in CONTROLS + ("none",) for c in controls) or (
             "none" in controls and len(controls) > 1):
@@ -204,16 +223,17 @@ def use_shipped_model(args):
     """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
     --model, --image or --pretrained). Fills in --model and the unset k, m and selection for
     the model that runs, and `compare_selections`: whether the picture shows the three
-    selections side by side (the shipped model with no --selection); calling it again changes
-    nothing."""
+    selections side by side (the shipped model with no --selection and no --schedule); calling
+    it again changes nothing."""
     shipped = args.model is None and args.image is None and args.pretrained is None
+    schedule = bool(getattr(args, "schedule", None))  # its stages give k and m: one selection
     if not hasattr(args, "compare_selections"):
-        args.compare_selections = shipped and args.selection is None
+        args.compare_selections = shipped and args.selection is None and not schedule
     if args.selection is None:
         args.selection = PRUNING_DEFAULTS["selection"]
     for name, value in SHIPPED_MODEL_PRUNING.items():
         if getattr(args, name) is None:
-            setattr(args, name, value if shipped else PRUNING_DEFAULTS[name])
+            setattr(args, name, value if shipped and not schedule else PRUNING_DEFAULTS[name])
     if args.model is None and not shipped:
         args.model = "ViT-B-16"
     return shipped

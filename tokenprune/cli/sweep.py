@@ -24,8 +24,8 @@ import torch
 from ..patch import visual_tower
 from ..proxy import proxy_card
 from ..config import CONTROLS, PruneConfig
-from ..sweep import (GridEncoder, block_widths, grid_points, relative_cost, tower_blocks,
-                     tower_patches)
+from ..sweep import (GridEncoder, block_widths, grid_points, mean_tokens, relative_cost,
+                     tower_blocks, tower_patches)
 from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
 from .common import (SHIPPED_MODELS, CLIError, check_model, check_tokenizer, quiet_warnings,
@@ -91,15 +91,21 @@ def check_sweep_args(args):
         check_tokenizer(model, args.tokenizer)
         depth = _tower_depth(model)
     if depth is not None:
-        _check_layers(lists["layer"], depth, model)
+        _check_layers(lists, depth, model)
     return lists
 
 
-def _check_layers(layers, depth, model):
-    for layer in layers:
+def _check_layers(lists, depth, model):
+    """--layer's and --schedule's blocks exist in the `depth`-block tower, in order."""
+    for layer in lists["layer"]:
         if not -depth <= layer < depth:
             raise CLIError(f"--layer must be in [{-depth}, {depth - 1}] for {model}'s "
                         f"{depth}-block image tower, got {layer}")
+    for schedule in lists["schedule"]:
+        try:
+            PruneConfig(schedule=schedule).block_indices(depth)
+        except ValueError as err:
+            raise CLIError(f"--schedule {_stages_text(schedule)}: {err}") from None
 
 
 class _Sweep:
@@ -191,11 +197,12 @@ class _PassTimer:
 
 
 def _pruned_layer(config, patches):
-    """The block a setting prunes; None where it runs unpruned (the unpruned row, and k + m >=
-    patches: GridEncoder gives those the unpruned output without a call of their own)."""
+    """The block a setting prunes first (GridEncoder resumes there); None where it runs
+    unpruned (the unpruned row, and k + m >= patches: GridEncoder gives those the unpruned
+    output without a call of their own)."""
     if config is None or config.kept_patches >= patches:
         return None
-    return config.layer
+    return config.stages[0].layer
 
 
 def _finite(value):
@@ -211,11 +218,11 @@ def _sweep_classification(state, original_evaluate, zsc):
         args, lists = state.args, state.lists
         visual = visual_tower(model)
         depth, patches = len(tower_blocks(visual)), tower_patches(visual)
-        _check_layers(lists["layer"], depth, args.model)  # towers whose config we could not read
+        _check_layers(lists, depth, args.model)  # towers whose config we could not read
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed, selections=lists["selection"],
-                             mmr_lambdas=lists["mmr_lambda"])
+                             mmr_lambdas=lists["mmr_lambda"], schedules=lists["schedule"])
         # The speed comes from the passes below, which GridEncoder makes anyway (_PassTimer).
         layers = [_pruned_layer(p.config, patches) for p in points]
         timer = None if args.no_speed else _PassTimer(
@@ -283,6 +290,8 @@ def _rows(points, metrics, speeds, visual, images, timed_images):
                "num_blocks": depth,
                "k_anchors": config.k_anchors if config is not None else None,
                "top_m": config.top_m if config is not None else None,
+               # [[block index, k, m], ...] of a schedule; [] for a single cut
+               "schedule": [list(stage) for stage in config.schedule] if config else None,
                "alpha": config.alpha if score else None,
                "score_norm": config.score_norm if score else None,
                "mmr_lambda": config.mmr_lambda if point.kind == "mmr" else None,
@@ -293,8 +302,11 @@ def _rows(points, metrics, speeds, visual, images, timed_images):
                **{name: _finite(values[name]) for name in names}}
         ratio = values[primary] / baseline if baseline else float("nan")
         row[f"{primary}_retained"] = _finite(ratio)
+        stages = [(s.layer, prefix + s.k_anchors + s.top_m) for s in config.stages] \
+            if pruned else []
         row["relative_cost"] = relative_cost(tokens, kept, config.layer if pruned else 0, depth,
-                                             width, mlp_width)
+                                             width, mlp_width, stages=stages or None)
+        row["mean_tokens"] = mean_tokens(tokens, stages, depth)
         row["images_per_s"] = _finite(speed) if speed is not None else None
         rows.append(row)
     return {"rows": rows, "metrics": names, "primary": primary, "images": images,
@@ -311,12 +323,32 @@ def _weights(meta):
 
 
 def _label(row):
+    schedule = f"schedule {_stages_text(row['schedule'])}, " if row.get("schedule") else ""
     if row["kind"] == "mmr":
-        return f"mmr, k={row['k_anchors']}, m={row['top_m']}, lambda={row['mmr_lambda']}"
+        return f"{schedule}mmr, k={row['k_anchors']}, m={row['top_m']}, lambda={row['mmr_lambda']}"
     if row["kind"] != "score":  # cls, random: only k + m counts
-        return f"{row['kind']}, k+m={row['k_anchors'] + row['top_m']}"
-    return (f"k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
+        return f"{schedule}{row['kind']}, k+m={row['k_anchors'] + row['top_m']}"
+    return (f"{schedule}k={row['k_anchors']}, m={row['top_m']}, alpha={row['alpha']}, "
             f"{row['score_norm']}")
+
+
+def _placed_label(row):
+    """_label with where the row prunes: its schedule, or its block."""
+    if row.get("schedule"):
+        return _label(row)
+    return f"block {_block_name(row['block'], row['num_blocks'])}, {_label(row)}"
+
+
+def _stages_text(stages):
+    """A schedule as --schedule writes it: 3:10:90,6:10:50."""
+    return ",".join(":".join(map(str, stage)) for stage in stages)
+
+
+def _budget_key(row):
+    """Where a row's controls are: its (last) block, kept tokens and, for a schedule, every
+    stage's (block, patches kept)."""
+    shape = tuple((layer, k + m) for layer, k, m in row.get("schedule") or ())
+    return row["block"], row["kept_tokens"], shape
 
 
 def _block_name(block, blocks):
@@ -363,7 +395,7 @@ def _budgets(result):
     budgets = {}
     for row in result["rows"][1:]:
         if row["pruned"] and row[primary] is not None:
-            score, others = budgets.setdefault((row["block"], row["kept_tokens"]), ([], []))
+            score, others = budgets.setdefault(_budget_key(row), ([], []))
             (score if _is_seed_score(row) else others).append(row)
     return budgets
 
@@ -382,7 +414,7 @@ def simpler_choice_findings(result):
     measures it on the shipped models: about one to two points)."""
     primary, n = result["primary"], result["images"]
     lines = []
-    for (block, kept), (score, others) in sorted(_budgets(result).items()):
+    for (block, kept, _), (score, others) in sorted(_budgets(result).items()):
         if not score or not others or not n:
             continue
         best = max(score, key=lambda r: r[primary])
@@ -436,11 +468,11 @@ def summary_markdown(meta, result):
     budgets = {}
     for row in rows[1:]:
         if row["kind"] not in CONTROLS and row["pruned"]:
-            kinds = budgets.setdefault((row["block"], row["kept_tokens"]), {})
+            kinds = budgets.setdefault(_budget_key(row), {})
             kinds.setdefault(row["kind"], []).append(row)
-    for (block, kept), kinds in sorted(budgets.items()):
+    for (block, kept, shape), kinds in sorted(budgets.items()):
         controls = {r["kind"]: r[primary] for r in rows
-                    if r["kind"] in CONTROLS and (r["block"], r["kept_tokens"]) == (block, kept)}
+                    if r["kind"] in CONTROLS and _budget_key(r) == (block, kept, shape)}
         control = lambda kind: fmt(controls[kind]) if kind in controls else "-"  # noqa: E731
         for kind in sorted(kinds, key=lambda kind: kind != "score"):
             best = max(kinds[kind],
@@ -462,9 +494,40 @@ def summary_markdown(meta, result):
         "At no budget does a control or another selection keep more than the best setting of "
         "the seed's score by more than the noise (two binomial standard errors of the best "
         f"score setting's value p, 2 sqrt(p (1 - p) / n), at least one image{here})."]
+    winners = schedule_winners(result)
+    if winners:
+        lines += ["", "## Which cut or schedule wins at each budget", "",
+                  "The budget is the mean tokens per block over the tower's "
+                  f"{result['num_blocks']} blocks (a pruned block counted at the tokens it "
+                  f"keeps); at each budget, the best {primary} among the settings and controls "
+                  "that run on at most that many (docs/commands.md).", ""]
+        lines += [f"- {line}." for line in winners]
     lines += ["", f"The plot's error bars are 95 % Wilson intervals for {primary} as a "
                   f"proportion of the {result['images']} images."]
     return "\n".join(lines) + "\n"
+
+
+def schedule_winners(result):
+    """One line per budget, the mean tokens per block of some pruned row (ascending): the row
+    with the best primary metric among those that run on at most that many tokens per block
+    (of equal metric, the cheaper), and the next best with its distance, said to be within the
+    noise (`noise`) where it is. Rows without a mean_tokens (older results) are left out."""
+    primary, n = result["primary"], result["images"]
+    rows = [r for r in result["rows"][1:] if r["pruned"] and r[primary] is not None
+            and r.get("mean_tokens") is not None]
+    lines = []
+    for budget in sorted({r["mean_tokens"] for r in rows}):
+        best, *rest = sorted((r for r in rows if r["mean_tokens"] <= budget),
+                             key=lambda r: (-r[primary], r["mean_tokens"]))
+        line = (f"at most {budget:.1f} tokens per block: {_placed_label(best)} "
+                f"({best[primary]:.4f} {primary}, {best['mean_tokens']:.1f} tokens per block)")
+        if rest:
+            gap = best[primary] - rest[0][primary]
+            within = ", within the noise" if n and gap <= noise(best[primary], n) else ""
+            line += (f"; next: {_placed_label(rest[0])} ({rest[0][primary]:.4f}, "
+                     f"{100 * gap:.1f} points less{within})")
+        lines.append(line)
+    return lines
 
 
 # The plot: a colour per pruned block; within a block, each series its own line style and
@@ -477,6 +540,17 @@ MARKER_SIZES = (13.0, 4.0)  # the first series drawn, the last
 LINE_WIDTHS = (4.0, 1.0)
 
 
+def _place(row):
+    """Where a row prunes, for the plot: its schedule's blocks, or (its block,)."""
+    return tuple(stage[0] for stage in row["schedule"]) if row.get("schedule") else (row["block"],)
+
+
+def _place_name(place, depth):
+    if len(place) == 1:
+        return f"block {_block_name(place[0], depth)}"
+    return f"blocks {', '.join(str(block + 1) for block in place)} of {depth} (a schedule)"
+
+
 def plot_figure(meta, result):
     """The accuracy-against-kept-tokens figure (matplotlib, not yet saved)."""
     import matplotlib
@@ -486,17 +560,18 @@ def plot_figure(meta, result):
     n = result.get("images")
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    blocks = sorted({r["block"] for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
+    # A "block" here is where a row prunes: (its block,), or a schedule's stages' blocks.
+    blocks = sorted({_place(r) for r in rows[1:] if r["kind"] in ("score", "mmr") + CONTROLS})
     series = {}  # (block, kind, alpha or mmr_lambda, score_norm) -> rows, in drawing order
     for block in blocks:
         for row in rows[1:]:
-            if row["block"] == block and row["kind"] == "score":
+            if _place(row) == block and row["kind"] == "score":
                 series.setdefault((block, "score", row["alpha"], row["score_norm"]),
                                   []).append(row)
-            elif row["block"] == block and row["kind"] == "mmr":
+            elif _place(row) == block and row["kind"] == "mmr":
                 series.setdefault((block, "mmr", row["mmr_lambda"], None), []).append(row)
         for kind in CONTROLS:
-            members = [r for r in rows if r["kind"] == kind and r["block"] == block]
+            members = [r for r in rows if r["kind"] == kind and _place(r) == block]
             if members:
                 series[(block, kind, None, None)] = members
 
@@ -514,11 +589,11 @@ def plot_figure(meta, result):
             marker, linestyle = SCORE_MARKERS[i % len(SCORE_MARKERS)], \
                 LINE_STYLES[i % len(LINE_STYLES)]
             setting = f"alpha {alpha}, {norm}" if kind == "score" else f"mmr, lambda {alpha}"
-            label = f"block {_block_name(block, depth)}, {setting}"
+            label = f"{_place_name(block, depth)}, {setting}"
         else:
             marker, linestyle = CONTROL_MARKERS[kind], ":"
             seed = f" (seed {members[0]['seed']})" if kind == "random" else ""
-            label = f"{kind} control{seed}, block {_block_name(block, depth)}"
+            label = f"{kind} control{seed}, {_place_name(block, depth)}"
         x, y = [r["kept_tokens"] for r in members], [r[primary] for r in members]
         ax.plot(x, y, color=colour, marker=marker, linestyle=linestyle,
                 linewidth=shrinking(LINE_WIDTHS, i_series),

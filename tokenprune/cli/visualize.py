@@ -7,9 +7,11 @@ that ships with the package (tokenprune/proxy.py), offline, pruned by the seed's
 selection, `cls` and `mmr` side by side (one panel each, with its prediction) and a caption on
 why the default keeps background; `--selection` draws one. `--model ViT-B-16` (no --pretrained)
 draws the built-in sample picture with random weights, drawn from a fixed seed, so the same
-command draws the same picture.
+command draws the same picture. With `--schedule`, one panel per stage, each with the patches
+kept after that stage (among those the stage before kept) and its anchors.
 """
 import dataclasses
+import functools
 import os
 import warnings
 from importlib import resources
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..patch import UnsupportedModelError, pruned_block, remove_pruning, replace_last_block
+from ..patch import UnsupportedModelError, pruned_blocks, remove_pruning, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
 from .common import (CLIError, check_device, check_model, loading_errors, note, pretrained_hint,
@@ -55,38 +57,56 @@ def anchors_of(block, args, kwargs):
     x, call = block.adapter.tokens(*args, **kwargs)
     qkv = block.adapter.qkv(x, call)
     P = head_mean_attention(qkv, block.adapter.num_heads, block.adapter.scale)
-    k = min(block.config.k_anchors, x.shape[1] - block.num_prefix)
+    k = min(block.stage_config.k_anchors, x.shape[1] - block.num_prefix)
     return anchor_indices(P, k, block.num_prefix, block.class_token)
 
 
 @torch.no_grad()
 def kept_tokens(model, pixels):
-    """Run the pruned model on pixels (1, 3, H, W); (keep, anchors) as 1-based patch numbers in
-    raster order (token index - p + 1, p the prefix tokens: OpenCLIP's token indices).
+    """Run the pruned model on pixels (1, 3, H, W); (keep, anchors) of its (last) pruned block
+    as 1-based patch numbers in raster order (token index - p + 1, p the prefix tokens:
+    OpenCLIP's token indices). keep is every patch when the block had nothing to prune."""
+    return stage_kept_tokens(model, pixels)[-1]
 
-    keep is every patch when the block had nothing to prune."""
-    block = pruned_block(model)
-    captured = {}
 
-    def capture(module, args, kwargs):
-        captured.setdefault("call", (args, kwargs))
+@torch.no_grad()
+def stage_kept_tokens(model, pixels):
+    """kept_tokens for every stage of the model's pruning, in order (one for a single cut):
+    each (keep, anchors) in the original patch numbering, so a later stage's are among the
+    patches the stage before kept. A stage that had nothing to prune keeps what reached it."""
+    blocks = pruned_blocks(model)
+    calls = [None] * len(blocks)
 
-    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    def capture(stage, module, args, kwargs):
+        calls[stage] = calls[stage] or (args, kwargs)
+
+    handles = [block.register_forward_pre_hook(functools.partial(capture, stage),
+                                               with_kwargs=True)
+               for stage, block in enumerate(blocks)]
     try:
         getattr(model, "encode_image", model)(pixels)  # a CLIP model or a bare image tower
     finally:
-        handle.remove()
-    # Only the score and mmr selections start from anchors (cls keeps the k + m top patches
-    # alike, random draws them).
-    anchors = (anchors_of(block, *captured["call"])[0]
-               if block.config.selection in ("score", "mmr") else torch.zeros(0, dtype=torch.long))
-    if block.last_keep_idx is None:
-        x, _ = block.adapter.tokens(*captured["call"][0], **captured["call"][1])
-        keep = torch.arange(block.num_prefix, x.shape[1], device=x.device)
-    else:
-        keep = block.last_keep_idx[0]
-    shift = 1 - block.num_prefix
-    return (keep + shift).cpu().tolist(), (anchors + shift).cpu().tolist()
+        for handle in handles:
+            handle.remove()
+    stages, reached = [], None  # reached: the patches that reach the stage (None: all)
+    for block, (args, kwargs) in zip(blocks, calls):
+        # Only the score and mmr selections start from anchors (cls keeps the k + m top
+        # patches alike, random draws them).
+        anchors = (anchors_of(block, args, kwargs)[0] if block.config.selection in
+                   ("score", "mmr") else torch.zeros(0, dtype=torch.long))
+        if reached is not None:  # the block's token p + i is the i-th patch that reached it
+            anchors = reached[anchors.to(reached.device) - block.num_prefix]
+        if block.last_keep_idx is not None:
+            keep = block.last_keep_idx[0]
+        elif reached is not None:
+            keep = reached
+        else:
+            x, _ = block.adapter.tokens(*args, **kwargs)
+            keep = torch.arange(block.num_prefix, x.shape[1], device=x.device)
+        reached = keep
+        shift = 1 - block.num_prefix
+        stages.append(((keep + shift).cpu().tolist(), (anchors + shift).cpu().tolist()))
+    return stages
 
 
 def display_image(preprocess, pixels):
@@ -241,6 +261,8 @@ def run_visualize(args):
         model, pixels, preprocess, name, weights, source, demo = shipped_model_input(args, config)
     else:
         model, pixels, preprocess, name, weights, source = clip_model_input(args, config)
+    if config.schedule:
+        return draw_stages(args, config, model, pixels, preprocess, name, weights, source, demo)
     tower = find_tower(model)
     grid = tuple(tower.grid_size)
     n_patches = grid[0] * grid[1]
@@ -280,15 +302,65 @@ def run_visualize(args):
     else:
         print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m "
               f"= {config.kept_patches} >= {n_patches} patches); on {source}")
-    if demo is not None:  # the claim of the picture: the model still reads the digit
+    print_ending(model, pixels, demo, args.out, geo)
+    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
+            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
+            "title": title}
+
+
+def print_ending(model, pixels, demo, out, geo):
+    """The last lines: the shipped model's prediction after pruning (the claim of the picture:
+    the model still reads the digit), then the file written."""
+    if demo is not None:
         with torch.no_grad():
             after = int(model(pixels).argmax(-1))
         print(f"prediction: {demo['before']} before pruning, {after} after pruning (true label "
               f"{demo['label']})")
-    print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
-    return {"out": args.out, "keep_idx": keep_idx, "anchors": anchors, "grid": grid,
-            "layout": geo, "tokens_before": tokens_before, "tokens_after": tokens_after,
-            "title": title}
+    print(f"wrote {out} ({geo['size'][0]}x{geo['size'][1]})")
+
+
+def draw_stages(args, config, model, pixels, preprocess, name, weights, source, demo):
+    """A schedule's figure: the input, then one panel per stage with the patches kept after
+    that stage and its anchors (stage_kept_tokens). Returns what run_visualize returns, with
+    "stages": [{"block", "keep", "anchors"}] per stage."""
+    tower = find_tower(model)
+    grid, blocks, prefix = tuple(tower.grid_size), len(tower.blocks), tower.num_prefix
+    n_patches = grid[0] * grid[1]
+    indices = config.block_indices(blocks)
+    where = f"blocks {', '.join(str(i + 1) for i in indices)} of {blocks} (a schedule)"
+    note(f"running the model with pruning at {where}...")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
+        try:
+            stages = stage_kept_tokens(model, pixels)
+        except RuntimeError as err:  # e.g. --backend triton on a machine without it
+            raise CLIError(f"--backend {config.backend}: {err}") from err
+    kept_by = KEPT_BY[config.selection]
+    lead = "CLS" if prefix == 1 and tower.class_token else f"{prefix} prefix tokens"
+    reaching = [n_patches] + [len(keep) for keep, _ in stages[:-1]]
+    panels, lines = [], []
+    for number, (index, before, (keep, anchors)) in enumerate(zip(indices, reaching, stages), 1):
+        at = f"block {index + 1} of {blocks} (index {index})"
+        anchor_part = f"{len(anchors)} anchors + " if anchors else ""
+        kept = f"{anchor_part}{len(keep) - len(anchors)} kept by {kept_by}"
+        panels.append(Panel(keep, anchors, f"stage {number}: {at}\nkeeps {len(keep)} of "
+                                           f"{before} patches", kept))
+        lines.append(f"  stage {number} at {at}: {lead} + {kept}, of the {before} patches that "
+                     f"reach it")
+    tokens = " -> ".join(str(count + prefix) for count in [n_patches] + [len(k) for k, _ in stages])
+    schedule = ",".join(":".join(map(str, stage)) for stage in config.stages)
+    title = f"tokenprune  |  {name} ({weights})  |  pruned at {where}"
+    subtitle = f"schedule {schedule}, selection={config.selection}  |  tokens {tokens}"
+    note(f"drawing {args.out}...")
+    figure, geo = render_panels(display_image(preprocess, pixels), grid, panels, title, subtitle,
+                                ["anchor", f"kept by {kept_by}", "pruned"], (), COMPARE_PANEL)
+    save_figure(figure, args.out)
+    print(f"{name}: {tokens} tokens at {where}, on {source}:")
+    print("\n".join(lines))
+    print_ending(model, pixels, demo, args.out, geo)
+    return {"out": args.out, "panels": panels, "layout": geo, "title": title,
+            "stages": [{"block": index, "keep": keep, "anchors": anchors}
+                       for index, (keep, anchors) in zip(indices, stages)]}
 
 
 # The first-run demo's selections, side by side: the seed's default and the two that keep the
