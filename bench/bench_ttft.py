@@ -18,9 +18,9 @@ Measures, each a pytest-benchmark row with its extra_info:
 - ttft: one forward over the prompt with the image, to the first token's logits (the tower,
   the selection, the projector or merger, and the language model's prefill);
 - vision: get_image_features alone (the tower and projector; for a pruned provider with the
-  selection in it): selection overhead = pruned vision / unpruned vision - 1; a provider with
-  `layer` also times its selecting block's pre-hook (the selection and the cut) inside these
-  runs, extra_info selection_s (median);
+  selection in it): selection overhead = pruned vision / unpruned vision - 1; a pruned Qwen
+  provider also times its selecting block's pre-hook (the selection, and with `layer` the cut)
+  inside these runs, extra_info selection_s (median);
 - lm: the language model's prefill alone over the prompt's token count for that provider
   (random embeddings at the prompt's positions). It depends on the ratio only, so a provider
   with `layer` does not repeat it: bench/ttft_report.py takes the one without `layer`.
@@ -157,8 +157,8 @@ def test_ttft(vlm, env, benchmark, measure, ratio, batch, layer):
         # The 7B rows on the CPU take 5 to 75 s a run: two rounds after one warm-up.
         rounds, warmup = (1, 0) if SMOKE else (2, 1) if env.device.type == "cpu" else (10, 2)
         timed = []  # the selecting block's pre-hook, per vision run
-        if measure == "vision" and layer is not None:
-            block = inner.visual.blocks[layer]
+        if measure == "vision" and ratio is not None and qwen:
+            block = inner.visual.blocks[-1 if layer is None else layer]
 
             def started(module, args, kwargs):
                 env.sync()

@@ -6,7 +6,9 @@
 Per run, model, batch and provider, from the medians: time to first token (ttft), the speed-up over
 unpruned, the ceiling that the token counts allow (unpruned ttft / (unpruned vision + the
 language model's prefill at the provider's prompt length)), the speed-up as a fraction of it,
-the selection's share of the vision tower's time (pruned vision / unpruned vision - 1), and the
+the selection's share of the vision tower's time (pruned vision / unpruned vision - 1; where
+the selection was timed inside the tower, extra_info selection_s, its share of the unpruned
+tower first), and the
 peak memory of one ttft against unpruned. Rows pruned inside the tower (`layer`): the ceiling
 is unpruned ttft / (their vision - their selection + the language model's prefill), the
 selection timed inside their vision runs (extra_info selection_s), its share of their vision
@@ -64,8 +66,12 @@ def report(paths):
                     ceiling = base["ttft"]["median_s"] / (base["vision"]["median_s"]
                                                          + lm["median_s"])
                     overhead = vision["median_s"] / base["vision"]["median_s"] - 1
+                    share = f"{overhead:+.1%}"
+                    if vision.get("selection_s"):  # timed inside: its share of the tower
+                        share = (f"{vision['selection_s'] / base['vision']['median_s']:.1%} "
+                                 f"(tower {overhead:+.1%})")
                     cells += [f"{speed:.2f}x", f"{ceiling:.2f}x", f"{speed / ceiling:.0%}",
-                              f"{overhead:+.1%}", f"{memory:.2f}"]
+                              share, f"{memory:.2f}"]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -249,3 +249,9 @@ def test_the_ttft_report_gives_a_layer_row_its_ceiling(tmp_path):
                 if "qwen" in line and "| ratio 0.25 |" in line)
     # ceiling 10 / (4 + 1) = 2.00x; speed-up 2.50x, 125% of it; vision 4.5 / 4 - 1 = +12.5%
     assert "| 2.50x | 2.00x | 125% | +12.5% |" in line
+    # timed inside the tower: 0.2 s of the unpruned tower's 4 s is 5%
+    rows[6] = row("vision", 4.5, 0.25, selection_s=0.2)
+    path.write_text(json.dumps({"benchmarks": rows}), encoding="utf-8")
+    line = next(line for line in ttft_report.report([str(path)]).splitlines()
+                if "qwen" in line and "| ratio 0.25 |" in line)
+    assert "| 125% | 5.0% (tower +12.5%) |" in line
