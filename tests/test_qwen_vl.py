@@ -263,7 +263,8 @@ def test_unit_attention_in_bands_equals_the_whole_map(segmented):
     logits = torch.einsum("ihd,jhd->hij", q, k) * 0.3
     logits = logits.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
     expected = logits.softmax(dim=-1).mean(dim=0).view(units, merge2, units, merge2).mean((1, 3))
-    banded = unit_attention(q, k, segment, 0.3, units, merge2, chunk_elements=3 * N * merge2)
+    banded = unit_attention(q, k, segment if segmented else None, 0.3, units, merge2,
+                            chunk_elements=3 * N * merge2)
     torch.testing.assert_close(banded, expected, rtol=1e-5, atol=1e-7)
 
 

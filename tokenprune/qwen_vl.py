@@ -87,7 +87,8 @@ def unit_offsets(grid_thw_row, merge, device):
 def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
     """P_U (n, n), SPEC's unit attention, for one image: q, k (N, H, d) after the rotary
     embedding, rows in unit order (the s^2 patches of unit u are rows s^2 u ..); segment (N,)
-    the attention segment of each row (keys outside a query's segment get no attention).
+    the attention segment of each row (keys outside a query's segment get no attention), or None
+    where every patch attends to the whole image.
 
     One head and a band of whole units' query rows at a time (about `chunk_elements` logits),
     so that no N x N map is ever alive; the keys are taken patch position first (the first
@@ -98,13 +99,12 @@ def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
     P_units = torch.zeros(units, units, dtype=torch.float32, device=q.device)
     band = max(1, chunk_elements // (N * merge2)) * merge2
     by_position = torch.arange(N, device=q.device).view(units, merge2).T.reshape(-1)
-    segmented = bool((segment != segment[0]).any())
     for h in range(H):
         keys = k[by_position, h].float().T.contiguous()
         for start in range(0, N, band):
             logits = q[start:start + band, h].float() @ keys
             logits.mul_(scale)
-            if segmented:
+            if segment is not None:
                 same = segment[start:start + band, None] == segment[by_position][None, :]
                 logits.masked_fill_(~same, float("-inf"))
             rows = logits.shape[0]
@@ -309,7 +309,8 @@ class QwenImageTokenPruning:
                 keep.append(select_units_triton(features, q[rows], k[rows], scale, merge2,
                                                 anchors, kept - anchors, config))
                 continue
-            P_units = unit_attention(q[rows], k[rows], segment[rows], scale, units, merge2)
+            P_units = unit_attention(q[rows], k[rows], None if whole_image else segment[rows],
+                                     scale, units, merge2)
             keep.append(select_from_attention(
                 P_units[None], features[None], anchors, kept - anchors, config.alpha,
                 config.score_norm, num_prefix=0, class_token=False, selection=config.selection,
