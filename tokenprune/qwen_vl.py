@@ -15,10 +15,16 @@ Nothing in the model's modules changes. On the one model object:
   feature). `get_video_features` passes through untouched.
 - `get_rope_index` (wrapping the class's) gives the pruned prompt the positions of the
   unpruned one: it re-expands each image's placeholders, asks the class's method, and takes the
-  rows back; an image's slots carry the image's start position until the selection is known.
-- A forward pre-hook on the language model writes each kept unit's own position into its slot
-  (the selection is made after generate computed the positions, so this is the first place
-  where both are known).
+  rows back; an image's slots carry the image's start position, since generate asks for the
+  positions before the tower has run and the selection is known.
+- The kept units travel with the image features they were cut from (`KEPT_UNITS`, each image's
+  rows paired with its kept unit indices): forward gets them from its own tower run, generate
+  from the features it encoded before the prefill (`mm_encoder_outputs`), and every step of a
+  generate without a cache gets them again. A forward pre-hook on the *Model makes one
+  `ImageSlots` per call from them and the prompt; a forward pre-hook on the language model
+  writes each kept unit's own position into its slot; a forward hook on the *Model ends the
+  call. With pixel_values the pre-hook runs the tower itself (the class's forward then takes
+  the features as `mm_encoder_outputs`), so that one path serves forward and generate.
 
 With `layer=L` (SPEC.md, "Pruning inside the Qwen vision tower") the selection hook sits on
 block L instead and also cuts: it hands block L the kept units' patches, with their own rotary
@@ -28,8 +34,10 @@ arguments (Qwen2.5-VL's window blocks get the recounted windows); a forward hook
 zero tensor of every unit, so that the tower's own reordering and splitting run unchanged and
 the wrapper above keeps the kept rows as it does without `layer`.
 """
+import inspect
 import math
 import sys
+from contextvars import ContextVar
 from numbers import Integral
 from typing import Optional
 
@@ -45,6 +53,11 @@ CLASSES = tuple(f"{prefix}{suffix}" for prefix in FAMILIES
 RATIO_TOLERANCE = 1e-6
 # The methods a patched model object or processor holds as instance attributes.
 MODEL_METHODS = ("get_image_features", "get_video_features", "get_rope_index")
+# The attribute of an image-features output that pairs each image's rows with its kept units.
+KEPT_UNITS = "tokenprune_kept_units"
+# The ImageSlots of the *Model call under way in this thread or task, set and ended by that
+# model's own hooks (its `owner` says whose: a deep copy has a state of its own).
+CALL = ContextVar("tokenprune_qwen_call", default=None)
 
 
 def qwen_model(model):
@@ -176,8 +189,6 @@ class QwenImageTokenPruning:
         self._keep = None          # their kept units, set by the selecting block's pre-hook
         self._kept_run = None      # layer=L: what blocks L.. run with (KeptPatches)
         self._in_video = False
-        self._slots = None         # (B, L) image placeholders of the prompt being run
-        self._pending = None       # (grids, keep) whose positions the language model still needs
 
     def kept(self, n):
         return kept_count(n, self.config.kept_patches, self.ratio)
@@ -330,8 +341,11 @@ class QwenImageTokenPruning:
             raise RuntimeError("the vision tower's selecting block did not run: tokenprune "
                                "cannot tell which image tokens to keep")
         self._cut(output, keep)
+        # Paired with the rows themselves: generate's expansion for beams and
+        # num_return_sequences repeats an image's rows object, not its index. The grid goes
+        # along since generate drops image_grid_thw from the inputs once it encoded them.
+        setattr(output, KEPT_UNITS, tuple(zip(output.pooler_output, image_grid_thw, keep)))
         self.last_keep_idx = keep
-        self._pending = (image_grid_thw, keep)
         return output
 
     @staticmethod
@@ -411,28 +425,53 @@ class QwenImageTokenPruning:
             deltas[b] += len(ids) - int(mask[b].sum())
         return positions, deltas
 
-    def note_prompt(self, inner, args, kwargs):
-        """Forward pre-hook of the *Model: where the image placeholders of this prompt are."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None and kwargs.get("pixel_values") is not None:
-            self._slots = input_ids == self.image_token_id
-        elif kwargs.get("pixel_values") is not None:
+    def begin_call(self, inner, args, kwargs):
+        """Forward pre-hook of the *Model: with images, their features (the tower runs here when
+        pixel_values are given) and the ImageSlots the language model's hook places."""
+        kwargs = {**dict(zip(self._forward_parameters(), args)), **kwargs}
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        input_ids = kwargs.get("input_ids")
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            return None
+        if input_ids is None:
             raise ValueError("prune_image_tokens needs input_ids with pixel_values (it finds the "
                              "image placeholders there), got inputs_embeds only")
+        if kwargs.get("pixel_values") is not None:
+            encoded["image"] = inner.get_image_features(
+                kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
+            kwargs.update(pixel_values=None, mm_encoder_outputs=encoded)
+        slots = input_ids == self.image_token_id
+        if slots.any():
+            CALL.set(ImageSlots(self, slots, *kept_units(encoded["image"])))
+        return (), kwargs
+
+    def end_call(self, inner, args, kwargs, output):
+        """Forward hook of the *Model (also when it raised): the call's ImageSlots are done."""
+        if getattr(CALL.get(), "owner", None) is self:
+            CALL.set(None)
+
+    def _forward_parameters(self):
+        """The names of the *Model forward's parameters after self, in order (a positional
+        argument of the pre-hook is bound to its name)."""
+        return list(inspect.signature(type(self.inner).forward).parameters)[1:]
 
     def place_units(self, language_model, args, kwargs):
-        """Forward pre-hook of the language model: each kept unit's own 3D position."""
-        pending, slots = self._pending, self._slots
-        self._pending = self._slots = None
+        """Forward pre-hook of the language model: each kept unit's own 3D position, added to
+        its image's start position, which get_rope_index gave every slot of the image."""
+        call = CALL.get()
         position_ids = kwargs.get("position_ids")
-        if pending is None or slots is None or position_ids is None:
+        if call is None or call.owner is not self or position_ids is None:
             return None
-        grids, keep = pending
         positions = position_ids.clone()
         spatial = positions[-3:].reshape(3, -1)  # (3, B * L), a view into positions
-        flat = slots.reshape(-1).nonzero().squeeze(1).to(positions.device)
+        flat = call.slots.reshape(-1).nonzero().squeeze(1).to(positions.device)
+        if len(flat) != sum(len(idx) for idx in call.keep):
+            raise ValueError(f"the prompt has {len(flat)} image placeholders where "
+                             f"prune_image_tokens keeps {sum(len(i) for i in call.keep)} units: "
+                             f"pass the processor to prune_image_tokens(model, processor) so "
+                             f"that it writes the pruned count")
         start = 0
-        for grid, idx in zip(grids, keep):
+        for grid, idx in zip(call.grids, call.keep):
             columns = flat[start:start + len(idx)]
             start += len(idx)
             offsets = unit_offsets(grid, self.merge, positions.device)[:, idx.to(positions.device)]
@@ -448,7 +487,8 @@ class QwenImageTokenPruning:
             wrapper = getattr(self, name)
             setattr(inner, name, _Wrapped(wrapper, original))
         self._handles = [
-            inner.register_forward_pre_hook(self.note_prompt, with_kwargs=True),
+            inner.register_forward_pre_hook(self.begin_call, with_kwargs=True),
+            inner.register_forward_hook(self.end_call, with_kwargs=True, always_call=True),
             inner.language_model.register_forward_pre_hook(self.place_units, with_kwargs=True),
         ]
         visual = inner.visual
@@ -489,6 +529,39 @@ class QwenImageTokenPruning:
             if getattr(processor, ATTRIBUTE, None) is not None:
                 remove_image_token_pruning(processor)
         self.processors = []
+
+
+class ImageSlots:
+    """One *Model call's images: `owner` the QwenImageTokenPruning whose model runs; `slots`
+    (B, L) bool, where the prompt's image placeholders are; `grids` each image's (t, h, w);
+    `keep` each image's kept units, in the same order."""
+
+    def __init__(self, owner, slots, grids, keep):
+        self.owner = owner
+        self.slots = slots
+        self.grids = grids
+        self.keep = keep
+
+
+def kept_units(features):
+    """(grids, keep): each image's (t, h, w) and kept units (1-D int64) of an image-features
+    output that the pruned tower made, in the order of its rows; ValueError for features made
+    elsewhere."""
+    pairs = getattr(features, KEPT_UNITS, None)
+    if pairs is None:
+        raise ValueError("the image features given (mm_encoder_outputs) did not come from the "
+                         "pruned model's own tower, so tokenprune cannot tell which units they "
+                         "keep: pass pixel_values instead")
+    grids, keep = [], []
+    for rows in features.pooler_output:
+        found = next(((grid, idx) for paired, grid, idx in pairs if paired is rows), None)
+        if found is None:
+            raise ValueError("the image features given (mm_encoder_outputs) were split or "
+                             "rebuilt after the pruned tower made them (as a chunked prefill "
+                             "does), so tokenprune cannot tell which units they keep")
+        grids.append(found[0])
+        keep.append(found[1])
+    return grids, keep
 
 
 class KeptPatches:
