@@ -152,3 +152,35 @@ def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, nu
     keep_idx = select_tokens(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, num_prefix,
                              class_token, scale, selection, mmr_lambda)
     return (keep_idx, *gather_rows(_kernel_layout(x), _kernel_layout(qkv), keep_idx, num_prefix))
+
+
+def select_units(features, q, k, scale, merge2, k_anchors, top_m, selection, alpha, score_norm,
+                 mmr_lambda):
+    """The unit selection of one image whose patches attend to each other only (a full-attention
+    block), with the Triton kernels: the patch scores from the online-softmax passes (no N x N
+    map), their unit means, then the kernels' anchors, mmr, or importance over the anchor units'
+    patches, diversity and top-m on the units. keep (kept,) int64, ascending."""
+    N, H, d = q.shape
+    units = N // merge2
+    packed = torch.cat([q.reshape(N, H * d), k.reshape(N, H * d),
+                        torch.zeros_like(k).reshape(N, H * d)], dim=1)[None].contiguous()
+    stats = softmax_stats(packed, H, scale)
+    received = received_anchors(packed, H, 1, stats, 0, scale)[0]           # (1, N)
+    score = received.view(1, units, merge2).mean(dim=-1)                   # (1, n)
+    # The unit scores are n means (n at most a few thousand): a stable sort ranks them, ties to
+    # the lower unit as in the kernels' top-k.
+    ranked = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    if selection == "cls":
+        return ranked[:, :k_anchors + top_m].sort(dim=-1).values[0]
+    anchor_idx = ranked[:, :k_anchors].sort(dim=-1).values                   # (1, k)
+    anchor_mask = torch.zeros(1, units, dtype=torch.int8, device=q.device)
+    anchor_mask[0, anchor_idx[0]] = 1
+    features = features[None].contiguous()
+    if selection == "mmr":
+        return mmr(features, score.contiguous(), anchor_mask, anchor_idx.int(), top_m,
+                   mmr_lambda, 0)[0]
+    patches = (anchor_idx[..., None] * merge2 + torch.arange(merge2, device=q.device))
+    weight = importance(packed, H, patches.reshape(1, -1).int(), scale, stats)
+    unit_importance = weight.view(1, units, merge2).mean(dim=-1).contiguous()
+    return select_topm(unit_importance, diversity(features, anchor_idx.int()), anchor_mask,
+                       k_anchors, top_m, alpha, score_norm, 0)[0]

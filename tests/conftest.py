@@ -43,3 +43,12 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded")
     monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
     monkeypatch.setattr(open_clip, "create_model", refuse)
+
+
+@pytest.fixture(autouse=True)
+def native_bfloat16_cpu(monkeypatch):
+    """The --no_amp advice depends on the CPU's flags: every test sees a CPU with native
+    bfloat16 (no advice) unless it sets the case itself, so that the expected output does not
+    depend on the machine the tests run on (this project's machines differ in it)."""
+    from tokenprune.cli import evaluate
+    monkeypatch.setattr(evaluate, "cpu_has_native_bfloat16", lambda: True)

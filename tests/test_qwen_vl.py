@@ -254,7 +254,7 @@ def test_the_cls_selection_keeps_the_units_whose_patches_receive_most_attention(
 def test_unit_attention_in_bands_equals_the_whole_map(segmented):
     """The unit attention computed a band of query rows at a time (several bands here, the last
     one short) equals SPEC's definition taken on the whole N x N map of every head."""
-    from tokenprune.qwen_vl import unit_attention
+    from tokenprune.reference import unit_attention
     generator = torch.Generator().manual_seed(0)
     units, merge2, heads, d = 13, 4, 3, 8
     N = units * merge2

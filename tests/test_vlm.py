@@ -152,7 +152,7 @@ def test_the_default_selection_is_mmr(llava, pictures):
 
 
 def test_ratio_counts_a_product_near_an_integer_as_that_integer():
-    from tokenprune.qwen_vl import kept_count
+    from tokenprune.vlm.units import kept_count
     assert 0.07 * 100 > 7 and kept_count(100, 0, 0.07) == 7
     assert 0.28 * 25 > 7 and kept_count(25, 0, 0.28) == 7
     assert kept_count(100, 0, 0.07 + 1e-7) == 8
@@ -375,9 +375,9 @@ def test_unsupported_models_are_refused(llava):
     next_model = LlavaNextForConditionalGeneration(LlavaNextConfig(
         vision_config=vision, text_config=tiny_text_config(), image_grid_pinpoints=[[32, 32]]))
     with pytest.raises(UnsupportedModelError,
-                       match="any-resolution tiles .*supports Qwen2VL.*LlavaForConditionalGeneration"):
+                       match=r"any-resolution tiles .*supports LLaVA-1.5 \(llava\), .*Qwen3-VL"):
         prune_image_tokens(next_model)
-    with pytest.raises(UnsupportedModelError, match="supports .*LlavaForConditionalGeneration"):
+    with pytest.raises(UnsupportedModelError, match=r"supports LLaVA-1.5 \(llava\)"):
         prune_image_tokens(torch.nn.Linear(2, 2))
     model, processor = llava("clip")
     with pytest.raises(UnsupportedModelError, match="LlavaProcessor"):
@@ -404,13 +404,16 @@ def test_a_deep_copy_keeps_its_own_pruning(llava, pictures):
         remove_pruning(model)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("InternVLForConditionalGeneration", "InternVL's tiles"),
-    ("LlavaNextVideoForConditionalGeneration", "tiles"),
-    ("VideoLlavaForConditionalGeneration", "video models"),
+@pytest.mark.parametrize("name, model_type, why", [
+    ("InternVLForConditionalGeneration", "internvl", "InternVL's tiles"),
+    ("LlavaNextVideoForConditionalGeneration", "llava_next_video", "video models"),
+    ("VideoLlavaForConditionalGeneration", "video_llava", "video models"),
 ])
-def test_the_refusal_says_what_is_not_supported_yet(name, why):
-    # A stand-in class of that name (building the real models is not needed for the message).
+def test_the_refusal_says_what_is_not_supported_yet(name, model_type, why):
+    # A stand-in class of that name and model_type (the families are looked up by
+    # config.model_type; building the real models is not needed for the message).
+    from types import SimpleNamespace
     stand_in = type(name, (torch.nn.Module,), {"__module__": "transformers.models.stand_in"})()
-    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports .*Llava"):
+    stand_in.config = SimpleNamespace(model_type=model_type)
+    with pytest.raises(UnsupportedModelError, match=f"{name}.*{why}.*supports LLaVA-1.5"):
         prune_image_tokens(stand_in)

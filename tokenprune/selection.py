@@ -91,3 +91,35 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
                                           mmr_lambda=config.mmr_lambda)
     keep_idx = select_tokens(x, qkv, num_heads, config, num_prefix, class_token, scale, generator)
     return (keep_idx, *gather_kept(x, qkv, keep_idx, num_prefix))
+
+
+def select_units(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 segment: Optional[torch.Tensor], scale: float, merge2: int, kept: int,
+                 config: "PruneConfig", generator: Optional[torch.Generator] = None
+                 ) -> torch.Tensor:
+    """The `kept` units (kept,) int64, ascending, of one image whose patches are in unit order
+    (tokenprune.reference.select_units_reference has the arguments); the first
+    min(k_anchors, kept) are anchors. segment None: every patch attends to the whole image,
+    which the kernels need; "auto" takes the reference for a segmented (windowed) block and an
+    explicit "triton" is refused there."""
+    units = features.shape[0]
+    if kept >= units:
+        return torch.arange(units, device=features.device)
+    if config.selection == "random":
+        return random_keep_idx(1, units, kept, 0, generator, features.device)[0]
+    anchors = min(config.k_anchors, kept)
+    backend = resolve_backend(config.backend, features)
+    if backend == "triton" and segment is not None:
+        if config.backend == "triton":
+            raise ValueError("backend='triton' needs the selecting block to attend to the whole "
+                             "image; this one attends within windows: use backend='auto' or "
+                             "'reference'")
+        backend = "reference"
+    if backend == "triton":
+        from .kernels import pipeline
+        return pipeline.select_units(features, q, k, scale, merge2, anchors, kept - anchors,
+                                     config.selection, config.alpha, config.score_norm,
+                                     config.mmr_lambda)
+    from .reference import select_units_reference
+    return select_units_reference(features, q, k, segment, scale, merge2, anchors,
+                                  kept - anchors, config)

@@ -22,11 +22,10 @@ import warnings
 from ..config import IMAGE_TOKEN_TOP_M, image_token_config
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
-# model_type -> the transformers class that generate loads it with.
-MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration",
-                 "qwen2_vl": "Qwen2VLForConditionalGeneration",
-                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+from ..vlm.families import FAMILIES
+
+# model_type -> the transformers class that generate loads it with (tokenprune/vlm/families.py).
+MODEL_CLASSES = {model_type: family.model_class for model_type, family in FAMILIES.items()}
 SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 

@@ -16,19 +16,20 @@ This module imports nothing heavy: lmms-eval reads the entry point each time it 
 """
 from numbers import Integral, Real
 
+from ..vlm.families import FAMILIES
+
 # name -> the kind of value; prune_image_tokens' own keywords.
 PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alpha": "float",
                      "selection": "str", "mmr_lambda": "float", "score_norm": "str",
                      "backend": "str", "layer": "int"}
 
-# model id -> (the lmms-eval model it wraps, our class). Each wraps the implementation that
-# lmms-eval runs for the base's name: the chat one where the base has one (llava_hf, qwen2_5_vl,
-# qwen3_vl), else the simple one (qwen2_vl).
-MODELS = {"tokenprune_llava_hf": ("llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
-          "tokenprune_qwen2_vl": ("qwen2_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_VL"),
-          "tokenprune_qwen2_5_vl": ("qwen2_5_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_5_VL"),
-          "tokenprune_qwen3_vl": ("qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL")}
-SIMPLE = {"tokenprune_qwen2_vl"}
+# model id -> (the lmms-eval model it wraps, our class), from tokenprune/vlm/families.py. Each
+# wraps the implementation that lmms-eval runs for the base's name: the chat one where the base
+# has one, else the simple one (SIMPLE).
+MODELS = {f"tokenprune_{family.lmms_model}": (family.lmms_model, family.lmms_class)
+          for family in FAMILIES.values() if family.lmms_model is not None}
+SIMPLE = {f"tokenprune_{family.lmms_model}" for family in FAMILIES.values()
+          if family.lmms_model is not None and not family.lmms_chat}
 
 
 def manifests():

@@ -1,12 +1,12 @@
-"""Fewer image tokens for Qwen2-VL, Qwen2.5-VL and Qwen3-VL on Hugging Face transformers (SPEC.md,
-"Image tokens for Qwen2-VL, Qwen2.5-VL and Qwen3-VL").
+"""Qwen2-VL (SPEC.md, "Image tokens for Qwen2-VL, Qwen2.5-VL and Qwen3-VL"), and the base of the
+Qwen-VL families: qwen2_5_vl.py and qwen3_vl.py subclass it where they differ.
 
-The three families share what pruning needs: a vision tower `visual` whose blocks have `norm1`
+The Qwen-VL families share what pruning needs: a vision tower `visual` whose blocks have `norm1`
 and `attn.qkv` with the rotary embedding of their module, a patch merger that turns each s x s
 patch group (a unit) into one language-model token, and 3D M-RoPE positions from
-`get_rope_index`. What differs is kept in two places: Qwen2.5-VL's window order (the tower's
-rows are permuted by window; `_unit_order`) and Qwen3-VL's deepstack features (cut at the same
-rows in `_cut`).
+`get_rope_index`. What differs is a method each: Qwen2.5-VL's window order (the tower's rows are
+permuted by window; `unit_order`, `attends_whole_image`, `check_layer`) and Qwen3-VL's deepstack
+features (cut at the same rows in `cut`, their mergers in `mergers_from`).
 
 Nothing in the model's modules changes. On the one model object:
 - `get_image_features` (an instance attribute wrapping the class's) runs the tower; a forward
@@ -35,23 +35,17 @@ zero tensor of every unit, so that the tower's own reordering and splitting run 
 the wrapper above keeps the kept rows as it does without `layer`.
 """
 import inspect
-import math
 import sys
 from contextvars import ContextVar
 from numbers import Integral
-from typing import Optional
 
 import torch
 
-from .reference import select_from_attention, top_indices
-from .selection import random_keep_idx, resolve_backend
+from ..selection import select_units
+from .base import ImageTokenPruning
+from .units import image_units, unit_offsets
 
-# model class name prefix -> family; both the *ForConditionalGeneration and the *Model class.
-FAMILIES = {"Qwen2VL": "qwen2_vl", "Qwen2_5_VL": "qwen2_5_vl", "Qwen3VL": "qwen3_vl"}
-CLASSES = tuple(f"{prefix}{suffix}" for prefix in FAMILIES
-                for suffix in ("ForConditionalGeneration", "Model"))
-RATIO_TOLERANCE = 1e-6
-# The methods a patched model object or processor holds as instance attributes.
+# The methods a patched model object holds as instance attributes.
 MODEL_METHODS = ("get_image_features", "get_video_features", "get_rope_index")
 # The attribute of an image-features output that pairs each image's rows with its kept units.
 KEPT_UNITS = "tokenprune_kept_units"
@@ -60,108 +54,7 @@ KEPT_UNITS = "tokenprune_kept_units"
 CALL = ContextVar("tokenprune_qwen_call", default=None)
 
 
-def qwen_model(model):
-    """The inner *Model (with `visual` and `language_model`) of a supported Qwen-VL model, or
-    None when `model` is not one."""
-    name = type(model).__name__
-    if name not in CLASSES or not type(model).__module__.startswith("transformers."):
-        return None
-    import transformers
-    if type(model) is not getattr(transformers, name, None):
-        return None
-    return model.model if name.endswith("ForConditionalGeneration") else model
-
-
-def kept_count(n, kept_patches, ratio):
-    """Units an image of n units keeps: min(k + m, n), or ceil(ratio * n) with a product within
-    RATIO_TOLERANCE of an integer taken as that integer, at least 1."""
-    if ratio is None:
-        return min(kept_patches, n)
-    product = ratio * n
-    nearest = round(product)
-    count = nearest if abs(product - nearest) <= RATIO_TOLERANCE else math.ceil(product)
-    return min(n, max(1, count))  # a ratio near 0 still keeps one
-
-
-def image_units(grid_thw, merge):
-    """Units per image, a list of ints, for image_grid_thw (images, 3)."""
-    return [int(t * h * w) // (merge * merge) for t, h, w in grid_thw.tolist()]
-
-
-def unit_offsets(grid_thw_row, merge, device):
-    """(3, n) int64: each unit's (temporal, height, width) offset from the image's start
-    position, in the order the tower outputs the units (t, then rows, then columns)."""
-    t, h, w = (int(v) for v in grid_thw_row)
-    grid = torch.meshgrid(torch.arange(t, device=device), torch.arange(h // merge, device=device),
-                          torch.arange(w // merge, device=device), indexing="ij")
-    return torch.stack(grid).reshape(3, -1)
-
-
-def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
-    """P_U (n, n), SPEC's unit attention, for one image: q, k (N, H, d) after the rotary
-    embedding, rows in unit order (the s^2 patches of unit u are rows s^2 u ..); segment (N,)
-    the attention segment of each row (keys outside a query's segment get no attention), or None
-    where every patch attends to the whole image.
-
-    One head and a band of whole units' query rows at a time (about `chunk_elements` logits),
-    so that no N x N map is ever alive; the keys are taken patch position first (the first
-    patch of every unit, then the second, ..), so that a unit's keys are summed as s^2
-    contiguous slices rather than a strided reduction. At Qwen2.5-VL-7B's 4784 patches on a
-    2-core CPU this takes about 0.7 s for 16 heads, against 2.2 s for a whole map per head."""
-    N, H, _ = q.shape
-    P_units = torch.zeros(units, units, dtype=torch.float32, device=q.device)
-    band = max(1, chunk_elements // (N * merge2)) * merge2
-    by_position = torch.arange(N, device=q.device).view(units, merge2).T.reshape(-1)
-    for h in range(H):
-        keys = k[by_position, h].float().T.contiguous()
-        for start in range(0, N, band):
-            logits = q[start:start + band, h].float() @ keys
-            logits.mul_(scale)
-            if segment is not None:
-                same = segment[start:start + band, None] == segment[by_position][None, :]
-                logits.masked_fill_(~same, float("-inf"))
-            rows = logits.shape[0]
-            to_units = logits.softmax(dim=-1).view(rows, merge2, units).sum(dim=1)
-            P_units[start // merge2:(start + rows) // merge2] += (
-                to_units.view(rows // merge2, merge2, units).sum(dim=1))
-    return P_units / (H * merge2 * merge2)
-
-
-def select_units_triton(features, q, k, scale, merge2, anchors, top_m, config):
-    """The unit selection of one image whose patches attend to each other only (a full-attention
-    block), with the Triton kernels: the patch scores from the online-softmax passes (no N x N
-    map), their unit means, then the kernels' anchors, mmr, or importance over the anchor units'
-    patches, diversity and top-m on the units. keep (kept,) int64, ascending."""
-    from .kernels.diversity import diversity
-    from .kernels.importance import importance
-    from .kernels.mmr import mmr
-    from .kernels.received_anchors import received_anchors
-    from .kernels.select_topm import select_topm
-    from .kernels.softmax_stats import softmax_stats
-    N, H, d = q.shape
-    units = N // merge2
-    packed = torch.cat([q.reshape(N, H * d), k.reshape(N, H * d),
-                        torch.zeros_like(k).reshape(N, H * d)], dim=1)[None].contiguous()
-    stats = softmax_stats(packed, H, scale)
-    received = received_anchors(packed, H, 1, stats, 0, scale)[0]           # (1, N)
-    score = received.view(1, units, merge2).mean(dim=-1)                   # (1, n)
-    if config.selection == "cls":
-        return top_indices(score, anchors + top_m).sort(dim=-1).values[0]
-    anchor_idx = top_indices(score, anchors).sort(dim=-1).values            # (1, k)
-    anchor_mask = torch.zeros(1, units, dtype=torch.int8, device=q.device)
-    anchor_mask[0, anchor_idx[0]] = 1
-    features = features[None].contiguous()
-    if config.selection == "mmr":
-        return mmr(features, score.contiguous(), anchor_mask, anchor_idx.int(), top_m,
-                   config.mmr_lambda, 0)[0]
-    patches = (anchor_idx[..., None] * merge2 + torch.arange(merge2, device=q.device))
-    weight = importance(packed, H, patches.reshape(1, -1).int(), scale, stats)
-    unit_importance = weight.view(1, units, merge2).mean(dim=-1).contiguous()
-    return select_topm(unit_importance, diversity(features, anchor_idx.int()), anchor_mask,
-                       anchors, top_m, config.alpha, config.score_norm, 0)[0]
-
-
-class QwenImageTokenPruning:
+class Qwen2VLImageTokenPruning(ImageTokenPruning):
     """The pruning of one Qwen-VL model: what `prune_image_tokens` installed and how to undo it.
 
     `tokenprune.pruned_block(model)` returns it. `last_keep_idx`: one 1-D int64 tensor per image
@@ -171,44 +64,30 @@ class QwenImageTokenPruning:
     where the selection cuts the tower (0 .. depth - 1), or None (the last block's input, no cut).
     """
 
+    model_type = "qwen2_vl"
+    name = "Qwen2-VL"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    processor_classes = ("Qwen2VLProcessor",)
+    layer_inside_tower = True
+
     def __init__(self, model, inner, config, ratio, layer=None):
-        self.model = model
-        self.inner = inner
-        self.config = config
-        self.ratio = ratio
-        self.family = FAMILIES[next(p for p in sorted(FAMILIES, key=len, reverse=True)
-                                    if type(inner).__name__.startswith(p))]
+        super().__init__(model, inner, config, ratio)
         self.merge = inner.visual.spatial_merge_size
         self.layer = layer         # the block index where the selection cuts, or None
         self.image_token_id = inner.config.image_token_id
-        self.last_keep_idx = None
-        self.processors = []
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._handles = []
         self._grid = None          # image_grid_thw of the images the tower is encoding
         self._keep = None          # their kept units, set by the selecting block's pre-hook
         self._kept_run = None      # layer=L: what blocks L.. run with (KeptPatches)
         self._in_video = False
 
-    def kept(self, n):
-        return kept_count(n, self.config.kept_patches, self.ratio)
-
     # --- the vision side -------------------------------------------------------------------
 
-    def _unit_order(self, grid, rows, device):
+    def unit_order(self, grid, rows, device):
         """(order, windows): for each patch in unit order, its row in a block's input (rows,)
-        int64; and Qwen2.5-VL's cu_window_seqlens, None in the other families. Qwen2.5-VL's
-        tower holds the units in window order (the same order in every block)."""
-        if self.family != "qwen2_5_vl":
-            return torch.arange(rows, device=device), None
-        from transformers.vision_utils import get_vision_window_index
-        visual = self.inner.visual
-        window_index, windows = get_vision_window_index(grid, visual.spatial_merge_size,
-                                                        visual.window_size, visual.patch_size)
-        merge2 = self.merge ** 2
-        position = torch.argsort(window_index.to(device))  # unit -> its place in window order
-        order = (position[:, None] * merge2 + torch.arange(merge2, device=device)).reshape(-1)
-        return order, windows
+        int64; and the window segments (cu_window_seqlens) of a family whose tower attends in
+        windows, else None. Here the tower's rows are in unit order already."""
+        return torch.arange(rows, device=device), None
 
     def select(self, block, args, kwargs):
         """Forward pre-hook of the tower's last block (layer=None): SPEC's unit selection per
@@ -216,7 +95,7 @@ class QwenImageTokenPruning:
         if self._grid is None:
             return
         x = args[0] if args else kwargs["hidden_states"]
-        order, _ = self._unit_order(self._grid, x.shape[0], x.device)
+        order, _ = self.unit_order(self._grid, x.shape[0], x.device)
         self._keep = self._select(block, x, kwargs, order)
 
     def _select(self, block, x, kwargs, order):
@@ -234,7 +113,7 @@ class QwenImageTokenPruning:
                                          torch.arange(L, device=x.device), right=True)
             x, q, k, segment = x[order], q[order], k[order], segment[order]
             return self._select_images(x, q, k, segment, attn.scaling,
-                                       self._attends_whole_image(block))
+                                       self.attends_whole_image(block))
 
     # --- layer=L: blocks L and after on the kept units only ----------------------------------
 
@@ -244,7 +123,7 @@ class QwenImageTokenPruning:
         if self._grid is None:
             return None
         x = args[0] if args else kwargs.pop("hidden_states")
-        order, windows = self._unit_order(self._grid, x.shape[0], x.device)
+        order, windows = self.unit_order(self._grid, x.shape[0], x.device)
         keep = self._keep = self._select(block, x, kwargs, order)
         merge2 = self.merge ** 2
         starts = [0]
@@ -266,7 +145,7 @@ class QwenImageTokenPruning:
         run = self._kept_run
         if run is None:
             return None
-        cu_seqlens = (run.cu_seqlens if run.windows is None or self._attends_whole_image(block)
+        cu_seqlens = (run.cu_seqlens if run.windows is None or self.attends_whole_image(block)
                       else run.windows)
         kwargs = {**kwargs, "cu_seqlens": cu_seqlens, "position_embeddings": run.rotary}
         if kwargs.get("max_seqlen") is not None:  # flash attention's, else None
@@ -285,47 +164,19 @@ class QwenImageTokenPruning:
         spread[run.rows[::merge2] // merge2] = output
         return spread
 
-    def _attends_whole_image(self, block):
-        """Whether the block's patches attend to their whole image: every block but Qwen2.5-VL's
-        window-attention ones (those not in fullatt_block_indexes)."""
-        full = getattr(self.inner.visual, "fullatt_block_indexes", None)
-        return full is None or self._block_index(block) in full
-
-    def _block_index(self, block):
-        return next(i for i, b in enumerate(self.inner.visual.blocks) if b is block)
+    def attends_whole_image(self, block):
+        """Whether the block's patches attend to their whole image (Qwen2.5-VL's window blocks
+        do not)."""
+        return True
 
     def _select_images(self, x, q, k, segment, scale, whole_image):
-        config, merge2 = self.config, self.merge ** 2
-        keep, start = [], 0
+        keep, start, merge2 = [], 0, self.merge ** 2
         for units in image_units(self._grid, self.merge):
             rows = slice(start, start + units * merge2)
             start += units * merge2
-            kept = self.kept(units)
-            if kept == units:
-                keep.append(torch.arange(units, device=x.device))
-                continue
-            if config.selection == "random":
-                keep.append(random_keep_idx(1, units, kept, 0, self._generator, x.device)[0])
-                continue
-            anchors = min(config.k_anchors, kept)
-            features = x[rows].reshape(units, -1)
-            backend = resolve_backend(config.backend, x)
-            if backend == "triton" and not whole_image and config.backend == "triton":
-                # The kernels read a block whose patches attend to the whole image; "auto"
-                # takes the reference for a windowed one, an explicit "triton" is refused.
-                raise ValueError("backend='triton' needs the selecting block to attend to the "
-                                 "whole image; this one attends within windows: use "
-                                 "backend='auto' or 'reference'")
-            if whole_image and backend == "triton":
-                keep.append(select_units_triton(features, q[rows], k[rows], scale, merge2,
-                                                anchors, kept - anchors, config))
-                continue
-            P_units = unit_attention(q[rows], k[rows], None if whole_image else segment[rows],
-                                     scale, units, merge2)
-            keep.append(select_from_attention(
-                P_units[None], features[None], anchors, kept - anchors, config.alpha,
-                config.score_norm, num_prefix=0, class_token=False, selection=config.selection,
-                mmr_lambda=config.mmr_lambda)[0])
+            keep.append(select_units(x[rows].reshape(units, -1), q[rows], k[rows],
+                                     None if whole_image else segment[rows], scale, merge2,
+                                     self.kept(units), self.config, self._generator))
         return keep
 
     def get_image_features(self, original, pixel_values, image_grid_thw=None, **kwargs):
@@ -340,7 +191,7 @@ class QwenImageTokenPruning:
         if keep is None:
             raise RuntimeError("the vision tower's selecting block did not run: tokenprune "
                                "cannot tell which image tokens to keep")
-        self._cut(output, keep)
+        self.cut(output, keep)
         # Paired with the rows themselves: generate's expansion for beams and
         # num_return_sequences repeats an image's rows object, not its index. The grid goes
         # along since generate drops image_grid_thw from the inputs once it encoded them.
@@ -348,15 +199,9 @@ class QwenImageTokenPruning:
         self.last_keep_idx = keep
         return output
 
-    @staticmethod
-    def _cut(output, keep):
+    def cut(self, output, keep):
         """Keep the kept units' rows of every image's features, in place on the output."""
-        def cut(per_image):
-            return tuple(rows.index_select(0, idx.to(rows.device))
-                         for rows, idx in zip(per_image, keep))
-        output.pooler_output = cut(output.pooler_output)
-        if getattr(output, "deepstack_features", None) is not None:
-            output.deepstack_features = [cut(feature) for feature in output.deepstack_features]
+        output.pooler_output = kept_rows_of(output.pooler_output, keep)
 
     def get_video_features(self, original, *args, **kwargs):
         self._in_video = True
@@ -480,55 +325,55 @@ class QwenImageTokenPruning:
 
     # --- install and undo -------------------------------------------------------------------
 
-    def install(self):
+    def install_hooks(self):
         inner = self.inner
         for name in MODEL_METHODS:
-            original = getattr(inner, name)
-            wrapper = getattr(self, name)
-            setattr(inner, name, _Wrapped(wrapper, original))
-        self._handles = [
-            inner.register_forward_pre_hook(self.begin_call, with_kwargs=True),
-            inner.register_forward_hook(self.end_call, with_kwargs=True, always_call=True),
-            inner.language_model.register_forward_pre_hook(self.place_units, with_kwargs=True),
-        ]
+            self.wrap_method(name)
+        self.hook(inner, self.begin_call, with_kwargs=True)
+        self.hook(inner, self.end_call, post=True, with_kwargs=True, always_call=True)
+        self.hook(inner.language_model, self.place_units, with_kwargs=True)
         visual = inner.visual
         if self.layer is None:
-            self._handles.append(
-                visual.blocks[-1].register_forward_pre_hook(self.select, with_kwargs=True))
+            self.hook(visual.blocks[-1], self.select, with_kwargs=True)
             return
-        self._handles.append(visual.blocks[self.layer].register_forward_pre_hook(
-            self.select_and_cut, with_kwargs=True))
+        self.hook(visual.blocks[self.layer], self.select_and_cut, with_kwargs=True)
         for block in visual.blocks[self.layer + 1:]:
-            self._handles.append(block.register_forward_pre_hook(self.run_on_kept,
-                                                                 with_kwargs=True))
-        mergers = [visual.merger]
-        # Qwen3-VL's deepstack features of blocks L and after come from the kept patches.
-        for index, merger in zip(getattr(visual, "deepstack_visual_indexes", ()),
-                                 getattr(visual, "deepstack_merger_list", ())):
-            if index >= self.layer:
-                mergers.append(merger)
-        self._handles += [merger.register_forward_hook(self.spread_units) for merger in mergers]
+            self.hook(block, self.run_on_kept, with_kwargs=True)
+        for merger in self.mergers_from(self.layer):
+            self.hook(merger, self.spread_units, post=True)
 
-    def patch_processor(self, processor):
-        from .vlm import ATTRIBUTE, remove_image_token_pruning
-        remove_image_token_pruning(processor)
-        count = QwenPlaceholderCount(processor, self)
-        setattr(processor, ATTRIBUTE, count)
-        processor.replace_image_token = count.replace_image_token
-        processor._get_num_multimodal_tokens = count.num_multimodal_tokens
-        self.processors.append(processor)
+    def mergers_from(self, layer):
+        """The mergers that run on the output of blocks `layer` and after."""
+        return [self.inner.visual.merger]
 
-    def remove(self):
-        from .vlm import ATTRIBUTE, remove_image_token_pruning
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        for name in MODEL_METHODS:
-            self.inner.__dict__.pop(name, None)
-        for processor in self.processors:
-            if getattr(processor, ATTRIBUTE, None) is not None:
-                remove_image_token_pruning(processor)
-        self.processors = []
+    def placeholder_count(self, processor):
+        return QwenPlaceholderCount(processor, self)
+
+    @classmethod
+    def check_layer(cls, layer, visual):
+        """The block index that `layer` names in the tower, or ValueError."""
+        depth = len(visual.blocks)
+        if (isinstance(layer, bool) or not isinstance(layer, Integral)
+                or not -depth <= layer < depth):
+            raise ValueError(f"layer must be a vision block index in [{-depth}, {depth - 1}] "
+                             f"(the tower has {depth} blocks; negative counts from the end), "
+                             f"got {layer!r}")
+        return int(layer) % depth
+
+    @classmethod
+    def prepare(cls, model, inner, processor, config, ratio, layer):
+        index = None if layer is None else cls.check_layer(layer, inner.visual)
+        state = cls(model, inner, config, ratio, index)
+        if processor is not None:
+            state.check_processor(processor)
+        if ratio == 1:
+            return "ratio=1: every image token is kept"
+        return state
+
+
+def kept_rows_of(per_image, keep):
+    """Each image's rows (a tuple of (n, C) tensors) cut to its kept units."""
+    return tuple(rows.index_select(0, idx.to(rows.device)) for rows, idx in zip(per_image, keep))
 
 
 class ImageSlots:
@@ -583,38 +428,6 @@ def recount(cu_seqlens, rows):
     return torch.unique_consecutive(counted).to(cu_seqlens.dtype)
 
 
-def resolve_layer(layer, inner):
-    """The block index that `layer` names in the Qwen-VL tower of `inner`, or ValueError."""
-    visual = inner.visual
-    depth = len(visual.blocks)
-    if isinstance(layer, bool) or not isinstance(layer, Integral) or not -depth <= layer < depth:
-        raise ValueError(f"layer must be a vision block index in [{-depth}, {depth - 1}] (the "
-                         f"tower has {depth} blocks; negative counts from the end), got {layer!r}")
-    index = int(layer) % depth
-    full = getattr(visual, "fullatt_block_indexes", None)
-    if full is not None and index not in full:
-        raise ValueError(f"layer={layer} is window-attention block {index} of Qwen2.5-VL's "
-                         f"vision tower: layer must be one of its full-attention blocks "
-                         f"{list(full)} (or {[i - depth for i in full]}), where the selection "
-                         f"sees the whole image")
-    return index
-
-
-class _Wrapped:
-    """A model method replaced on the instance: `wrapper(original, ...)`. An object holding two
-    bound methods rather than a closure, so that copy.deepcopy of the model gives the copy
-    wrappers of its own state and its own original methods."""
-
-    def __init__(self, wrapper, original):
-        self.wrapper = wrapper
-        self.original = original
-        # transformers reads a method's signature (through __wrapped__) to route its inputs.
-        self.__wrapped__ = original
-
-    def __call__(self, *args, **kwargs):
-        return self.wrapper(self.original, *args, **kwargs)
-
-
 class QwenPlaceholderCount:
     """A patched Qwen processor's placeholder count: kept(n) <|image_pad|> per image of n units
     (its mm_token_type_ids follow, as the processor derives them from the ids it writes)."""
@@ -634,33 +447,3 @@ class QwenPlaceholderCount:
         if image_sizes is not None:
             data.num_image_tokens = [self.state.kept(n) for n in data.num_image_tokens]
         return data
-
-
-def check_processor(processor, model):
-    """UnsupportedModelError unless `processor` is a Qwen-VL processor."""
-    from .towers import UnsupportedModelError
-    name = type(processor).__name__
-    if not (name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
-            and hasattr(processor, "image_processor")):
-        raise UnsupportedModelError(f"prune_image_tokens can patch a Qwen2VLProcessor, "
-                                    f"Qwen2_5_VLProcessor or Qwen3VLProcessor for "
-                                    f"{type(model).__name__}, got {name}")
-
-
-def prune_qwen(model, inner, processor, config, ratio,
-               layer=None) -> Optional[QwenImageTokenPruning]:
-    """Install the pruning on a Qwen-VL model (tokenprune.vlm.prune_image_tokens checked the
-    arguments); None when nothing can be pruned (ratio 1)."""
-    from .vlm import ATTRIBUTE, remove_image_token_pruning
-    index = None if layer is None else resolve_layer(layer, inner)
-    if processor is not None:
-        check_processor(processor, model)
-    remove_image_token_pruning(model)
-    state = QwenImageTokenPruning(model, inner, config, ratio, index)
-    if ratio == 1:
-        return None
-    state.install()
-    setattr(model, ATTRIBUTE, state)
-    if processor is not None:
-        state.patch_processor(processor)
-    return state

@@ -1,0 +1,161 @@
+"""What the pruning of every vision-language family shares: the state that `prune_image_tokens`
+installs on one model (its hooks, the methods it wraps on the model object, the processors it
+patched) and how it is undone. A family is a subclass in a module of its own (docs/design.md,
+"A new vision-language family"); nothing here knows a family."""
+from typing import Optional
+
+from ..towers import UnsupportedModelError
+from .units import kept_count
+
+# Where the state of a pruned model or processor is kept (a plain attribute).
+ATTRIBUTE = "_tokenprune_image_tokens"
+
+
+class ImageTokenPruning:
+    """The pruning of one vision-language model; `tokenprune.pruned_block(model)` returns it.
+
+    A family's subclass sets the class attributes below and implements `install_hooks` (and,
+    where its processor writes placeholders, `placeholder_count`); `prune` is its entry.
+    `last_keep_idx`: the kept units of the last image batch (the family says in which form);
+    None before the first image. `kept(n)`: the units an image of n units keeps.
+    """
+    model_type = None        # config.model_type of the family's models
+    name = None              # what messages call the family
+    model_classes = ()       # the transformers classes it takes: *ForConditionalGeneration first
+    processor_classes = ()   # the processors it patches
+    layer_inside_tower = False  # whether `layer=L` can cut inside the vision tower
+    without_layer = "leave layer None"  # where this family prunes instead, for the refusal
+
+    def __init__(self, model, inner, config, ratio):
+        self.model = model
+        self.inner = inner
+        self.config = config
+        self.ratio = ratio
+        self.last_keep_idx = None
+        self.processors = []
+        self._handles = []
+        self._wrapped = []
+
+    @classmethod
+    def inner_model(cls, model):
+        """The model's inner *Model when `model` is one of model_classes, else None."""
+        name = type(model).__name__
+        if name not in cls.model_classes or not type(model).__module__.startswith("transformers."):
+            return None
+        import transformers
+        if type(model) is not getattr(transformers, name, None):
+            return None
+        return model.model if name == cls.model_classes[0] else model
+
+    @classmethod
+    def prepare(cls, model, inner, processor, config, ratio, layer):
+        """The state to attach for prune_image_tokens' checked arguments, or a string saying
+        why nothing can be pruned; refuses what the family cannot take."""
+        raise NotImplementedError
+
+    def kept(self, n):
+        return kept_count(n, self.config.kept_patches, self.ratio)
+
+    # --- what a family installs ------------------------------------------------------------
+
+    def install_hooks(self):
+        raise NotImplementedError
+
+    def placeholder_count(self, processor):
+        """The object whose replace_image_token and num_multimodal_tokens the patched processor
+        uses; a family whose processor writes placeholders implements it."""
+        raise NotImplementedError
+
+    def restore(self):
+        """Undo what install_hooks changed besides hooks and wrapped methods (a config value)."""
+
+    def hook(self, module, function, *, post=False, **options):
+        """Register a forward pre-hook (a forward hook with post=True) that remove() takes off.
+        Bound methods as hooks, so that copy.deepcopy of the model gives the copy's hooks its
+        own state."""
+        register = module.register_forward_hook if post else module.register_forward_pre_hook
+        self._handles.append(register(function, **options))
+
+    def wrap_method(self, name):
+        """The inner model's method `name` replaced on the instance by this state's method of
+        the same name, called as method(original, ...)."""
+        setattr(self.inner, name, Wrapped(getattr(self, name), getattr(self.inner, name)))
+        self._wrapped.append(name)
+
+    # --- the processor ---------------------------------------------------------------------
+
+    def check_processor(self, processor):
+        """UnsupportedModelError unless `processor` is one of processor_classes."""
+        name = type(processor).__name__
+        if name not in self.processor_classes or not hasattr(processor, "image_processor"):
+            raise UnsupportedModelError(f"prune_image_tokens can patch a "
+                                        f"{' or '.join(self.processor_classes)} for "
+                                        f"{type(self.model).__name__}, got {name}")
+
+    def patch_processor(self, processor):
+        remove_image_token_pruning(processor)
+        count = self.placeholder_count(processor)
+        setattr(processor, ATTRIBUTE, count)
+        processor.replace_image_token = count.replace_image_token
+        processor._get_num_multimodal_tokens = count.num_multimodal_tokens
+        self.processors.append(processor)
+
+    # --- install and undo ------------------------------------------------------------------
+
+    def attach(self, processor):
+        """Install on the model (the earlier pruning removed first) and patch the processor."""
+        remove_image_token_pruning(self.model)
+        self.install_hooks()
+        setattr(self.model, ATTRIBUTE, self)
+        if processor is not None:
+            self.patch_processor(processor)
+        return self
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for name in self._wrapped:
+            self.inner.__dict__.pop(name, None)
+        self._wrapped = []
+        self.restore()
+        for processor in self.processors:
+            if getattr(processor, ATTRIBUTE, None) is not None:
+                remove_image_token_pruning(processor)
+        self.processors = []
+
+
+class Wrapped:
+    """A model method replaced on the instance: `wrapper(original, ...)`. An object holding two
+    bound methods rather than a closure, so that copy.deepcopy of the model gives the copy
+    wrappers of its own state and its own original methods."""
+
+    def __init__(self, wrapper, original):
+        self.wrapper = wrapper
+        self.original = original
+        # transformers reads a method's signature (through __wrapped__) to route its inputs.
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(self.original, *args, **kwargs)
+
+
+def image_token_pruning(obj) -> Optional[ImageTokenPruning]:
+    """The ImageTokenPruning of a model patched by prune_image_tokens, else None."""
+    state = getattr(obj, ATTRIBUTE, None)
+    return state if isinstance(state, ImageTokenPruning) else None
+
+
+def remove_image_token_pruning(obj) -> bool:
+    """Undo prune_image_tokens on a model (and the processors patched with it) or on one
+    processor; False when `obj` was not patched."""
+    state = getattr(obj, ATTRIBUTE, None)
+    if state is None:
+        return False
+    if isinstance(state, ImageTokenPruning):
+        state.remove()
+    else:  # a processor: back to its class's methods
+        for name in ("replace_image_token", "_get_num_multimodal_tokens"):
+            obj.__dict__.pop(name, None)
+    delattr(obj, ATTRIBUTE)
+    return True

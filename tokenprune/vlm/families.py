@@ -1,0 +1,58 @@
+"""The vision-language families tokenprune prunes, one row each: the one list that
+`prune_image_tokens` and its error message, `tokenprune generate`, the lmms-eval models and the
+docs take their families from. Adding a family is a module in this folder and a row here.
+
+Nothing heavy is imported here: the command line reads the table before it loads anything.
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str          # config.model_type
+    name: str                # for people
+    model_class: str         # the transformers *ForConditionalGeneration class
+    module: str              # tokenprune.vlm.<module> holds its ImageTokenPruning subclass
+    pruning: str             # that class's name
+    example: str             # a hub id, for help texts
+    # lmms-eval: the model that tokenprune_<lmms_model> wraps, our subclass of it, and whether
+    # that is lmms-eval's chat implementation (else its simple one).
+    lmms_model: Optional[str] = None
+    lmms_class: Optional[str] = None
+    lmms_chat: bool = True
+
+    def pruning_class(self):
+        return getattr(importlib.import_module(f"tokenprune.vlm.{self.module}"), self.pruning)
+
+
+FAMILIES = {family.model_type: family for family in (
+    Family("llava", "LLaVA-1.5", "LlavaForConditionalGeneration", "llava",
+           "LlavaImageTokenPruning", "llava-hf/llava-1.5-7b-hf",
+           "llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
+    # lmms-eval runs its simple implementation for qwen2_vl (it has no chat one).
+    Family("qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", "qwen2_vl",
+           "Qwen2VLImageTokenPruning", "Qwen/Qwen2-VL-2B-Instruct",
+           "qwen2_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_VL", lmms_chat=False),
+    Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl",
+           "Qwen2_5_VLImageTokenPruning", "Qwen/Qwen2.5-VL-7B-Instruct",
+           "qwen2_5_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen2_5_VL"),
+    Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "qwen3_vl",
+           "Qwen3VLImageTokenPruning", "Qwen/Qwen3-VL-2B-Instruct",
+           "qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL"),
+)}
+
+# Families that look close but are not handled yet (config.model_type), and why.
+NOT_YET = {
+    "llava_next": "LLaVA-NeXT's any-resolution tiles",
+    "llava_onevision": "LLaVA-OneVision's any-resolution tiles and video",
+    "llava_next_video": "video models",
+    "video_llava": "video models",
+    "internvl": "InternVL's tiles",
+}
+
+
+def supported():
+    """The families, for messages: "LLaVA-1.5 (llava), Qwen2-VL (qwen2_vl), ..."."""
+    return ", ".join(f"{family.name} ({family.model_type})" for family in FAMILIES.values())
