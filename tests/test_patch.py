@@ -209,3 +209,16 @@ def test_timm_convnext_tower_is_unsupported():
     model = FakeCLIP(TimmModel("convnext_atto", embed_dim=32, image_size=32))
     with pytest.raises(UnsupportedModelError, match="TimmModel with a timm ConvNeXt trunk"):
         replace_last_block(model)
+
+
+@pytest.mark.parametrize("entry", [replace_last_block, apply_pruning_to_model,
+                                   PrunedVisionEncoder])
+def test_a_missing_model_is_named_as_such(entry):
+    """None is a mistake in the call: say that a model is required, not that None is an
+    unsupported tower "of type NoneType" (issue 28); strict=False does not hide it."""
+    name = entry.__name__
+    with pytest.raises(TypeError, match=rf"^{name}: a model is required \(.*\), got None$") as err:
+        entry(None)
+    assert not isinstance(err.value, UnsupportedModelError)
+    with pytest.raises(TypeError, match="a model is required"):
+        apply_pruning_to_model(None, strict=False)

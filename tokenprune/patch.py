@@ -58,6 +58,13 @@ def _config_or_keywords(name):
     return decorate
 
 
+def _require_model(function, model, what="the model"):
+    """TypeError when `model` is None. Without this, None reached the tower lookup, which
+    described it as a model "with an image tower of type NoneType"."""
+    if model is None:
+        raise TypeError(f"{function}: a model is required ({what}), got None")
+
+
 def visual_tower(model: nn.Module) -> nn.Module:
     """The image tower of an OpenCLIP model (`model.visual`), or `model` itself; raises
     UnsupportedModelError when tokenprune cannot prune it."""
@@ -119,7 +126,9 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     keyword parameters (PruneConfig's) or a ready `PruneConfig` as `config`; both in one call is
     a TypeError that names the keywords. Patching an already
     patched model replaces the earlier pruning instead of stacking a second one. Returns `model`.
+    `model=None` is a TypeError.
     """
+    _require_model("replace_last_block", model, "an OpenCLIP, timm or Hugging Face model to prune")
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
                              score_norm=score_norm, layer=layer, backend=backend,
@@ -158,7 +167,10 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int = 10, top_m: int = 5
                            config: Optional[PruneConfig] = None, **kwargs) -> nn.Module:
     """The seed's entry point: `replace_last_block`, except that with `strict=False` an
     unsupported model is returned unchanged with a warning instead of raising.
-    Bad pruning values raise `ValueError` either way."""
+    Bad pruning values raise `ValueError` either way; `model=None` is a TypeError either way (a
+    missing model is a mistake in the call, not an unsupported model)."""
+    _require_model("apply_pruning_to_model", model, "an OpenCLIP, timm or Hugging Face model to "
+                   "prune")
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha, **kwargs)
     try:
@@ -179,6 +191,8 @@ class PrunedVisionEncoder(nn.Module):
     @_config_or_keywords("PrunedVisionEncoder")
     def __init__(self, model: nn.Module, config: Optional[PruneConfig] = None, **kwargs):
         super().__init__()
+        _require_model("PrunedVisionEncoder", model, "an OpenCLIP, timm or Hugging Face model to "
+                       "prune")
         self.visual = replace_last_block(visual_tower(model), config=config, **kwargs)
 
     @property
