@@ -222,3 +222,13 @@ def test_a_missing_model_is_named_as_such(entry):
     assert not isinstance(err.value, UnsupportedModelError)
     with pytest.raises(TypeError, match="a model is required"):
         apply_pruning_to_model(None, strict=False)
+
+
+def test_asking_an_unprunable_model_for_its_pruning_answers_none():
+    """docs/api.md: pruned_block is None for a model that is not pruned; one tokenprune cannot
+    prune at all is not pruned either (issue 28: it raised UnsupportedModelError)."""
+    from tokenprune import pruned_blocks
+    for model in (torch.nn.Linear(2, 2), unsupported_models()[0][1]):
+        assert pruned_block(model) is None
+        assert pruned_blocks(model) == ()
+

@@ -73,24 +73,32 @@ def visual_tower(model: nn.Module) -> nn.Module:
 
 
 def pruned_block(model: nn.Module):
-    """The PrunedBlock of a patched model (or its tower), else None; with a schedule, its last
-    stage (whose `last_keep_idx` are the patches the tower's head sees). For a LLaVA model
-    patched by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config`
-    too)."""
+    """The PrunedBlock of a patched model (or its tower), else None (for any model that is not
+    pruned, one that tokenprune cannot prune included); with a schedule, its last stage (whose
+    `last_keep_idx` are the patches the tower's head sees). For a vision-language model patched
+    by `prune_image_tokens`, its pruning state (with `last_keep_idx` and `config` too).
+    """
     stages = pruned_blocks(model)
     return stages[-1] if stages else None
 
 
 def pruned_blocks(model: nn.Module) -> tuple:
     """Every stage's PrunedBlock of a patched model (or its tower), in order: one for a single
-    cut, none for an unpatched model. Each `last_keep_idx` is in the original token numbering.
-    For a LLaVA model patched by `prune_image_tokens`, its ImageTokenPruning alone."""
+    cut, none for a model that is not pruned (one tokenprune cannot prune included). Each
+    `last_keep_idx` is in the original token numbering. For a vision-language model patched by
+    `prune_image_tokens`, its pruning state alone."""
     state = image_token_pruning(model)
     if state is not None:
         return (state,)
     if vision_language(model):
         return ()
-    return tuple(block for block in find_tower(model).blocks if isinstance(block, PrunedBlock))
+    try:
+        blocks = find_tower(model).blocks
+    except UnsupportedModelError:
+        # A question, not a request to prune: a model that cannot be pruned is not pruned, as
+        # remove_pruning finds nothing to undo there.
+        return ()
+    return tuple(block for block in blocks if isinstance(block, PrunedBlock))
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
