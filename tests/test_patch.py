@@ -232,3 +232,10 @@ def test_asking_an_unprunable_model_for_its_pruning_answers_none():
         assert pruned_block(model) is None
         assert pruned_blocks(model) == ()
 
+
+@pytest.mark.parametrize("entry", ["pruned_block", "pruned_blocks", "remove_pruning"])
+def test_reading_or_undoing_the_pruning_of_none_is_refused(entry):
+    """remove_pruning(None) returned None silently (issue 28); None is a mistake in the call."""
+    import tokenprune
+    with pytest.raises(TypeError, match=rf"^{entry}: a model is required.*, got None$"):
+        getattr(tokenprune, entry)(None)

@@ -77,7 +77,8 @@ def pruned_block(model: nn.Module):
     pruned, one that tokenprune cannot prune included); with a schedule, its last stage (whose
     `last_keep_idx` are the patches the tower's head sees). For a vision-language model patched
     by `prune_image_tokens`, its pruning state (with `last_keep_idx` and `config` too).
-    """
+    `model=None` is a TypeError."""
+    _require_model("pruned_block", model)
     stages = pruned_blocks(model)
     return stages[-1] if stages else None
 
@@ -86,7 +87,8 @@ def pruned_blocks(model: nn.Module) -> tuple:
     """Every stage's PrunedBlock of a patched model (or its tower), in order: one for a single
     cut, none for a model that is not pruned (one tokenprune cannot prune included). Each
     `last_keep_idx` is in the original token numbering. For a vision-language model patched by
-    `prune_image_tokens`, its pruning state alone."""
+    `prune_image_tokens`, its pruning state alone. `model=None` is a TypeError."""
+    _require_model("pruned_blocks", model)
     state = image_token_pruning(model)
     if state is not None:
         return (state,)
@@ -104,8 +106,10 @@ def pruned_blocks(model: nn.Module) -> tuple:
 def remove_pruning(model: nn.Module) -> nn.Module:
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
     cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged.
-    Also undoes `prune_image_tokens` on a LLaVA model (and the processors patched with it) or on
-    a LlavaProcessor."""
+    Also undoes `prune_image_tokens` on a vision-language model (and the processors patched with
+    it) or on one processor. `model=None` is a TypeError: returning None silently would hide a
+    call made with the wrong variable."""
+    _require_model("remove_pruning", model, "the model or processor to undo the pruning of")
     if remove_image_token_pruning(model):
         return model
     try:
