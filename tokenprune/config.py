@@ -20,9 +20,15 @@ IMAGE_TOKEN_SELECTION = "mmr"
 IMAGE_TOKEN_TOP_M = 54
 
 
+def _given(value):
+    """A wrong-typed value as a message shows it: its type, then its repr ("float 1.0"), since
+    1.0 or "3" alone reads like an acceptable integer."""
+    return f"{type(value).__name__} {value!r}"
+
+
 def _require_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_given(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -41,7 +47,7 @@ def _require_choice(name, value, choices):
 def _require_layer(name, value):
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} must be an integer block index (negative counts from the end), "
-                         f"got {value!r}")
+                         f"got {_given(value)}")
 
 
 class Stage(NamedTuple):

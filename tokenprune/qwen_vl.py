@@ -514,7 +514,11 @@ def resolve_layer(layer, inner):
     """The block index that `layer` names in the Qwen-VL tower of `inner`, or ValueError."""
     visual = inner.visual
     depth = len(visual.blocks)
-    if isinstance(layer, bool) or not isinstance(layer, Integral) or not -depth <= layer < depth:
+    # The type first: 1.0 is in the range, so a range message would hide what is wrong with it.
+    if isinstance(layer, bool) or not isinstance(layer, Integral):
+        raise ValueError(f"layer must be an int (a vision block index in [{-depth}, {depth - 1}]; "
+                         f"negative counts from the end), got {type(layer).__name__} {layer!r}")
+    if not -depth <= layer < depth:
         raise ValueError(f"layer must be a vision block index in [{-depth}, {depth - 1}] (the "
                          f"tower has {depth} blocks; negative counts from the end), got {layer!r}")
     index = int(layer) % depth
