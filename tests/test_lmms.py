@@ -113,6 +113,7 @@ def test_the_entry_point_registers_every_model():
     ("ratio=0.5,top_m=3", "ratio"),     # two counts
     ("alpha=2", "alpha"),
     ("layer=1.5", "layer"),
+    ("ratoi=0.5", "unknown model argument 'ratoi' (did you mean ratio?)"),  # a misspelt name
 ])
 def test_bad_pruning_arguments_are_refused_before_loading(model_args, named):
     # The folder does not exist: a refusal that came after loading would be another error.
