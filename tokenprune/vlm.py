@@ -16,7 +16,6 @@ The language model therefore sees `k + m` image tokens per image; the processor,
 the same call, writes that many placeholders.
 """
 import warnings
-from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -89,13 +88,16 @@ class ImageTokenPruning:
     last image batch, (images, k + m) int64, ascending, indices into the tower's T tokens
     (row 0 is CLIP's class token, so they are >= 1 there; and >= 1 for a SigLIP tower under
     "default", whose row 0 LLaVA drops); None before the first image and when nothing is pruned.
-    `image_seq_length`: image tokens the language model receives per image.
+    `image_seq_length`: image tokens the language model receives per image. `config`: the
+    ImageTokenConfig of the call; `selection_config`: the PruneConfig that selects, with the
+    anchors and further patches that every image gets (the same count for every image).
     """
 
-    def __init__(self, model, config, block_index, num_prefix, class_token, strategy,
-                 num_tokens, image_seq_length):
+    def __init__(self, model, config, selection_config, block_index, num_prefix, class_token,
+                 strategy, num_tokens, image_seq_length):
         self.model = model
         self.config = config
+        self.selection_config = selection_config
         self.block_index = block_index
         self.num_prefix = num_prefix
         self.class_token = class_token
@@ -110,7 +112,7 @@ class ImageTokenPruning:
 
     @property
     def prunes(self):
-        return self.config.kept_patches < self.num_tokens - self.num_prefix
+        return self.selection_config.kept_patches < self.num_tokens - self.num_prefix
 
     def check_placeholders(self, llava, args, kwargs):
         """Forward pre-hook of the LlavaModel: the prompts hold `image_seq_length` image tokens
@@ -149,7 +151,7 @@ class ImageTokenPruning:
                              f"configured image size); interpolated positions are not supported")
         with torch.no_grad():
             qkv = adapter.qkv(x, call)
-            self.last_keep_idx = select_tokens(x, qkv, adapter.num_heads, self.config,
+            self.last_keep_idx = select_tokens(x, qkv, adapter.num_heads, self.selection_config,
                                                self.num_prefix, self.class_token, adapter.scale)
 
     def gather(self, projector, args):
@@ -323,15 +325,14 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     num_prefix = 1 if tower.class_token or strategy == "default" else 0
     num_tokens = tower.num_patches + tower.num_prefix
     candidates = num_tokens - num_prefix
-    if ratio is not None:  # the same count as an image of `candidates` units would keep
-        count = kept_count(candidates, 0, ratio)
-        anchors = min(k_anchors, count)
-        config = replace(config, k_anchors=anchors, top_m=count - anchors)
-    kept = config.kept_patches + (0 if strategy == "default" else num_prefix)
+    # Every image has the same candidates, so one count (and one PruneConfig) holds for all:
+    # the count an image of `candidates` units keeps.
+    selection_config = config.selection_config(kept_count(candidates, config.kept_patches, ratio))
+    kept = selection_config.kept_patches + (0 if strategy == "default" else num_prefix)
 
     remove_image_token_pruning(model)
-    state = ImageTokenPruning(model, config, block_index, num_prefix, tower.class_token,
-                              strategy, num_tokens, kept)
+    state = ImageTokenPruning(model, config, selection_config, block_index, num_prefix,
+                              tower.class_token, strategy, num_tokens, kept)
     if not state.prunes:
         how = (f"k_anchors + top_m = {config.kept_patches} >=" if ratio is None
                else f"ratio={ratio} keeps all")
