@@ -20,6 +20,9 @@ def test_defaults_are_the_seeds():
     ("alpha", math.inf, "[0, 1]"), ("alpha", "0.5", "[0, 1]"), ("alpha", True, "[0, 1]"),
     ("score_norm", "l2", "'minmax'"), ("backend", "cuda", "'triton'"),
     ("layer", 1.5, "integer"), ("layer", None, "integer"),
+    # A wrong type is named with the value, so that 1.0 or "3" does not read like an integer.
+    ("layer", 1.0, "got float 1.0"), ("top_m", 5.0, "got float 5.0"),
+    ("k_anchors", "10", "got str '10'"),
 ])
 def test_bad_values_name_parameter_value_and_range(field, value, allowed):
     with pytest.raises(ValueError) as err:

@@ -95,3 +95,65 @@ def test_readme_is_one_screen_of_answers():
     assert len(readme) <= 210
     commands = [line for line in readme if line.startswith("pytest ")]
     assert commands[:1] == ["pytest tests/"]  # the test command that .ci/run calls
+
+
+def python_blocks(path):
+    """(first line number, code) of each ```python block of a Markdown file, in order."""
+    blocks, code, start = [], None, 0
+    for number, line in enumerate(open(path, encoding="utf-8").read().splitlines(), 1):
+        if code is None and line.strip() == "```python":
+            code, start = [], number + 1
+        elif code is not None and FENCE.match(line.strip()):
+            blocks.append((start, "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return blocks
+
+
+# page -> how many of its python blocks run here (None: all). README's second loads
+# Qwen2.5-VL-7B from the hub.
+RUNNABLE_EXAMPLES = {"docs/api.md": None, "README.md": 1}
+
+
+@pytest.mark.parametrize("name", sorted(RUNNABLE_EXAMPLES))
+def test_the_python_examples_run_and_print_what_their_comments_say(monkeypatch, name):
+    """The pages' OpenCLIP examples, run in order as a reader would paste them, offline; each
+    print's numbers are those its comment gives. docs/api.md's GridEncoder example unpacked two
+    values from a GridOutput of three for a while (issue 28)."""
+    import sys
+
+    import open_clip
+    import torch
+
+    def offline(name, pretrained=None, **kwargs):
+        # ViT-B-16's patch grid and depth (224 px in 16-px patches: 196 patches; 12 blocks) at a
+        # small width, random weights: the shapes the comments give, in a second, no download.
+        assert name == "ViT-B-16"
+        torch.manual_seed(0)
+        model = open_clip.CLIP(
+            embed_dim=32, vision_cfg=dict(image_size=224, patch_size=16, width=64, layers=12,
+                                          head_width=32, mlp_ratio=2),
+            text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+        return model.eval(), None, None
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    printed = []  # (line number, text)
+
+    def capture(*values):
+        printed.append((sys._getframe(1).f_lineno, " ".join(map(str, values))))
+
+    page = os.path.join(ROOT, name)
+    lines = open(page, encoding="utf-8").read().splitlines()
+    namespace = {"print": capture, "batches": [torch.randn(2, 3, 224, 224)]}
+    blocks = python_blocks(page)[:RUNNABLE_EXAMPLES[name]]
+    assert blocks
+    for start, code in blocks:
+        # Padded so that line numbers in tracebacks and `printed` are the page's own.
+        exec(compile("\n" * (start - 1) + code, page, "exec"), namespace)
+    assert printed
+    for number, text in printed:
+        comment = lines[number - 1].partition("#")[2]
+        said = [int(n) for group in re.findall(r"\(([\d, ]+)\)", comment)
+                for n in group.split(",")]
+        assert [int(n) for n in re.findall(r"\d+", text)] == said, (number, text, comment)

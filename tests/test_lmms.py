@@ -1,5 +1,5 @@
 """tokenprune's models in lmms-eval (tokenprune/lmms/), run through lmms-eval's own evaluator on
-a tiny LLaVA and a task written here, offline. Skipped without lmms-eval
+a tiny LLaVA and the five-question task of tools/lmms_task.py, offline. Skipped without lmms-eval
 (`pip install -e ".[lmms]"`; CI installs it)."""
 import json
 import subprocess
@@ -12,6 +12,7 @@ pytest.importorskip("lmms_eval", reason='lmms-eval is not installed: pip install
 from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
+from lmms_task import write_task  # noqa: E402  (tests/conftest.py: tools/)
 from tiny_llava import save_llava  # noqa: E402
 from tiny_qwen_vl import save_qwen_vl  # noqa: E402
 
@@ -24,45 +25,6 @@ TASK = "tokenprune_test_colours"
 DOCS = 5  # with --batch_size 2: batches of 2, 2 and 1
 K, M = 2, 3
 
-TASK_YAML = f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {{data}}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function colours_utils.doc_to_visual
-doc_to_text: !function colours_utils.doc_to_text
-doc_to_target: answer
-generation_kwargs:
-  max_new_tokens: 5
-  temperature: 0
-  do_sample: false
-process_results: !function colours_utils.process_results
-metric_list:
-  - metric: exact
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  - version: 0.0
-"""
-# Images of different sizes and colours; the questions differ in length, so that a batch is
-# left-padded.
-TASK_UTILS = """from PIL import Image
-
-
-def doc_to_visual(doc):
-    return [Image.new("RGB", (24 + 8 * doc["id"], 32), tuple(doc["rgb"]))]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    return doc["question"]
-
-
-def process_results(doc, results):
-    return {"exact": float(results[0].strip().lower() == doc["answer"])}
-"""
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -70,14 +32,14 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
     save_llava(str(root / "llava"))
     task_dir = root / "task"
-    task_dir.mkdir()
-    data = task_dir / "colours.jsonl"
+    # The task that tools/lmms_task.py ships (docs/lmms-eval.md, "Trying it offline"), with
+    # these questions: images of different sizes and colours; the questions differ in length,
+    # so that a batch is left-padded.
     questions = ["what color is it ?", "what is the color of the picture ?", "what is this ?"]
-    data.write_text("".join(json.dumps({
-        "id": i, "rgb": [(60 * i) % 256, (100 * i + 30) % 256, (200 - 30 * i) % 256],
-        "question": questions[i % len(questions)], "answer": "red"}) + "\n" for i in range(DOCS)))
-    (task_dir / "colours.yaml").write_text(TASK_YAML.format(data=data))
-    (task_dir / "colours_utils.py").write_text(TASK_UTILS)
+    write_task(str(task_dir), TASK, [{
+        "id": i, "size": [24 + 8 * i, 32],
+        "rgb": [(60 * i) % 256, (100 * i + 30) % 256, (200 - 30 * i) % 256],
+        "question": questions[i % len(questions)], "answer": "red"} for i in range(DOCS)])
     return root / "llava", TaskManager("WARNING", include_path=str(task_dir)), task_dir
 
 
@@ -113,6 +75,7 @@ def test_the_entry_point_registers_every_model():
     ("ratio=0.5,top_m=3", "ratio"),     # two counts
     ("alpha=2", "alpha"),
     ("layer=1.5", "layer"),
+    ("ratoi=0.5", "unknown model argument 'ratoi' (did you mean ratio?)"),  # a misspelt name
 ])
 def test_bad_pruning_arguments_are_refused_before_loading(model_args, named):
     # The folder does not exist: a refusal that came after loading would be another error.

@@ -209,3 +209,33 @@ def test_timm_convnext_tower_is_unsupported():
     model = FakeCLIP(TimmModel("convnext_atto", embed_dim=32, image_size=32))
     with pytest.raises(UnsupportedModelError, match="TimmModel with a timm ConvNeXt trunk"):
         replace_last_block(model)
+
+
+@pytest.mark.parametrize("entry", [replace_last_block, apply_pruning_to_model,
+                                   PrunedVisionEncoder])
+def test_a_missing_model_is_named_as_such(entry):
+    """None is a mistake in the call: say that a model is required, not that None is an
+    unsupported tower "of type NoneType" (issue 28); strict=False does not hide it."""
+    name = entry.__name__
+    with pytest.raises(TypeError, match=rf"^{name}: a model is required \(.*\), got None$") as err:
+        entry(None)
+    assert not isinstance(err.value, UnsupportedModelError)
+    with pytest.raises(TypeError, match="a model is required"):
+        apply_pruning_to_model(None, strict=False)
+
+
+def test_asking_an_unprunable_model_for_its_pruning_answers_none():
+    """docs/api.md: pruned_block is None for a model that is not pruned; one tokenprune cannot
+    prune at all is not pruned either (issue 28: it raised UnsupportedModelError)."""
+    from tokenprune import pruned_blocks
+    for model in (torch.nn.Linear(2, 2), unsupported_models()[0][1]):
+        assert pruned_block(model) is None
+        assert pruned_blocks(model) == ()
+
+
+@pytest.mark.parametrize("entry", ["pruned_block", "pruned_blocks", "remove_pruning"])
+def test_reading_or_undoing_the_pruning_of_none_is_refused(entry):
+    """remove_pruning(None) returned None silently (issue 28); None is a mistake in the call."""
+    import tokenprune
+    with pytest.raises(TypeError, match=rf"^{entry}: a model is required.*, got None$"):
+        getattr(tokenprune, entry)(None)

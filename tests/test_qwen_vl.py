@@ -317,6 +317,32 @@ def test_video_passes_through_unpruned(qwen, family, layer):
     assert len(after[0]) == 4 and torch.equal(after[0], before[0])
 
 
+def test_the_reported_config_is_what_runs(qwen):
+    """pruned_block(model).config reports the call's settings: after ratio=0.5 it said
+    k_anchors=10, top_m=54, the defaults that do not apply there (issue 28). With a ratio,
+    top_m is None and each image of n units keeps ceil(0.5 * n) (6, 8, 9 -> 3, 4, 5)."""
+    import math
+    model, processor, pictures = qwen("qwen2_5_vl")
+    batch = inputs(processor, pictures)
+    units = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    for how, top_m, counts in ((dict(ratio=0.5), None, [math.ceil(0.5 * n) for n in units]),
+                               (dict(k_anchors=2, top_m=3), 3, [min(5, n) for n in units]),
+                               (dict(), 54, units)):
+        prune_image_tokens(model, processor, **how)
+        try:
+            with torch.no_grad():
+                model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            state = pruned_block(model)
+        finally:
+            remove_pruning(model)
+        config = state.config
+        assert (config.k_anchors, config.top_m, config.ratio) == (
+            how.get("k_anchors", 10), top_m, how.get("ratio")), how
+        assert (config.selection, config.mmr_lambda) == ("mmr", 0.8)
+        assert [len(idx) for idx in state.last_keep_idx] == counts == [state.kept(n)
+                                                                        for n in units]
+
+
 def test_refusals(qwen):
     model, processor, _ = qwen("qwen2_5_vl")
     for ratio in (0, 1.5, -0.1, float("nan"), True):

@@ -282,8 +282,14 @@ def test_greedy_generate_of_a_batch_equals_each_sample_alone(deep, family):
 
 def test_refusals(deep):
     model, processor, _ = deep("qwen2_5_vl")
-    for layer in (4, -5, 1.0, True, "1"):
+    for layer in (4, -5):
         with pytest.raises(ValueError, match=r"layer must be a vision block index in \[-4, 3\]"):
+            prune_image_tokens(model, layer=layer)
+    # A value of the wrong type is refused for its type, even where it is in the range (issue 28:
+    # 1.0 was said to be outside [-4, 3]).
+    for layer, given in ((1.0, "float 1.0"), (True, "bool True"), ("1", "str '1'")):
+        with pytest.raises(ValueError, match=rf"^layer must be an int \(a vision block index in "
+                                             rf"\[-4, 3\]; .*\), got {given}$"):
             prune_image_tokens(model, layer=layer)
     for layer in (0, 2, -2):
         with pytest.raises(ValueError, match=r"window-attention block .* one of its "

@@ -1,9 +1,11 @@
 """The reference selection against SPEC.md's worked example and an independent brute force."""
 import math
+import re
 
 import pytest
 import torch
 
+from tokenprune import PruneConfig, select_and_gather
 from tokenprune.reference import select_reference
 
 
@@ -134,6 +136,33 @@ def test_non_finite_input_gives_valid_distinct_indices(bad):
 def test_more_kept_than_patches_is_an_error():
     with pytest.raises(ValueError, match="k_anchors \\+ top_m"):
         select_reference(torch.randn(1, 5, 4), torch.randn(1, 5, 12), 1, 2, 3, 0.5)
+
+
+
+@pytest.mark.parametrize("num_heads", [3, 0, -2, 2.0, True])
+def test_a_head_count_that_does_not_divide_the_width_is_named(num_heads):
+    """Width 8 splits into heads of 8 / num_heads channels: 3 does not divide it (issue 28: a
+    bare reshape RuntimeError), and the others are no head count at all."""
+    x, qkv = torch.randn(1, 5, 8), torch.randn(1, 5, 24)
+    message = (rf"^num_heads must be a positive integer that divides the width C = 8 of x .*, "
+               rf"got num_heads={num_heads!r}$")
+    with pytest.raises(ValueError, match=message):
+        select_reference(x, qkv, num_heads, 1, 1, 0.5)
+    with pytest.raises(ValueError, match=message):
+        select_and_gather(x, qkv, num_heads, PruneConfig(k_anchors=1, top_m=1))
+
+
+@pytest.mark.parametrize("qkv_shape", [(1, 5, 20), (1, 5, 8), (1, 4, 24), (2, 5, 24), (5, 24)])
+def test_a_qkv_that_is_not_three_times_the_width_is_named(qkv_shape):
+    """qkv packs q, k and v of x's width C = 8 per token: (1, 5, 24) for x (1, 5, 8); a wrong
+    width gave a bare reshape RuntimeError (issue 28)."""
+    x = torch.randn(1, 5, 8)
+    message = (r"^qkv must be \(B, T, 3 \* C\) = \(1, 5, 24\) for x of shape \(1, 5, 8\) "
+               rf".*got qkv of shape {re.escape(str(qkv_shape))}$")
+    with pytest.raises(ValueError, match=message):
+        select_reference(x, torch.randn(qkv_shape), 2, 1, 1, 0.5)
+    with pytest.raises(ValueError, match=message):
+        select_and_gather(x, torch.randn(qkv_shape), 2, PruneConfig(k_anchors=1, top_m=1))
 
 
 # ----- the other selections: cls and mmr (SPEC.md, "Other selections") ------------------------

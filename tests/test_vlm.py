@@ -130,6 +130,13 @@ def test_selection_mmr_lambda_and_ratio_choose_the_rows(llava, pictures, how, k,
         assert torch.equal(pruned_block(model).last_keep_idx, keep)
         count = (inputs(processor, pictures)["input_ids"] == model.config.image_token_id).sum(1)
         assert (count == k + m).all()
+        # The state reports the call's settings (with a ratio, top_m None: it does not apply)
+        # and the count every image gets (issue 28).
+        state = pruned_block(model)
+        config = state.config
+        assert (config.k_anchors, config.top_m, config.ratio) == (
+            how.get("k_anchors", K), None if "ratio" in how else M, how.get("ratio"))
+        assert config.selection == rule.get("selection", "mmr") and state.image_seq_length == k + m
     finally:
         remove_pruning(model)
     torch.testing.assert_close(features, expected, atol=1e-6, rtol=1e-5)

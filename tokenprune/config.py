@@ -3,7 +3,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 SCORE_NORMS = ("none", "minmax")
 BACKENDS = ("auto", "triton", "reference")
@@ -20,9 +20,15 @@ IMAGE_TOKEN_SELECTION = "mmr"
 IMAGE_TOKEN_TOP_M = 54
 
 
+def _given(value):
+    """A wrong-typed value as a message shows it: its type, then its repr ("float 1.0"), since
+    1.0 or "3" alone reads like an acceptable integer."""
+    return f"{type(value).__name__} {value!r}"
+
+
 def _require_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_given(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
@@ -41,7 +47,7 @@ def _require_choice(name, value, choices):
 def _require_layer(name, value):
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} must be an integer block index (negative counts from the end), "
-                         f"got {value!r}")
+                         f"got {_given(value)}")
 
 
 class Stage(NamedTuple):
@@ -220,12 +226,66 @@ def _check_ratio(ratio, top_m):
                          f"would be ambiguous; give one of them")
 
 
+@dataclass(frozen=True)
+class ImageTokenConfig:
+    """What `prune_image_tokens` runs with, as `pruned_block(model).config` reports it: the
+    call's settings, checked when made (the errors are PruneConfig's), with top_m=None read as
+    IMAGE_TOKEN_TOP_M when no ratio is given. Not a PruneConfig: its counts are per image, and
+    it has no tower `layer` (the Qwen pruning state's `.layer` is the vision block it cuts at).
+
+    How many tokens an image of n keeps: min(k_anchors + top_m, n); or, with `ratio` (top_m is
+    then None, it does not apply), ceil(ratio * n), which differs from image to image (the
+    pruning state's `kept(n)` for Qwen-VL; `image_seq_length` for LLaVA, whose images all have
+    the same n). The first min(k_anchors, kept) of them are anchors, the rest are kept by
+    `selection` (alpha and score_norm for "score", mmr_lambda for "mmr", seed for "random").
+    """
+
+    k_anchors: int = 10
+    top_m: Optional[int] = None
+    ratio: Optional[float] = None
+    alpha: float = 0.5
+    score_norm: str = "none"
+    backend: str = "auto"
+    selection: str = IMAGE_TOKEN_SELECTION
+    mmr_lambda: float = MMR_LAMBDA
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_ratio(self.ratio, self.top_m)
+        if self.ratio is None and self.top_m is None:
+            object.__setattr__(self, "top_m", IMAGE_TOKEN_TOP_M)
+        # PruneConfig checks (and normalises) every value these two share.
+        checked = PruneConfig(k_anchors=self.k_anchors, top_m=self.top_m or 0, alpha=self.alpha,
+                              score_norm=self.score_norm, backend=self.backend,
+                              selection=self.selection, mmr_lambda=self.mmr_lambda,
+                              seed=self.seed)
+        for name in ("k_anchors", "alpha", "mmr_lambda", "seed"):
+            object.__setattr__(self, name, getattr(checked, name))
+        if self.top_m is not None:
+            object.__setattr__(self, "top_m", checked.top_m)
+        if self.ratio is not None:
+            object.__setattr__(self, "ratio", float(self.ratio))
+
+    @property
+    def kept_patches(self) -> Optional[int]:
+        """k_anchors + top_m, the most tokens an image keeps; None with a ratio, where the count
+        depends on the image."""
+        return None if self.top_m is None else self.k_anchors + self.top_m
+
+    def selection_config(self, kept: int) -> PruneConfig:
+        """The PruneConfig that selects `kept` tokens of an image with these settings:
+        min(k_anchors, kept) anchors, then the rest by `selection`."""
+        anchors = min(self.k_anchors, kept)
+        return PruneConfig(k_anchors=anchors, top_m=kept - anchors, alpha=self.alpha,
+                           score_norm=self.score_norm, backend=self.backend,
+                           selection=self.selection, mmr_lambda=self.mmr_lambda, seed=self.seed)
+
+
 def image_token_config(k_anchors=10, top_m=None, alpha=0.5, score_norm="none", backend="auto",
                        selection=IMAGE_TOKEN_SELECTION, mmr_lambda=MMR_LAMBDA, ratio=None):
-    """prune_image_tokens' arguments checked before any model is touched: their PruneConfig
-    (top_m None is IMAGE_TOKEN_TOP_M), or a ValueError that names the first bad one. The command
-    line and tokenprune.lmms check them this way before anything loads."""
-    _check_ratio(ratio, top_m)
-    return PruneConfig(k_anchors=k_anchors, top_m=IMAGE_TOKEN_TOP_M if top_m is None else top_m,
-                       alpha=alpha, score_norm=score_norm, backend=backend,
-                       selection=selection, mmr_lambda=mmr_lambda)
+    """prune_image_tokens' arguments checked before any model is touched: their
+    ImageTokenConfig, or a ValueError that names the first bad one. The command line and
+    tokenprune.lmms check them this way before anything loads."""
+    return ImageTokenConfig(k_anchors=k_anchors, top_m=top_m, ratio=ratio, alpha=alpha,
+                            score_norm=score_norm, backend=backend, selection=selection,
+                            mmr_lambda=mmr_lambda)

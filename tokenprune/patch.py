@@ -58,6 +58,13 @@ def _config_or_keywords(name):
     return decorate
 
 
+def _require_model(function, model, what="the model"):
+    """TypeError when `model` is None. Without this, None reached the tower lookup, which
+    described it as a model "with an image tower of type NoneType"."""
+    if model is None:
+        raise TypeError(f"{function}: a model is required ({what}), got None")
+
+
 def visual_tower(model: nn.Module) -> nn.Module:
     """The image tower of an OpenCLIP model (`model.visual`), or `model` itself; raises
     UnsupportedModelError when tokenprune cannot prune it."""
@@ -66,31 +73,43 @@ def visual_tower(model: nn.Module) -> nn.Module:
 
 
 def pruned_block(model: nn.Module):
-    """The PrunedBlock of a patched model (or its tower), else None; with a schedule, its last
-    stage (whose `last_keep_idx` are the patches the tower's head sees). For a LLaVA model
-    patched by `prune_image_tokens`, its ImageTokenPruning (with `last_keep_idx` and `config`
-    too)."""
+    """The PrunedBlock of a patched model (or its tower), else None (for any model that is not
+    pruned, one that tokenprune cannot prune included); with a schedule, its last stage (whose
+    `last_keep_idx` are the patches the tower's head sees). For a vision-language model patched
+    by `prune_image_tokens`, its pruning state (with `last_keep_idx` and `config` too).
+    `model=None` is a TypeError."""
+    _require_model("pruned_block", model)
     stages = pruned_blocks(model)
     return stages[-1] if stages else None
 
 
 def pruned_blocks(model: nn.Module) -> tuple:
     """Every stage's PrunedBlock of a patched model (or its tower), in order: one for a single
-    cut, none for an unpatched model. Each `last_keep_idx` is in the original token numbering.
-    For a LLaVA model patched by `prune_image_tokens`, its ImageTokenPruning alone."""
+    cut, none for a model that is not pruned (one tokenprune cannot prune included). Each
+    `last_keep_idx` is in the original token numbering. For a vision-language model patched by
+    `prune_image_tokens`, its pruning state alone. `model=None` is a TypeError."""
+    _require_model("pruned_blocks", model)
     state = image_token_pruning(model)
     if state is not None:
         return (state,)
     if vision_language(model):
         return ()
-    return tuple(block for block in find_tower(model).blocks if isinstance(block, PrunedBlock))
+    try:
+        blocks = find_tower(model).blocks
+    except UnsupportedModelError:
+        # A question, not a request to prune: a model that cannot be pruned is not pruned, as
+        # remove_pruning finds nothing to undo there.
+        return ()
+    return tuple(block for block in blocks if isinstance(block, PrunedBlock))
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
     """Undo `replace_last_block`: put the original block back. Returns the model; a model that
     cannot be pruned (say a ResNet tower) has nothing to undo and is returned unchanged.
-    Also undoes `prune_image_tokens` on a LLaVA model (and the processors patched with it) or on
-    a LlavaProcessor."""
+    Also undoes `prune_image_tokens` on a vision-language model (and the processors patched with
+    it) or on one processor. `model=None` is a TypeError: returning None silently would hide a
+    call made with the wrong variable."""
+    _require_model("remove_pruning", model, "the model or processor to undo the pruning of")
     if remove_image_token_pruning(model):
         return model
     try:
@@ -119,7 +138,9 @@ def replace_last_block(model: nn.Module, k_anchors: int = 10, top_m: int = 50,
     keyword parameters (PruneConfig's) or a ready `PruneConfig` as `config`; both in one call is
     a TypeError that names the keywords. Patching an already
     patched model replaces the earlier pruning instead of stacking a second one. Returns `model`.
+    `model=None` is a TypeError.
     """
+    _require_model("replace_last_block", model, "an OpenCLIP, timm or Hugging Face model to prune")
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha,
                              score_norm=score_norm, layer=layer, backend=backend,
@@ -158,7 +179,10 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int = 10, top_m: int = 5
                            config: Optional[PruneConfig] = None, **kwargs) -> nn.Module:
     """The seed's entry point: `replace_last_block`, except that with `strict=False` an
     unsupported model is returned unchanged with a warning instead of raising.
-    Bad pruning values raise `ValueError` either way."""
+    Bad pruning values raise `ValueError` either way; `model=None` is a TypeError either way (a
+    missing model is a mistake in the call, not an unsupported model)."""
+    _require_model("apply_pruning_to_model", model, "an OpenCLIP, timm or Hugging Face model to "
+                   "prune")
     if config is None:
         config = PruneConfig(k_anchors=k_anchors, top_m=top_m, alpha=alpha, **kwargs)
     try:
@@ -179,6 +203,8 @@ class PrunedVisionEncoder(nn.Module):
     @_config_or_keywords("PrunedVisionEncoder")
     def __init__(self, model: nn.Module, config: Optional[PruneConfig] = None, **kwargs):
         super().__init__()
+        _require_model("PrunedVisionEncoder", model, "an OpenCLIP, timm or Hugging Face model to "
+                       "prune")
         self.visual = replace_last_block(visual_tower(model), config=config, **kwargs)
 
     @property

@@ -3,6 +3,7 @@
 Shapes: B images, T = p + N tokens (the p prefix tokens first: p = 1, the CLS token, for
 OpenCLIP's VisionTransformer), C channels, H heads of size d = C / H.
 """
+from numbers import Integral
 from typing import Optional
 
 import torch
@@ -56,6 +57,24 @@ def anchor_indices(P, k_anchors, num_prefix=1, class_token=True):
     return top_indices(anchor_scores(P, num_prefix, class_token), k_anchors) + num_prefix
 
 
+def check_inputs(x, qkv, num_heads):
+    """ValueError naming the argument when x (B, T, C), qkv (B, T, 3C) and num_heads do not fit
+    together; without this, the reshape into heads fails with a bare "shape ... is invalid"."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be the block input (B, T, C), got a tensor of shape "
+                         f"{tuple(x.shape)}")
+    B, T, C = x.shape
+    if qkv.shape != (B, T, 3 * C):
+        raise ValueError(f"qkv must be (B, T, 3 * C) = {(B, T, 3 * C)} for x of shape "
+                         f"{(B, T, C)} (q, k and v of width C each, packed per token), got qkv of "
+                         f"shape {tuple(qkv.shape)}")
+    if (isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or num_heads < 1
+            or C % num_heads):
+        raise ValueError(f"num_heads must be a positive integer that divides the width C = {C} "
+                         f"of x (each head gets C / num_heads channels), got num_heads="
+                         f"{num_heads!r}")
+
+
 def select_reference(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, k_anchors: int,
                      top_m: int, alpha: float, score_norm: str = "none", num_prefix: int = 1,
                      class_token: bool = True, scale: Optional[float] = None,
@@ -70,7 +89,9 @@ def select_reference(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, k_ancho
     attention each patch receives). scale: the attention's logit scale, d ** -0.5 when None.
     selection: "score" (steps 1-5, alpha and score_norm), "cls" (the k + m patches with the
     largest anchor scores) or "mmr" (maximal marginal relevance, weight mmr_lambda).
+    ValueError when the shapes of x and qkv and num_heads do not fit together.
     """
+    check_inputs(x, qkv, num_heads)
     return select_from_attention(head_mean_attention(qkv, num_heads, scale), x, k_anchors, top_m,
                                  alpha, score_norm, num_prefix, class_token, selection,
                                  mmr_lambda)

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
-from .reference import select_reference
+from .reference import check_inputs, select_reference
 
 if TYPE_CHECKING:
     from .config import PruneConfig
@@ -60,6 +60,7 @@ def select_tokens(x, qkv, num_heads, config, num_prefix=1, class_token=True, sca
 
     config.selection picks the rule ("score", "cls", "mmr": SPEC.md; "random": here, in torch on
     the CPU, for both backends)."""
+    check_inputs(x, qkv, num_heads)  # the kernels would fail on a bad shape less clearly
     if config.selection == "random":
         return random_keep_idx(x.shape[0], x.shape[1], config.kept_patches, num_prefix,
                                generator, x.device)
@@ -81,6 +82,7 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
 
     num_prefix, class_token and scale describe the tower as in `select_reference`; `generator`
     (a CPU torch.Generator) is used by the random control only."""
+    check_inputs(x, qkv, num_heads)
     if (config.selection != "random" and resolve_backend(config.backend, x) == "triton"
             and not (torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad))):
         from .kernels import pipeline

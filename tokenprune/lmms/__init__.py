@@ -9,7 +9,8 @@ setup.py registers `manifests` there, so after `pip install "tokenprune[lmms]"`:
 Each model is lmms-eval's own model for that base (every one of its model arguments passes
 through unchanged), with `tokenprune.prune_image_tokens` applied to its model and processor once
 they are loaded, and batches that really run batched. The pruning arguments (PRUNING_ARGUMENTS)
-are checked before any model loads. Without them nothing is pruned. docs/lmms-eval.md has the
+are checked before any model loads, and so is every other name, against the base's own
+(declared_arguments): a misspelt one is refused in one line. Without them nothing is pruned. docs/lmms-eval.md has the
 details: which base each model wraps, where the results record the pruning, what was tested.
 
 This module imports nothing heavy: lmms-eval reads the entry point each time it starts.
@@ -63,15 +64,44 @@ def _as_float(model_id, name, value):
     return float(value)
 
 
-def split_pruning_arguments(model_id, arguments):
+def declared_arguments(base_class):
+    """The model arguments an lmms-eval model class takes: the named parameters of its
+    __init__. lmms-eval's models also take **kwargs, but only to assert that it is empty, so a
+    name outside these fails there, after a traceback that the command line exits 0 from."""
+    import inspect
+    parameters = list(inspect.signature(base_class.__init__).parameters.values())[1:]  # self
+    return tuple(p.name for p in parameters
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _unknown_argument(model_id, name, base_arguments, ours):
+    import difflib
+    known = list(PRUNING_ARGUMENTS) + list(ours) + list(base_arguments)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    base = MODELS.get(model_id, (model_id,))[0]
+    allowed = [f"the pruning arguments are {', '.join(PRUNING_ARGUMENTS)}"]
+    if ours:
+        allowed.append(f"ours {', '.join(ours)}")
+    allowed.append(f"lmms-eval's {base}'s {', '.join(base_arguments)}")
+    return PruningArgumentError(model_id, f"unknown model argument {name!r}{hint}; "
+                                          f"{'; '.join(allowed)}")
+
+
+def split_pruning_arguments(model_id, arguments, base_arguments=None, ours=()):
     """(pruning, base): the pruning arguments among `arguments`, parsed and checked as
     prune_image_tokens checks them, and the rest, for the base model. A bad one raises
-    PruningArgumentError naming it, before anything is loaded."""
+    PruningArgumentError naming it, before anything is loaded. With `base_arguments` (the names
+    the base model takes, declared_arguments) a name that is neither theirs, a pruning
+    argument, nor one of `ours` (the names the wrapper takes itself, which its caller takes out
+    first) is refused too, naming the allowed ones."""
     from ..config import image_token_config
     pruning, base = {}, {}
     for name, value in arguments.items():
         kind = PRUNING_ARGUMENTS.get(name)
         if kind is None:
+            if base_arguments is not None and name not in base_arguments and name not in ours:
+                raise _unknown_argument(model_id, name, base_arguments, ours)
             base[name] = value
         elif kind == "int":
             pruning[name] = _as_int(model_id, name, value)

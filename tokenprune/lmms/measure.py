@@ -8,7 +8,7 @@ import time
 import torch
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-from . import PruningArgumentError, split_pruning_arguments
+from . import PruningArgumentError, declared_arguments, split_pruning_arguments
 from ..vlm import prune_image_tokens
 
 
@@ -26,10 +26,15 @@ class PruningPlugin:
 
     @classmethod
     def split_arguments(cls, arguments):
-        """(pruning, base, record path): checked before the base loads anything."""
+        """(pruning, base, record path): checked before the base loads anything; a name that
+        neither we nor the base take (say ratoi=0.5) is refused here, in one line."""
         arguments = dict(arguments)
         record = arguments.pop("tokenprune_record", None)
-        pruning, base = split_pruning_arguments(cls.MODEL_ID, arguments)
+        # The lmms-eval model we wrap: the first class after ours in the method order.
+        base_class = next(c for c in cls.__mro__ if not issubclass(c, PruningPlugin))
+        pruning, base = split_pruning_arguments(cls.MODEL_ID, arguments,
+                                                declared_arguments(base_class),
+                                                ours=("tokenprune_record",))
         return pruning, base, record
 
     def start_pruning(self, model, processor, pruning, record_path):

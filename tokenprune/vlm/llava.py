@@ -11,8 +11,6 @@ forward pre-hooks, nothing else in the model changes:
 The language model therefore sees `k + m` image tokens per image; the processor, patched with
 the same call, writes that many placeholders.
 """
-from dataclasses import replace
-
 import torch
 
 from ..selection import kept_rows, select_tokens
@@ -48,7 +46,9 @@ class LlavaImageTokenPruning(ImageTokenPruning):
     last image batch, (images, k + m) int64, ascending, indices into the tower's T tokens
     (row 0 is CLIP's class token, so they are >= 1 there; and >= 1 for a SigLIP tower under
     "default", whose row 0 LLaVA drops); None before the first image and when nothing is pruned.
-    `image_seq_length`: image tokens the language model receives per image.
+    `image_seq_length`: image tokens the language model receives per image. `config`: the
+    ImageTokenConfig of the call; `selection_config`: the PruneConfig that selects, with the
+    anchors and further patches that every image gets (the same count for every image).
     """
 
     model_type = "llava"
@@ -58,9 +58,10 @@ class LlavaImageTokenPruning(ImageTokenPruning):
     without_layer = ("a LLaVA model is pruned at the block of its config.vision_feature_layer: "
                      "leave layer None")
 
-    def __init__(self, model, inner, config, ratio, tower, block_index, num_prefix, strategy,
-                 num_tokens, image_seq_length):
+    def __init__(self, model, inner, config, ratio, selection_config, tower, block_index,
+                 num_prefix, strategy, num_tokens, image_seq_length):
         super().__init__(model, inner, config, ratio)
+        self.selection_config = selection_config
         self.tower = tower
         self.class_token = tower.class_token
         self.block_index = block_index
@@ -73,7 +74,7 @@ class LlavaImageTokenPruning(ImageTokenPruning):
 
     @property
     def prunes(self):
-        return self.config.kept_patches < self.num_tokens - self.num_prefix
+        return self.selection_config.kept_patches < self.num_tokens - self.num_prefix
 
     def check_placeholders(self, llava, args, kwargs):
         """Forward pre-hook of the LlavaModel: the prompts hold `image_seq_length` image tokens
@@ -112,7 +113,7 @@ class LlavaImageTokenPruning(ImageTokenPruning):
                              f"configured image size); interpolated positions are not supported")
         with torch.no_grad():
             qkv = adapter.qkv(x, call)
-            self.last_keep_idx = select_tokens(x, qkv, adapter.num_heads, self.config,
+            self.last_keep_idx = select_tokens(x, qkv, adapter.num_heads, self.selection_config,
                                                self.num_prefix, self.class_token, adapter.scale)
 
     def gather(self, projector, args):
@@ -173,13 +174,13 @@ class LlavaImageTokenPruning(ImageTokenPruning):
         num_prefix = 1 if tower.class_token or strategy == "default" else 0
         num_tokens = tower.num_patches + tower.num_prefix
         candidates = num_tokens - num_prefix
-        if ratio is not None:  # the same count as an image of `candidates` units would keep
-            count = kept_count(candidates, 0, ratio)
-            anchors = min(config.k_anchors, count)
-            config = replace(config, k_anchors=anchors, top_m=count - anchors)
-        kept = config.kept_patches + (0 if strategy == "default" else num_prefix)
-        state = cls(model, inner, config, ratio, tower, block_index, num_prefix, strategy,
-                    num_tokens, kept)
+        # Every image has the same candidates, so one count (and one PruneConfig) holds for all:
+        # the count an image of `candidates` units keeps.
+        selection_config = config.selection_config(
+            kept_count(candidates, config.kept_patches, ratio))
+        kept = selection_config.kept_patches + (0 if strategy == "default" else num_prefix)
+        state = cls(model, inner, config, ratio, selection_config, tower, block_index,
+                    num_prefix, strategy, num_tokens, kept)
         if processor is not None:
             state.check_processor(processor)
         if not state.prunes:

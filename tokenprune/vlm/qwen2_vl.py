@@ -353,8 +353,12 @@ class Qwen2VLImageTokenPruning(ImageTokenPruning):
     def check_layer(cls, layer, visual):
         """The block index that `layer` names in the tower, or ValueError."""
         depth = len(visual.blocks)
-        if (isinstance(layer, bool) or not isinstance(layer, Integral)
-                or not -depth <= layer < depth):
+        # The type first: 1.0 is in the range, so a range message would hide what is wrong.
+        if isinstance(layer, bool) or not isinstance(layer, Integral):
+            raise ValueError(f"layer must be an int (a vision block index in [{-depth}, "
+                             f"{depth - 1}]; negative counts from the end), got "
+                             f"{type(layer).__name__} {layer!r}")
+        if not -depth <= layer < depth:
             raise ValueError(f"layer must be a vision block index in [{-depth}, {depth - 1}] "
                              f"(the tower has {depth} blocks; negative counts from the end), "
                              f"got {layer!r}")
