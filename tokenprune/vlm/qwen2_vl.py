@@ -381,7 +381,7 @@ def kept_rows_of(per_image, keep):
 
 
 class ImageSlots:
-    """One *Model call's images: `owner` the QwenImageTokenPruning whose model runs; `slots`
+    """One *Model call's images: `owner` the Qwen2VLImageTokenPruning whose model runs; `slots`
     (B, L) bool, where the prompt's image placeholders are; `grids` each image's (t, h, w);
     `keep` each image's kept units, in the same order."""
 
