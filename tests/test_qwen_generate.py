@@ -153,3 +153,32 @@ def test_greedy_generate_equals_the_language_model_on_the_kept_rows(deep, family
     finally:
         remove_pruning(model)
     assert torch.equal(got, reference_greedy(model, full, keep))
+
+
+@pytest.mark.parametrize("how", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)],
+                         ids=["beams", "return_sequences"])
+def test_expanded_batches_keep_each_kept_token_at_its_unpruned_position(deep, how):
+    """generate repeats each prompt's image features for beams and several returned sequences
+    (the same rows objects, sample by sample): each copy's prefill positions are the prompt's."""
+    model, processor, pictures = deep("qwen3_vl")
+    full = inputs(processor, pictures)
+    positions = unpruned(model, full)[1]
+    prune_image_tokens(model, processor, selection="cls", k_anchors=2, top_m=3)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["position_ids"][-3:].clone())
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        pruned = inputs(processor, pictures)
+        with torch.no_grad():
+            model.generate(**pruned, max_new_tokens=1, **{"do_sample": False, **how})
+        keep = pruned_block(model).last_keep_idx
+    finally:
+        handle.remove()
+        remove_pruning(model)
+    mask = pruned["attention_mask"].bool()
+    for b, (prompt, _) in enumerate(expected_positions(model, full, positions, keep)):
+        real = mask[b].nonzero().squeeze(1)
+        for copy in (2 * b, 2 * b + 1):  # generate expands sample by sample
+            assert torch.equal(seen[0][:, copy, real], prompt), (b, copy)
