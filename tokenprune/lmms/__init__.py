@@ -10,8 +10,9 @@ Each model is lmms-eval's own model for that base (every one of its model argume
 through unchanged), with `tokenprune.prune_image_tokens` applied to its model and processor once
 they are loaded, and batches that really run batched. The pruning arguments (PRUNING_ARGUMENTS)
 are checked before any model loads, and so is every other name, against the base's own
-(declared_arguments): a misspelt one is refused in one line. Without them nothing is pruned. docs/lmms-eval.md has the
-details: which base each model wraps, where the results record the pruning, what was tested.
+(declared_arguments): a misspelt one is refused in one line. Without them nothing is pruned.
+docs/lmms-eval.md has the details: which base each model wraps, where the results record the
+pruning, what was tested.
 
 This module imports nothing heavy: lmms-eval reads the entry point each time it starts.
 """
