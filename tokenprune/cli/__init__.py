@@ -29,8 +29,9 @@ from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
                      add_verbose_argument, check_datasets, check_eval_output, check_image_output,
-                     check_run_flags, check_shipped, check_sweep_output, prune_config,
-                     sweep_lists, torchvision_mismatch_message, use_shipped_model,
+                     check_models_before_loading, check_run_flags, check_shipped,
+                     check_sweep_before_loading, check_sweep_output, check_visualize_model,
+                     prune_config, sweep_lists, torchvision_mismatch_message, use_shipped_model,
                      webdataset_workers)
 
 
@@ -257,6 +258,8 @@ def _run(which, args, argv):
         check_run_flags(args)
         check_datasets(args)
         shipped = check_shipped(args, argv)
+        # Before the results file's name is made from --pretrained, and before any import.
+        check_models_before_loading(args, "--enable_pruning" if args.enable_pruning else None)
         check_eval_output(args)
         workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
@@ -266,10 +269,11 @@ def _run(which, args, argv):
             eval_args.pretrained = args.pretrained
         run_eval(eval_args)
     elif which == "sweep":
-        sweep_lists(args)  # bad values are answered before anything is imported
+        lists = sweep_lists(args)  # bad values are answered before anything is imported
         check_run_flags(args)
         check_datasets(args)
         check_shipped(args, argv)
+        check_sweep_before_loading(args, lists)
         check_sweep_output(args)
         args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
@@ -286,6 +290,7 @@ def _run(which, args, argv):
         use_shipped_model(args)
         prune_config(args)
         check_image_output("--out", args.out)
+        check_visualize_model(args)  # from the flags and the model's config: nothing loaded
         from .visualize import run_visualize
         run_visualize(args)
     else:
