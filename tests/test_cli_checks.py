@@ -430,3 +430,44 @@ def test_shipped_cards_are_the_regimes_cards():
     from tokenprune.cli import common
     from tokenprune.proxy import REGIMES
     assert common.SHIPPED_CARDS == {name: regime.card for name, regime in REGIMES.items()}
+
+
+@pytest.fixture
+def no_lmms_run(monkeypatch):
+    """An lmms-eval run of lmms-sweep (the unpruned one comes first) fails the test."""
+    import tokenprune.lmms.sweep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lmms-eval ran")
+    monkeypatch.setattr(tokenprune.lmms.sweep, "run_sweep", refuse)
+    monkeypatch.setattr(tokenprune.lmms.sweep, "run_one", refuse)
+
+
+@pytest.mark.parametrize("model, setting, message", [
+    ("tokenprune_llava_hf", "layer=1",
+     "--setting 'layer=1': layer is for the Qwen-VL models (tokenprune_qwen2_vl, "
+     "tokenprune_qwen2_5_vl, tokenprune_qwen3_vl); tokenprune_llava_hf prunes at the vision "
+     "block whose output LLaVA uses: leave layer out"),
+    ("tokenprune_qwen2_5_vl", "k_anchors=2,layer=0",
+     "--setting 'k_anchors=2,layer=0': layer 0 is window-attention block 0 of Qwen2.5-VL's "
+     "vision tower: layer must be one of its full-attention blocks [1, 3] (or [-3, -1])"),
+    ("tokenprune_qwen2_5_vl", "layer=4",
+     "--setting 'layer=4': layer must be a vision block index in [-4, 3] for QWEN's 4-block "
+     "vision tower, got 4"),
+])
+def test_lmms_sweep_checks_every_setting_before_the_first_run(tmp_path, capsys, no_lmms_run,
+                                                              model, setting, message):
+    """A layer that the model refuses failed after the unpruned run (28 s with a tiny LLaVA),
+    its reason only in lmms-eval's log: now one line, from the model id and its config."""
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({
+        "model_type": "qwen2_5_vl", "vision_config": {"depth": 4,
+                                                      "fullatt_block_indexes": [1, 3]}}))
+    status, out, err = run_main(["lmms-sweep", "--model", model, "--model_args",
+                                 f"pretrained={qwen}", "--tasks", "mme", "--setting", "ratio=0.5",
+                                 "--setting", setting, "--out", str(tmp_path / "out")], capsys)
+    assert status == 1 and out == ""
+    assert one_error_line(err).startswith("tokenprune: error: " +
+                                          message.replace("QWEN", str(qwen))), err
+    assert not (tmp_path / "out").exists()

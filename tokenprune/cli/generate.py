@@ -137,31 +137,41 @@ def check_config(args, config):
     """What a model's config (a dict) allows, before its weights load: --layer (LLaVA has none;
     a Qwen-VL tower has vision_config.depth blocks, Qwen2.5-VL's --layer a full-attention one)
     and --max_new_tokens (the prompt and the answer share max_position_embeddings)."""
-    model_type = config.get("model_type")
     if args.layer is not None:
-        if model_type == "llava":
-            raise CLIError(f"--layer {args.layer}: --layer is for the Qwen-VL models; a LLaVA "
-                           "model is pruned at the vision block whose output it uses (its "
-                           "config's vision_feature_layer): leave --layer out")
-        vision = config.get("vision_config") or {}
-        depth = vision.get("depth")
-        if isinstance(depth, int) and not isinstance(depth, bool):
-            if not -depth <= args.layer < depth:
-                raise CLIError(f"--layer must be a vision block index in [{-depth}, {depth - 1}] "
-                               f"for {args.model}'s {depth}-block vision tower, got {args.layer}")
-            index = args.layer % depth
-            full = vision.get("fullatt_block_indexes") if model_type == "qwen2_5_vl" else None
-            if full and index not in full:
-                raise CLIError(f"--layer {args.layer} is window-attention block {index} of "
-                               f"Qwen2.5-VL's vision tower: --layer must be one of its "
-                               f"full-attention blocks {list(full)} (or "
-                               f"{[i - depth for i in full]}), where the selection sees the "
-                               "whole image")
+        problem = layer_problem(args.model, config, args.layer)
+        if problem:
+            raise CLIError(problem)
     limit = max_positions(config)
     if limit is not None and args.max_new_tokens >= limit:
         raise CLIError(f"--max_new_tokens {args.max_new_tokens}: {args.model}'s language model "
                        f"has {limit} positions (max_position_embeddings), which the prompt and "
                        f"the answer share; give fewer than {limit} minus the prompt's tokens")
+
+
+def layer_problem(model, config, layer, name="--layer"):
+    """Why `layer` does not fit the model whose config (a dict) is given, naming it as `name`
+    (generate's flag, or lmms-eval's argument): LLaVA takes no layer; a Qwen-VL tower has
+    vision_config.depth blocks, and Qwen2.5-VL selects at a full-attention one only. None when
+    it fits, or when the config does not say."""
+    model_type = config.get("model_type")
+    if model_type == "llava":
+        return (f"{name} {layer}: {name} is for the Qwen-VL models; a LLaVA model is pruned at "
+                "the vision block whose output it uses (its config's vision_feature_layer): "
+                f"leave {name} out")
+    vision = config.get("vision_config") or {}
+    depth = vision.get("depth")
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        return None
+    if not -depth <= layer < depth:
+        return (f"{name} must be a vision block index in [{-depth}, {depth - 1}] for {model}'s "
+                f"{depth}-block vision tower, got {layer}")
+    index = layer % depth
+    full = vision.get("fullatt_block_indexes") if model_type == "qwen2_5_vl" else None
+    if full and index not in full:
+        return (f"{name} {layer} is window-attention block {index} of Qwen2.5-VL's vision "
+                f"tower: {name} must be one of its full-attention blocks {list(full)} (or "
+                f"{[i - depth for i in full]}), where the selection sees the whole image")
+    return None
 
 
 def check_prompt_fits(args, config, processor, texts, images, per_answer):
