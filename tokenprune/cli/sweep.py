@@ -498,6 +498,7 @@ def plot_figure(meta, result):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
     n = result.get("images")
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
@@ -521,7 +522,13 @@ def plot_figure(meta, result):
         return sizes[0] - (sizes[0] - sizes[1]) * i / max(1, len(series) - 1)
 
     budgets = [r["kept_tokens"] for r in rows[1:] if r["pruned"]] or [0]
-    dodge = 0.006 * max(1, max(budgets) - min(budgets))
+    # One budget (the smallest sweep): matplotlib would span the single x by +-0.66 %, which
+    # reads as 16.985 to 17.015; give it a tenth of the tokens either side instead.
+    fewest, most = min(budgets), max(budgets)
+    single = fewest == most
+    pad = max(1.0, 0.1 * result["tokens"]) if single else 0.0
+    # Bars a little to the side of each other: a fraction of the width the axes will show.
+    dodge = 0.006 * ((most - fewest) or 2 * pad)
     in_block = {}
     for i_series, ((block, kind, alpha, norm), members) in enumerate(series.items()):
         colour = colours[blocks.index(block) % len(colours)]
@@ -557,16 +564,34 @@ def plot_figure(meta, result):
         if n:
             ax.axhspan(*wilson_interval(rows[0][primary], n), color="black", alpha=0.07,
                        linewidth=0)
+    if single:
+        ax.set_xlim(fewest - pad, most + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # token counts: whole numbers
+    ax.ticklabel_format(axis="x", useOffset=False)
     ax.set_xlabel(f"tokens kept after the pruned block (of {result['tokens']})")
     ax.set_ylabel(f"{primary} on {meta['dataset']}")
     bars = ("; bars and band: 95 % Wilson intervals" if n else "")
-    ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) on "
-                 f"{meta['dataset']}, {result['images']} images{bars}", fontsize=10)
+    title = ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) "
+                         f"on {meta['dataset']}, {result['images']} images{bars}", fontsize=10)
     ax.grid(alpha=0.3)
     # Beside the axes, so that it never covers a point.
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    _fit_title(fig, title)
     return fig
+
+
+def _fit_title(fig, title):
+    """Wrap the title (centred over the axes) onto as many lines as keep it inside the figure:
+    a long one ran off its left edge."""
+    import textwrap
+    text = title.get_text()
+    for lines in range(1, 6):  # lines of about equal length, as few as fit
+        title.set_text(textwrap.fill(text, math.ceil(len(text) / lines) + 4))
+        fig.tight_layout()
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        if box.x1 <= fig.bbox.x1 and box.x0 >= fig.bbox.x0:
+            return
 
 
 def plot(meta, result, path):
