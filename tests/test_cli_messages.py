@@ -398,3 +398,37 @@ def test_visualize_refuses_what_a_shipped_model_does_not_take(tmp_path, capsys, 
     assert status == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"tokenprune: error: {message}"), err
+
+
+# ----- issue 28, a new user's findings: help and package text that is true today ------------
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--help"], ["LLaVA-1.5", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL", "OpenCLIP, timm, Hugging Face",
+                  "generate", "lmms-sweep"]),
+    (["generate", "--help"], ["LLaVA-1.5 or Qwen2/2.5/3-VL", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL",
+                              "with --ratio R ceil(R * n) of an image's n", "--ratio RATIO",
+                              "in (0, 1]"]),
+])
+def test_help_names_every_model_family_and_ratio(tmp_path, argv, shown):
+    proc = subprocess.run([sys.executable, "-c", FAST_CHECK, json.dumps(argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    *help_text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"status": 0, "heavy": []}, proc.stderr
+    text = " ".join(" ".join(help_text).split())  # argparse wraps lines
+    for words in shown:
+        assert words in text, words
+    assert "a LLaVA model" not in text and "with a LLaVA model" not in text
+
+
+def test_package_description_names_what_it_prunes():
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setup")
+    description = ast.literal_eval(next(k.value for k in call.keywords
+                                        if k.arg == "description"))
+    for words in ("OpenCLIP", "timm", "Hugging Face", "LLaVA-1.5", "Qwen2/2.5/3-VL"):
+        assert words in description, words
+    assert "for OpenCLIP Vision Transformers" not in description

@@ -1,7 +1,7 @@
 """The `tokenprune` command line: `eval` (CLIP_benchmark's evaluation with token pruning),
 `sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV),
-`visualize` (draw the kept tokens) and `generate` (a LLaVA model's answers with fewer image
-tokens). One module per command beside this one; `common.py` holds
+`visualize` (draw the kept tokens), `generate` (the answers of a LLaVA-1.5 or Qwen2/2.5/3-VL
+model that sees fewer image tokens) and `lmms-sweep` (lmms-eval's scores of such models). One module per command beside this one; `common.py` holds
 what they share. Commands sit on the library (tokenprune/); the library never imports them.
 
     tokenprune eval --dataset cifar10 --model ViT-B-16 --pretrained openai --enable_pruning
@@ -138,8 +138,10 @@ def build_parser():
     """The light parser: every subcommand and flag, nothing imported. Subcommand parsers are
     reachable as `parser.subcommands[name]`."""
     parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for Vision "
-                                            "Transformers (OpenCLIP, timm, Hugging Face) and "
-                                            "LLaVA. Flags take hyphens or underscores.")
+                                            "Transformers (OpenCLIP, timm, Hugging Face) and for "
+                                            "the image tokens of vision-language models "
+                                            "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Flags "
+                                            "take hyphens or underscores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -185,13 +187,14 @@ def build_parser():
     visualize.set_defaults(which="visualize")
 
     generate = commands.add_parser(
-        "generate", help="answer a prompt about images with a LLaVA model that sees fewer "
-                         "image tokens",
-        description="Answer --prompt about each --image (one batch) with a LLaVA model whose "
-                    "language model receives k_anchors + top_m image tokens per image; prints "
-                    "each answer, the image tokens per image before and after, and the time to "
-                    "the first token. --compare runs the unpruned model too. Works offline on a "
-                    "saved folder.")
+        "generate", help="answer a prompt about images with a LLaVA-1.5 or Qwen2/2.5/3-VL "
+                         "model that sees fewer image tokens",
+        description="Answer --prompt about each --image (one batch) with a LLaVA-1.5 or "
+                    "Qwen2/2.5/3-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) whose language model "
+                    "receives k_anchors + top_m image tokens per image, or with --ratio R "
+                    "ceil(R * n) of an image's n; prints each answer, the image tokens per "
+                    "image before and after, and the time to the first token. --compare runs "
+                    "the unpruned model too. Works offline on a saved folder.")
     add_generate_arguments(generate)
     generate.set_defaults(which="generate")
 
