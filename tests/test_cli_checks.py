@@ -471,3 +471,38 @@ def test_lmms_sweep_checks_every_setting_before_the_first_run(tmp_path, capsys, 
     assert one_error_line(err).startswith("tokenprune: error: " +
                                           message.replace("QWEN", str(qwen))), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_default_workers_fit_the_machine(tmp_path, capsys, monkeypatch, command):
+    """On a 2-CPU machine CLIP_benchmark's default of 4 workers made torch's DataLoader warn
+    ("4 worker processes ... suggested max 2") twice in every shipped-model run: without
+    --num_workers, no more workers than CPUs, and no warning."""
+    import functools
+    import warnings
+
+    import torch.utils.data
+    from tokenprune.cli import shipped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(shipped, "build_shipped_dataset",
+                        functools.partial(shipped.build_shipped_dataset, count=64))
+    workers = []
+    init = torch.utils.data.DataLoader.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        workers.append(self.num_workers)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", recorded)
+    argv = [command, *SHIPPED, "--no_amp", "--batch_size", "32", "--quiet",
+            *command_args(command, tmp_path)]
+    if command == "sweep":
+        argv += ["--k_anchors", "4", "--top_m", "12", "--alpha", "0.5", "--controls", "none",
+                 "--no_speed"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    assert workers and set(workers) == {2}
+    shown = [str(w.message) for w in caught if "worker" in str(w.message)]
+    assert shown == [] and "worker processes" not in err, shown + [err]

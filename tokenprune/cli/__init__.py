@@ -31,7 +31,7 @@ from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLinePa
                      add_verbose_argument, check_datasets, check_eval_output, check_image_output,
                      check_models_before_loading, check_run_flags, check_shipped,
                      check_sweep_before_loading, check_sweep_output, check_visualize_model,
-                     prune_config, sweep_lists, torchvision_mismatch_message, use_shipped_model,
+                     default_workers, prune_config, sweep_lists, torchvision_mismatch_message, use_shipped_model,
                      webdataset_workers)
 
 
@@ -264,6 +264,7 @@ def _run(which, args, argv):
         # Before the results file's name is made from --pretrained, and before any import.
         check_models_before_loading(args, "--enable_pruning" if args.enable_pruning else None)
         check_eval_output(args)
+        args.num_workers = default_workers(args, argv)
         workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
         eval_args = parse_eval_args(argv)
@@ -278,6 +279,7 @@ def _run(which, args, argv):
         check_shipped(args, argv)
         check_sweep_before_loading(args, lists)
         check_sweep_output(args)
+        args.num_workers = default_workers(args, argv)
         args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
         run_sweep(args)

@@ -526,10 +526,32 @@ def check_datasets(args):
                        "offline) or a local WebDataset: --dataset wds/NAME --dataset_root DIR")
 
 
+def flag_given(argv, flag):
+    """Whether a command line sets `flag` itself (spelt in full: argparse takes no shorter
+    spelling where another flag shares it, as --pretrained_model does --pretrained's)."""
+    return any(arg.partition("=")[0] == flag for arg in argv)
+
+
 def pretrained_given(argv):
     """Whether a command line sets --pretrained itself (its default is CLIP_benchmark's
-    laion400m_e32); argparse takes no shorter spelling, which --pretrained_model would share."""
-    return any(arg.partition("=")[0] == "--pretrained" for arg in argv)
+    laion400m_e32)."""
+    return flag_given(argv, "--pretrained")
+
+
+def usable_cpus():
+    """The CPUs this process may run on, as torch's DataLoader counts them when it warns about
+    too many workers (the affinity mask where there is one, else os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(args, argv):
+    """eval's and sweep's --num_workers: as given, else CLIP_benchmark's default (4) but no more
+    than the CPUs here; more would make torch's DataLoader warn (twice a run) and gain nothing."""
+    if flag_given(argv, "--num_workers"):
+        return args.num_workers
+    return min(args.num_workers, usable_cpus())
 
 
 def _shipped_name(names, regime):
