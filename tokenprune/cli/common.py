@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import product
 from typing import NamedTuple
-from unittest import mock
 
 from ..config import BACKENDS, CONTROLS, MMR_LAMBDA, SCORE_NORMS, SELECTIONS, PruneConfig
 
@@ -1124,6 +1123,7 @@ def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer
              "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch),
              "HFTokenizer": _step("tokenizer", make_tokenizer,
                                   lambda source, *args, **kwargs: (source, tokenizer_dir))}
+    from unittest import mock  # here, not at the top: it imports asyncio (70 ms of --help)
     logging.getLogger().addFilter(log_filter)
     try:
         with mock.patch.multiple(factory, **steps):
