@@ -301,7 +301,8 @@ def test_missing_checkpoint_is_named_not_the_default_output(tiny, tmp_path, caps
     status, _, err = run_main(argv, capsys)
     assert status == 1
     assert one_error_line(err) == f"tokenprune: error: --pretrained {missing}: no such " \
-                                  "checkpoint file"
+                                  "checkpoint file (give a file that exists, or a pretrained " \
+                                  "tag of the model, such as openai)"
 
 
 @pytest.mark.parametrize("command", ["eval", "sweep", "visualize"])

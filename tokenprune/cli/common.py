@@ -772,7 +772,8 @@ def check_pretrained_files(values):
         if os.path.isdir(path):
             raise CLIError(folder_not_checkpoint_message(pretrained))
         if not os.path.isfile(path):
-            raise CLIError(f"--pretrained {pretrained}: no such checkpoint file")
+            raise CLIError(f"--pretrained {pretrained}: no such checkpoint file (give a file "
+                           "that exists, or a pretrained tag of the model, such as openai)")
 
 
 def folder_not_checkpoint_message(pretrained):
@@ -993,7 +994,9 @@ def check_model(model_name, pretrained, pruning_flag=None):
             if os.path.isdir(pretrained):  # not a tag of this model, so meant as a file
                 raise CLIError(folder_not_checkpoint_message(pretrained))
             if os.sep in pretrained or os.path.splitext(pretrained)[1]:
-                raise CLIError(f"--pretrained {pretrained}: no such checkpoint file")
+                raise CLIError(f"--pretrained {pretrained}: no such checkpoint file (give a "
+                               "file that exists, or a pretrained tag of the model, such as "
+                               "openai)")
             tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
             raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
                            f"{tags}); a local checkpoint file also works: --pretrained PATH")
