@@ -9,8 +9,9 @@ with open("tokenprune/__init__.py", encoding="utf-8") as f:
 setup(
     name="tokenprune",
     version=VERSION,
-    description="Training-free visual token pruning for OpenCLIP Vision Transformers, "
-                "with fused Triton kernels",
+    description="Training-free visual token pruning for Vision Transformers (OpenCLIP, timm "
+                "and Hugging Face) and the image tokens of vision-language models (LLaVA-1.5, "
+                "Qwen2/2.5/3-VL), with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",

@@ -45,6 +45,20 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", refuse)
 
 
+@pytest.fixture
+def no_command_run(no_loading, monkeypatch):
+    """Reaching a command's run function (which imports and loads what it needs) fails the
+    test, as does loading an OpenCLIP model: refusals that need only the flags and a model's
+    config use it."""
+    from tokenprune.cli import evaluate, generate, sweep, visualize
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command ran past its checks")
+    for module, name in ((evaluate, "run_eval"), (sweep, "run_sweep"),
+                         (visualize, "run_visualize"), (generate, "run_generate")):
+        monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture(autouse=True)
 def native_bfloat16_cpu(monkeypatch):
     """The --no_amp advice depends on the CPU's flags: every test sees a CPU with native

@@ -286,3 +286,224 @@ def test_webdataset_without_its_folder_is_refused_first(tiny, tmp_path, capsys, 
     assert status == 1
     assert one_error_line(err).startswith(f"tokenprune: error: --dataset wds/tiny: {missing} "
                                           f"({where}); give --dataset_root DIR")
+
+
+# ----- issue 28, a new user's findings: the answer that can be known first comes first -------
+
+def test_missing_checkpoint_is_named_not_the_default_output(tiny, tmp_path, capsys, monkeypatch,
+                                                           no_command_run):
+    """Without --output, the results file's default name holds --pretrained: a missing
+    checkpoint used to be reported as a missing folder of that name."""
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "nonexistent.pt")
+    argv = ["eval", *data_args(tiny)]
+    argv[argv.index(tiny["checkpoint"])] = missing
+    status, _, err = run_main(argv, capsys)
+    assert status == 1
+    assert one_error_line(err) == f"tokenprune: error: --pretrained {missing}: no such " \
+                                  "checkpoint file (give a file that exists, or a pretrained " \
+                                  "tag of the model, such as openai)"
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep", "visualize"])
+@pytest.mark.parametrize("given", ["adir", "./adir", "ADIR"])
+def test_pretrained_folder_is_said_to_be_a_folder(tiny, tmp_path, capsys, monkeypatch,
+                                                  no_command_run, command, given):
+    """A folder is no checkpoint file: said so, not "unknown pretrained tag"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    given = given.replace("ADIR", str(tmp_path / "adir"))
+    if command == "visualize":
+        argv = ["visualize", "--model", TINY, "--out", str(tmp_path / "kept.png")]
+    else:
+        argv = [command, *data_args(tiny), *command_args(command, tmp_path)]
+        del argv[argv.index("--pretrained"):argv.index("--pretrained") + 2]
+    status, _, err = run_main(argv + ["--pretrained", given], capsys)
+    assert status == 1
+    line = one_error_line(err)
+    assert line.startswith(f"tokenprune: error: --pretrained {given}: a folder, not a "
+                           "checkpoint file; give the weights file in it"), line
+    assert f"--model local-dir:{given}" in line and "unknown pretrained tag" not in line
+
+
+@pytest.fixture
+def no_shipped_loading(monkeypatch):
+    """The shipped models' and canvases' loading fails the test."""
+    import tokenprune.proxy
+    from tokenprune.cli import shipped
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a shipped model or dataset was loaded")
+    for module, name in ((shipped, "load_shipped_model"), (shipped, "build_shipped_dataset"),
+                         (tokenprune.proxy, "load_proxy_model"),
+                         (tokenprune.proxy, "demo_inputs")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+SHIPPED = ["--model", "tokenprune:proxy-vit", "--dataset", "tokenprune:digits"]
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    # a one-stage schedule is a single cut inside PruneConfig: still named as --schedule's stage
+    ("eval", ["--schedule", "9:4:12"],
+     "--schedule stage 1 layer must be in [-4, 3] for this 4-block tower, got 9"),
+    ("eval", ["--schedule", "1:4:20,4:2:6"],
+     "--schedule stage 2 layer must be in [-4, 3] for this 4-block tower, got 4"),
+    ("eval", ["--layer", "4"], "--layer must be in [-4, 3] for this 4-block tower, got 4"),
+    ("sweep", ["--schedule", "9:4:12"], "--schedule 9:4:12: schedule stage 1 layer must be in "
+                                        "[-4, 3] for this 4-block tower, got 9"),
+    ("sweep", ["--layer", "-1", "40"], "--layer must be in [-4, 3] for tokenprune:proxy-vit's "
+                                       "4-block image tower, got 40"),
+    ("visualize", ["--schedule", "9:4:12"],
+     "--schedule stage 1 layer must be in [-4, 3] for this 4-block tower, got 9"),
+    ("visualize", ["--layer", "10"], "--layer must be in [-4, 3] for this 4-block tower, got 10"),
+])
+def test_blocks_outside_a_shipped_tower_are_refused_before_anything_loads(
+        tmp_path, capsys, no_command_run, no_shipped_loading, command, flags, message):
+    if command == "visualize":
+        argv = ["visualize", *flags, "--out", str(tmp_path / "kept.png")]
+    else:
+        argv = [command, *SHIPPED, *command_args(command, tmp_path), *flags]
+        argv += ["--enable_pruning"] if command == "eval" else []
+    status, out, err = run_main(argv, capsys)
+    assert status == 1 and out == ""
+    assert one_error_line(err) == f"tokenprune: error: {message}"
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("eval", ["--model", "ViT-B-16", "--enable_pruning", "--layer", "12"],
+     "--layer must be in [-12, 11] for this 12-block tower, got 12"),
+    ("eval", ["--model", "ViT-B-16", "--enable_pruning", "--schedule", "3:10:50,12:4:20"],
+     "--schedule stage 2 layer must be in [-12, 11] for this 12-block tower, got 12"),
+    ("eval", ["--model", "ViT-B-61"], "unknown model 'ViT-B-61': not an OpenCLIP architecture. "
+                                      "Did you mean ViT-B-16"),
+    ("eval", ["--model", "RN50", "--enable_pruning"],
+     "--enable_pruning: RN50 has a ResNet image tower, which cannot be pruned"),
+    ("sweep", ["--model", "ViT-B-16", "ViT-B-32"],
+     "--model ViT-B-16 ViT-B-32: tokenprune sweep takes exactly one model per run"),
+    ("sweep", ["--model", "ViT-B-16", "--layer", "40"],
+     "--layer must be in [-12, 11] for ViT-B-16's 12-block image tower, got 40"),
+    ("sweep", ["--model", "RN50"], "--model RN50: RN50 has a ResNet image tower, which cannot "
+                                   "be pruned"),
+    ("visualize", ["--model", "ViT-B-61"], "unknown model 'ViT-B-61': not an OpenCLIP "
+                                           "architecture. Did you mean ViT-B-16"),
+    ("visualize", ["--model", "RN50"], "--model RN50: RN50 has a ResNet image tower, which "
+                                       "cannot be pruned"),
+    ("visualize", ["--model", "ViT-B-16", "--schedule", "3:4:20,1:2:6"],
+     "--schedule blocks must be strictly increasing, got stage 1 at block 3 and stage 2 at "
+     "block 1"),
+    ("visualize", ["--model", "ViT-B-16", "--schedule", "11:10:50,-1:4:20"],
+     "--schedule blocks must be strictly increasing, got 11, -1, which are blocks 11, 11 of "
+     "this 12-block tower"),
+])
+def test_openclip_names_are_checked_from_their_config_before_anything_loads(
+        tiny, tmp_path, capsys, no_command_run, command, flags, message):
+    """The architecture's config gives its depth and tower kind: no weights, no import of the
+    command's modules, so the answer comes at once."""
+    if command == "visualize":
+        argv = ["visualize", "--out", str(tmp_path / "kept.png"), *flags]
+    else:
+        argv = [command, "--dataset", "wds/tiny", "--dataset_root", tiny["data"],
+                "--pretrained", tiny["checkpoint"], *command_args(command, tmp_path), *flags]
+    status, out, err = run_main(argv, capsys)
+    assert status == 1 and out == ""
+    assert message in one_error_line(err)
+
+
+def test_openclip_configs_are_read_as_open_clip_reads_them(monkeypatch):
+    """Without open_clip imported (a fresh command line), the config comes from its file."""
+    import sys
+
+    import open_clip
+    from tokenprune.cli import common
+    assert set(common.known_openclip_models()) == set(open_clip.list_models())
+    expected = {name: open_clip.get_model_config(name) for name in ("ViT-B-16", "RN50",
+                                                                   "EVA02-B-16")}
+    monkeypatch.delitem(sys.modules, "open_clip")
+    assert {name: common.openclip_config(name) for name in expected} == expected
+    assert common.openclip_config("ViT-B-61") is None
+    assert set(common.known_openclip_models()) >= set(expected)
+    assert common.check_model_config("ViT-B-16") == 12
+    assert common.check_model_config("EVA02-B-16") is None  # a timm tower: known once built
+
+
+def test_shipped_cards_are_the_regimes_cards():
+    from tokenprune.cli import common
+    from tokenprune.proxy import REGIMES
+    assert common.SHIPPED_CARDS == {name: regime.card for name, regime in REGIMES.items()}
+
+
+@pytest.fixture
+def no_lmms_run(monkeypatch):
+    """An lmms-eval run of lmms-sweep (the unpruned one comes first) fails the test."""
+    import tokenprune.lmms.sweep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("lmms-eval ran")
+    monkeypatch.setattr(tokenprune.lmms.sweep, "run_sweep", refuse)
+    monkeypatch.setattr(tokenprune.lmms.sweep, "run_one", refuse)
+
+
+@pytest.mark.parametrize("model, setting, message", [
+    ("tokenprune_llava_hf", "layer=1",
+     "--setting 'layer=1': layer is for the Qwen-VL models (tokenprune_qwen2_vl, "
+     "tokenprune_qwen2_5_vl, tokenprune_qwen3_vl); tokenprune_llava_hf prunes at the vision "
+     "block whose output LLaVA uses: leave layer out"),
+    ("tokenprune_qwen2_5_vl", "k_anchors=2,layer=0",
+     "--setting 'k_anchors=2,layer=0': layer 0 is window-attention block 0 of Qwen2.5-VL's "
+     "vision tower: layer must be one of its full-attention blocks [1, 3] (or [-3, -1])"),
+    ("tokenprune_qwen2_5_vl", "layer=4",
+     "--setting 'layer=4': layer must be a vision block index in [-4, 3] for QWEN's 4-block "
+     "vision tower, got 4"),
+])
+def test_lmms_sweep_checks_every_setting_before_the_first_run(tmp_path, capsys, no_lmms_run,
+                                                              model, setting, message):
+    """A layer that the model refuses failed after the unpruned run (28 s with a tiny LLaVA),
+    its reason only in lmms-eval's log: now one line, from the model id and its config."""
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({
+        "model_type": "qwen2_5_vl", "vision_config": {"depth": 4,
+                                                      "fullatt_block_indexes": [1, 3]}}))
+    status, out, err = run_main(["lmms-sweep", "--model", model, "--model_args",
+                                 f"pretrained={qwen}", "--tasks", "mme", "--setting", "ratio=0.5",
+                                 "--setting", setting, "--out", str(tmp_path / "out")], capsys)
+    assert status == 1 and out == ""
+    assert one_error_line(err).startswith("tokenprune: error: " +
+                                          message.replace("QWEN", str(qwen))), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_default_workers_fit_the_machine(tmp_path, capsys, monkeypatch, command):
+    """On a 2-CPU machine CLIP_benchmark's default of 4 workers made torch's DataLoader warn
+    ("4 worker processes ... suggested max 2") twice in every shipped-model run: without
+    --num_workers, no more workers than CPUs, and no warning."""
+    import functools
+    import warnings
+
+    import torch.utils.data
+    from tokenprune.cli import shipped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(shipped, "build_shipped_dataset",
+                        functools.partial(shipped.build_shipped_dataset, count=64))
+    workers = []
+    init = torch.utils.data.DataLoader.__init__
+
+    def recorded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        workers.append(self.num_workers)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", recorded)
+    argv = [command, *SHIPPED, "--no_amp", "--batch_size", "32", "--quiet",
+            *command_args(command, tmp_path)]
+    if command == "sweep":
+        argv += ["--k_anchors", "4", "--top_m", "12", "--alpha", "0.5", "--controls", "none",
+                 "--no_speed"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    assert workers and set(workers) == {2}
+    shown = [str(w.message) for w in caught if "worker" in str(w.message)]
+    assert shown == [] and "worker processes" not in err, shown + [err]

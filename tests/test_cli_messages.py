@@ -298,7 +298,8 @@ def test_mismatch_names_the_builds_and_the_index(tiny, tmp_path, capsys, monkeyp
     monkeypatch.setattr(common, "installed_version", installed.get)
     monkeypatch.setattr(open_clip, "create_model_and_transforms",
                         lambda *args, **kwargs: import_torchvision_fails())
-    status, out, err = run_main(["eval", *data_args(tiny), "--output",
+    # --no_amp: on a CPU without native bfloat16 the advice to add it is a line of its own.
+    status, out, err = run_main(["eval", *data_args(tiny), "--no_amp", "--output",
                                  str(tmp_path / "r.json")], capsys)
     vision = installed["torchvision"] or "(not installed)"
     assert status == 1 and "Traceback" not in out + err  # CLIP_benchmark's own lines on stdout
@@ -322,3 +323,113 @@ def test_generate_names_the_mismatch_too(tmp_path, capsys, monkeypatch):
                                "--prompt", "red ?"], capsys)
     assert status == 1 and len(err.strip().splitlines()) == 1
     assert "are builds that do not match" in err and "pip install --force-reinstall" in err
+
+
+# ----- issue 28, a new user's findings: visualize says what it did -------------------------
+
+@pytest.fixture
+def drawn_panels(monkeypatch):
+    """The arguments of every render_panels call of visualize (the figure's title, panels and
+    caption)."""
+    from tokenprune.cli import visualize
+    calls = []
+    render_panels = visualize.render_panels
+    monkeypatch.setattr(visualize, "render_panels",
+                        lambda *args: calls.append(args) or render_panels(*args))
+    return calls
+
+
+def test_visualize_demo_with_nothing_to_prune_says_so_everywhere(tmp_path, capsys, drawn_panels):
+    """k + m >= the 64 patches: no "pruned at block 4 of 4" title, no "most of any 70 kept
+    patches" caption, no anchors: every patch is kept, and the picture and lines say so."""
+    status, stdout, err = run_main(["visualize", "--k_anchors", "60", "--top_m", "10", "--out",
+                                    str(tmp_path / "kept.png")], capsys)
+    assert status == 0, err
+    (_, _, panels, title, _, _, caption, _), = drawn_panels
+    assert "nothing pruned: k_anchors + top_m = 70 >= 64 patches, all 64 kept" in title
+    assert "pruned at" not in title
+    assert caption[0].startswith("Nothing is pruned: k_anchors + top_m = 70 >= the 64 patches, "
+                                 "so every selection keeps all 64")
+    assert "most of any" not in " ".join(caption)
+    assert all(len(panel.keep) == 64 and panel.anchors == [] for panel in panels)
+    assert "shipped ViT: nothing pruned, all 65 tokens kept (k_anchors + top_m = 70 >= 64 " \
+           "patches)" in stdout
+    selection_lines = [line for line in stdout.splitlines() if line.startswith("  ")]
+    assert len(selection_lines) == 3
+    assert all("all 64 patches kept" in line and "anchors" not in line
+               for line in selection_lines)
+    assert "at block" not in stdout + err
+
+
+def test_visualize_takes_the_shipped_models_by_name(tmp_path, capsys, drawn_panels):
+    """--model tokenprune:proxy-vit-large draws the large-digit model on its own held-out
+    canvas, with a caption true of it (its digit covers more patches than are kept)."""
+    status, stdout, err = run_main(["visualize", "--model", "tokenprune:proxy-vit-large",
+                                    "--out", str(tmp_path / "large.png")], capsys)
+    assert status == 0, err
+    assert "held-out accuracy 86.3%" in stdout  # the large model's card
+    assert "tokenprune:proxy-vit-large: 65 -> 17 tokens at block 4 of 4 (index 3)" in stdout
+    (_, _, panels, title, _, _, caption, _), = drawn_panels
+    assert "tokenprune:proxy-vit-large (trained)" in title
+    digit = int(caption[0].split(" of the 64 patches")[0].rsplit(" ", 1)[1])
+    assert digit > 16 and "background" not in " ".join(caption)
+    # --model tokenprune:proxy-vit is the demo's own model: the same canvas and tokens kept.
+    said = []
+    for flags in ([], ["--model", "tokenprune:proxy-vit"]):
+        out = tmp_path / f"small{len(flags)}.png"
+        status, stdout, err = run_main(["visualize", "--selection", "cls", "--out", str(out),
+                                        *flags], capsys)
+        assert status == 0, err
+        said.append(stdout.replace(str(out), "OUT"))
+    assert said[1] == said[0].replace("shipped ViT:", "tokenprune:proxy-vit:")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "tokenprune:proxy-vit", "--image", "x.png"],
+     "--image x.png: tokenprune:proxy-vit reads its own held-out digit canvases only"),
+    (["--model", "tokenprune:proxy-vit-large", "--pretrained", "openai"],
+     "--pretrained openai: tokenprune:proxy-vit-large brings its own trained weights"),
+    (["--model", "tokenprune:proxy-vit-larg"], "unknown model 'tokenprune:proxy-vit-larg': the "
+                                               "shipped models are tokenprune:proxy-vit and "
+                                               "tokenprune:proxy-vit-large"),
+])
+def test_visualize_refuses_what_a_shipped_model_does_not_take(tmp_path, capsys, no_command_run,
+                                                              flags, message):
+    status, out, err = run_main(["visualize", *flags, "--out", str(tmp_path / "k.png")], capsys)
+    assert status == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tokenprune: error: {message}"), err
+
+
+# ----- issue 28, a new user's findings: help and package text that is true today ------------
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--help"], ["LLaVA-1.5", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL", "OpenCLIP, timm, Hugging Face",
+                  "generate", "lmms-sweep"]),
+    (["generate", "--help"], ["LLaVA-1.5 or Qwen2/2.5/3-VL", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL",
+                              "with --ratio R ceil(R * n) of an image's n", "--ratio RATIO",
+                              "in (0, 1]"]),
+])
+def test_help_names_every_model_family_and_ratio(tmp_path, argv, shown):
+    proc = subprocess.run([sys.executable, "-c", FAST_CHECK, json.dumps(argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    *help_text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"status": 0, "heavy": []}, proc.stderr
+    text = " ".join(" ".join(help_text).split())  # argparse wraps lines
+    for words in shown:
+        assert words in text, words
+    assert "a LLaVA model" not in text and "with a LLaVA model" not in text
+
+
+def test_package_description_names_what_it_prunes():
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py"), encoding="utf-8").read())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setup")
+    description = ast.literal_eval(next(k.value for k in call.keywords
+                                        if k.arg == "description"))
+    for words in ("OpenCLIP", "timm", "Hugging Face", "LLaVA-1.5", "Qwen2/2.5/3-VL"):
+        assert words in description, words
+    assert "for OpenCLIP Vision Transformers" not in description

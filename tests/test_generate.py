@@ -266,11 +266,119 @@ def test_generate_unreadable_image_is_one_line(llava_dir, tmp_path, capsys):
                            "can read (UnidentifiedImageError)")
 
 
-def test_generate_hub_id_offline_is_one_line(capsys):
-    """HF_HUB_OFFLINE=1 (tests/conftest.py) and nothing cached: the config cannot be fetched."""
+def test_generate_hub_id_offline_is_one_line(capsys, no_command_run):
+    """HF_HUB_OFFLINE=1 (tests/conftest.py) and nothing cached: said before anything is
+    imported, instead of after transformers has tried the hub."""
     code, out, err = run_main(["generate", "--model", "tokenprune-tests/no-such-llava",
                                "--image", SAMPLE, "--prompt", "red ?"], capsys)
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith("tokenprune: error: --model tokenprune-tests/no-such-llava: could not "
-                          "load its config from the hub"), err
+    assert err.startswith("tokenprune: error: --model tokenprune-tests/no-such-llava: not a "
+                          "folder here, and not in the Hugging Face cache, which is all that "
+                          "is read with HF_HUB_OFFLINE=1"), err
+
+
+# ----- issue 28, a new user's findings: what the config already says -----------------------
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model's weights fails the test (its config and processor may load)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+    for name in ("LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+
+
+def generate_args(model, *flags):
+    return ["generate", "--model", model, "--image", SAMPLE, "--prompt", "red ?", *flags]
+
+
+def test_max_new_tokens_beyond_the_positions_is_refused_from_the_config(llava_dir, capsys,
+                                                                        no_command_run):
+    """The tiny LLaVA's language model has 512 positions: 100000 new tokens ran 16 minutes."""
+    code, out, err = run_main(generate_args(llava_dir, "--max_new_tokens", "100000"), capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == (f"tokenprune: error: --max_new_tokens 100000: {llava_dir}'s language "
+                           "model has 512 positions (max_position_embeddings), which the prompt "
+                           "and the answer share; give fewer than 512 minus the prompt's tokens")
+
+
+@pytest.mark.parametrize("flags, said", [
+    # 16 image tokens kept (k + m >= 16): the 23-token prompt as written
+    ([], "the pruned prompt takes 23 of {model}'s 512 positions (max_position_embeddings), so "
+         "at most 489 new tokens fit"),
+    # 4 of the 16 image tokens kept: 11 tokens
+    (["--k_anchors", "2", "--top_m", "2", "--max_new_tokens", "502"],
+     "the pruned prompt takes 11 of {model}'s 512 positions (max_position_embeddings), so at "
+     "most 501 new tokens fit"),
+    (["--k_anchors", "2", "--top_m", "2", "--compare"],
+     "the unpruned prompt (--compare) takes 23 of {model}'s 512 positions"),
+])
+def test_prompt_and_answer_beyond_the_positions_are_refused_before_the_weights(
+        llava_dir, capsys, no_weights, flags, said):
+    flags = flags if "--max_new_tokens" in flags else flags + ["--max_new_tokens", "490"]
+    code, out, err = run_main(generate_args(llava_dir, *flags), capsys)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    tokens = flags[flags.index("--max_new_tokens") + 1]
+    assert lines[-1].startswith(f"tokenprune: error: --max_new_tokens {tokens}: "
+                                + said.format(model=llava_dir)), err
+
+
+def test_llava_layer_is_refused_from_the_config(llava_dir, capsys, no_command_run):
+    code, out, err = run_main(generate_args(llava_dir, "--layer", "1"), capsys)
+    assert code == 1 and out == ""
+    assert err.strip().startswith("tokenprune: error: --layer 1: --layer is for the Qwen-VL "
+                                  "models; a LLaVA model is pruned at the vision block whose "
+                                  "output it uses"), err
+
+
+@pytest.fixture(scope="module")
+def qwen25_dir(tmp_path_factory):
+    from tiny_qwen_vl import save_qwen_vl
+    return save_qwen_vl(str(tmp_path_factory.mktemp("qwen25")), "qwen2_5_vl", "tiny", seed=0)
+
+
+@pytest.mark.parametrize("layer, said", [
+    ("0", "--layer 0 is window-attention block 0 of Qwen2.5-VL's vision tower: --layer must be "
+          "one of its full-attention blocks [1] (or [-1]), where the selection sees the whole "
+          "image"),
+    ("2", "--layer must be a vision block index in [-2, 1] for {model}'s 2-block vision tower, "
+          "got 2"),
+])
+def test_qwen_layer_is_refused_from_the_config(qwen25_dir, capsys, no_command_run, layer, said):
+    code, out, err = run_main(generate_args(qwen25_dir, "--layer", layer), capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == "tokenprune: error: " + said.format(model=qwen25_dir)
+
+
+def test_a_path_that_is_not_there_is_not_asked_of_the_hub(tmp_path, capsys, monkeypatch,
+                                                          no_command_run):
+    """tools/tiny_qwn, where tools/ is a folder here: a mistyped path, refused at once (it was
+    taken for a hub id and retried for 30 s)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tools").mkdir()
+    for model in ("tools/tiny_qwn", "./tiny_qwn", "tiny_qwn/", "a/b/c", "~/tiny_qwn"):
+        code, out, err = run_main(generate_args(model), capsys)
+        assert code == 1 and out == ""
+        assert err.strip().startswith(f"tokenprune: error: --model {model}: no such folder"), err
+
+
+def test_a_hub_id_says_first_that_the_hub_is_asked(capsys, monkeypatch):
+    """Online, a hub id's config comes from the hub: the first line says so, before the wait."""
+    import huggingface_hub.constants
+
+    from tokenprune.cli import CLIError, generate
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise CLIError("--model someone/tiny-llava: could not load its config from the hub")
+    monkeypatch.setattr(generate, "load", unreachable)
+    code, _, err = run_main(generate_args("someone/tiny-llava"), capsys)
+    assert code == 1
+    assert err.strip().splitlines()[0] == (
+        "tokenprune: --model someone/tiny-llava is not a folder here: asking the Hugging Face "
+        "hub for it (HF_HUB_OFFLINE=1 uses the local cache only, without waiting for the "
+        "network)")

@@ -346,9 +346,10 @@ def test_the_generate_command_prunes_inside_the_tower(tmp_path, capsys):
     status, out, err = run_main(common + ["--layer", "-1"], capsys)
     assert status == 0, err
     assert "9 -> 4 image tokens per image" in out and "vision block -1" in out
-    # Block 0 of the tiny Qwen2.5-VL attends in windows: refused in one line, after loading.
+    # Block 0 of the tiny Qwen2.5-VL attends in windows: refused in one line, from its config
+    # (test_generate.py::test_qwen_layer_is_refused_from_the_config: before anything loads).
     status, out, err = run_main(common + ["--layer", "0"], capsys)
     assert status != 0
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("tokenprune: error: --layer=0 is window-attention block 0")
+    assert lines[-1].startswith("tokenprune: error: --layer 0 is window-attention block 0")
     assert "Traceback" not in err

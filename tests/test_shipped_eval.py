@@ -100,6 +100,13 @@ def nothing_loads(no_loading, monkeypatch):
     (["--model", "tokenprune:proxy-vit-larg", "--dataset", DATASET],
      "unknown model 'tokenprune:proxy-vit-larg': the shipped models are tokenprune:proxy-vit "
      "and tokenprune:proxy-vit-large. Did you mean tokenprune:proxy-vit-large?"),
+    # issue 28: each shipped model reads the canvases of its own regime only
+    (["--model", "tokenprune:proxy-vit", "--dataset", DATASET],
+     f"--dataset {DATASET}: tokenprune:proxy-vit was trained on the small-digit canvases, "
+     f"tokenprune:digits; {DATASET} holds the large-digit ones, which {MODEL} reads. Use "
+     f"--dataset tokenprune:digits, or --model {MODEL}"),
+    (["--model", MODEL, "--dataset", "tokenprune:digits"],
+     f"--dataset tokenprune:digits: {MODEL} was trained on the large-digit canvases, {DATASET}"),
     (["--model", MODEL, "--dataset", "tokenprune:digit-large"],
      "unknown dataset 'tokenprune:digit-large': not a CLIP_benchmark or tokenprune dataset. Did "
      "you mean tokenprune:digits-large"),

@@ -185,3 +185,39 @@ def test_points_carry_95_percent_wilson_intervals():
     corners = band[0].get_path().transformed(band[0].get_patch_transform()).vertices[:, 1]
     np.testing.assert_allclose((corners.min(), corners.max()), (0.3774, 0.6226), atol=2e-4)
     assert "95 % Wilson intervals" in ax.get_title()
+
+
+# ----- issue 28, a new user's findings: the smallest sweep's plot ----------------------------
+
+def one_budget_result():
+    """The sweep a newcomer runs first: one setting at one budget, and the controls."""
+    return {**flat_result(blocks=(3,), alphas=(0.5,), budgets=(17,)), "num_blocks": 4,
+            "tokens": 65, "images": 2000}
+
+
+@pytest.mark.parametrize("meta", [
+    {"model": "tokenprune:proxy-vit", "pretrained": "shipped", "dataset": "tokenprune:digits"},
+    # a long name and path: the title wraps instead of running off the figure
+    {"model": "hf-hub:timm/ViT-SO400M-14-SigLIP2-378-a-long-name-for-the-title",
+     "pretrained": "/data/checkpoints/some/long/path/open_clip_pytorch_model.bin",
+     "dataset": "wds/imagenet1k-validation-subset"},
+])
+def test_a_one_budget_sweep_draws_a_readable_plot(tmp_path, meta):
+    """One budget: x limits around it (not 16.985 to 17.015), whole tick labels without an
+    offset, every error bar on its marker, and the title inside the figure."""
+    figure = sweep_command.plot_figure(meta, one_budget_result())
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    left, right = ax.get_xlim()
+    assert left <= 17 - 5 and right >= 17 + 5 and right - left <= 65
+    assert ax.xaxis.get_offset_text().get_text() == ""
+    ticks = [tick for tick in ax.get_xticks() if left <= tick <= right]
+    assert len(ticks) >= 3 and all(float(tick).is_integer() for tick in ticks)
+    for collection in ax.collections:  # the error bars, a little apart: within 1 % of the axis
+        for (x0, _), (x1, _) in collection.get_segments():
+            assert x0 == x1 and abs(x0 - 17) <= 0.01 * (right - left)
+    title = ax.title.get_window_extent()
+    assert figure.bbox.x0 <= title.x0 and title.x1 <= figure.bbox.x1
+    assert figure.bbox.y0 <= title.y0 and title.y1 <= figure.bbox.y1
+    assert "tokens: " in ax.title.get_text()
+    figure.savefig(tmp_path / "plot.png")  # the objects tested are those the file is drawn from

@@ -1,7 +1,7 @@
 """The `tokenprune` command line: `eval` (CLIP_benchmark's evaluation with token pruning),
 `sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV),
-`visualize` (draw the kept tokens) and `generate` (a LLaVA model's answers with fewer image
-tokens). One module per command beside this one; `common.py` holds
+`visualize` (draw the kept tokens), `generate` (the answers of a LLaVA-1.5 or Qwen2/2.5/3-VL
+model that sees fewer image tokens) and `lmms-sweep` (lmms-eval's scores of such models). One module per command beside this one; `common.py` holds
 what they share. Commands sit on the library (tokenprune/); the library never imports them.
 
     tokenprune eval --dataset cifar10 --model ViT-B-16 --pretrained openai --enable_pruning
@@ -29,8 +29,9 @@ from . import clip_benchmark_flags
 from .common import (DEBUG_ENV, PROG, SHIPPED_MODEL_PRUNING, CLIError, OneLineParser,
                      add_pruning_arguments, add_sweep_arguments, add_tokenizer_argument,
                      add_verbose_argument, check_datasets, check_eval_output, check_image_output,
-                     check_run_flags, check_shipped, check_sweep_output, prune_config,
-                     sweep_lists, torchvision_mismatch_message, use_shipped_model,
+                     check_models_before_loading, check_run_flags, check_shipped,
+                     check_sweep_before_loading, check_sweep_output, check_visualize_model,
+                     default_workers, prune_config, sweep_lists, torchvision_mismatch_message, use_shipped_model,
                      webdataset_workers)
 
 
@@ -137,8 +138,10 @@ def build_parser():
     """The light parser: every subcommand and flag, nothing imported. Subcommand parsers are
     reachable as `parser.subcommands[name]`."""
     parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for Vision "
-                                            "Transformers (OpenCLIP, timm, Hugging Face) and "
-                                            "LLaVA. Flags take hyphens or underscores.")
+                                            "Transformers (OpenCLIP, timm, Hugging Face) and for "
+                                            "the image tokens of vision-language models "
+                                            "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Flags "
+                                            "take hyphens or underscores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -184,13 +187,14 @@ def build_parser():
     visualize.set_defaults(which="visualize")
 
     generate = commands.add_parser(
-        "generate", help="answer a prompt about images with a LLaVA model that sees fewer "
-                         "image tokens",
-        description="Answer --prompt about each --image (one batch) with a LLaVA model whose "
-                    "language model receives k_anchors + top_m image tokens per image; prints "
-                    "each answer, the image tokens per image before and after, and the time to "
-                    "the first token. --compare runs the unpruned model too. Works offline on a "
-                    "saved folder.")
+        "generate", help="answer a prompt about images with a LLaVA-1.5 or Qwen2/2.5/3-VL "
+                         "model that sees fewer image tokens",
+        description="Answer --prompt about each --image (one batch) with a LLaVA-1.5 or "
+                    "Qwen2/2.5/3-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) whose language model "
+                    "receives k_anchors + top_m image tokens per image, or with --ratio R "
+                    "ceil(R * n) of an image's n; prints each answer, the image tokens per "
+                    "image before and after, and the time to the first token. --compare runs "
+                    "the unpruned model too. Works offline on a saved folder.")
     add_generate_arguments(generate)
     generate.set_defaults(which="generate")
 
@@ -257,7 +261,10 @@ def _run(which, args, argv):
         check_run_flags(args)
         check_datasets(args)
         shipped = check_shipped(args, argv)
+        # Before the results file's name is made from --pretrained, and before any import.
+        check_models_before_loading(args, "--enable_pruning" if args.enable_pruning else None)
         check_eval_output(args)
+        args.num_workers = default_workers(args, argv)
         workers = webdataset_workers(args)
         from .evaluate import parse_eval_args, run_eval
         eval_args = parse_eval_args(argv)
@@ -266,11 +273,13 @@ def _run(which, args, argv):
             eval_args.pretrained = args.pretrained
         run_eval(eval_args)
     elif which == "sweep":
-        sweep_lists(args)  # bad values are answered before anything is imported
+        lists = sweep_lists(args)  # bad values are answered before anything is imported
         check_run_flags(args)
         check_datasets(args)
         check_shipped(args, argv)
+        check_sweep_before_loading(args, lists)
         check_sweep_output(args)
+        args.num_workers = default_workers(args, argv)
         args.num_workers = webdataset_workers(args)
         from .sweep import run_sweep
         run_sweep(args)
@@ -286,6 +295,7 @@ def _run(which, args, argv):
         use_shipped_model(args)
         prune_config(args)
         check_image_output("--out", args.out)
+        check_visualize_model(args)  # from the flags and the model's config: nothing loaded
         from .visualize import run_visualize
         run_visualize(args)
     else:

@@ -129,8 +129,8 @@ AMP_HELP = ("turn off mixed precision (autocast), which CLIP_benchmark uses by d
             "CPU has native bfloat16 (AVX512-BF16 or AMX)")
 HELP_OVERRIDES = {
     "--no_amp": AMP_HELP,  # theirs ("whether to use mixed precision") reads inverted
-    "--num_workers": "DataLoader worker processes (default 4; a local WebDataset gets no more "
-                     "than it has shards)",
+    "--num_workers": "DataLoader worker processes (default 4, or fewer: no more than the "
+                     "CPUs here; a local WebDataset gets no more than it has shards)",
     "--batch_size": "images per batch (default 64)",
     # The shipped ViTs and their canvases (tokenprune/cli/shipped.py) are named here too.
     "--model": (EVAL_HELP["--model"] + ", or a ViT shipped with tokenprune: "

@@ -8,6 +8,7 @@ that need them, so that `--help` and bad flags are answered at once.
 import argparse
 import difflib
 import functools
+import json
 import logging
 import os
 import re
@@ -18,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import product
 from typing import NamedTuple
-from unittest import mock
 
 from ..config import BACKENDS, CONTROLS, MMR_LAMBDA, SCORE_NORMS, SELECTIONS, PruneConfig
 
@@ -61,6 +61,7 @@ SHIPPED_PREFIX = "tokenprune:"
 SHIPPED_MODELS = {"tokenprune:proxy-vit": "small", "tokenprune:proxy-vit-large": "large"}
 SHIPPED_DATASETS = {"tokenprune:digits": "small", "tokenprune:digits-large": "large"}
 SHIPPED_PRETRAINED = "shipped"  # the --pretrained a shipped model runs with: its own weights
+DEMO_MODEL = "tokenprune:proxy-vit"  # what `tokenprune visualize` runs without --model
 
 
 class CLIError(Exception):
@@ -220,12 +221,26 @@ def add_verbose_argument(parser):
 
 
 def use_shipped_model(args):
-    """`tokenprune visualize`: True when it runs the small ViT shipped with the package (no
-    --model, --image or --pretrained). Fills in --model and the unset k, m and selection for
-    the model that runs, and `compare_selections`: whether the picture shows the three
-    selections side by side (the shipped model with no --selection and no --schedule); calling
+    """`tokenprune visualize`: True when it runs a ViT shipped with the package: the small one
+    with no --model, --image or --pretrained, or the one --model names (SHIPPED_MODELS), which
+    takes neither --image nor --pretrained. Fills in --model and the unset k, m and selection
+    for the model that runs, and `compare_selections`: whether the picture shows the three
+    selections side by side (a shipped model with no --selection and no --schedule); calling
     it again changes nothing."""
-    shipped = args.model is None and args.image is None and args.pretrained is None
+    if args.model is not None and args.model.startswith(SHIPPED_PREFIX):
+        if args.model not in SHIPPED_MODELS:
+            close = difflib.get_close_matches(args.model, SHIPPED_MODELS, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise CLIError(f"unknown model {args.model!r}: the shipped models are "
+                           f"{' and '.join(SHIPPED_MODELS)}.{hint}")
+        if args.image is not None:
+            raise CLIError(f"--image {args.image}: {args.model} reads its own held-out digit "
+                           "canvases only; leave --image out, or give an OpenCLIP --model")
+        if args.pretrained is not None:
+            raise CLIError(f"--pretrained {args.pretrained}: {args.model} brings its own trained "
+                           "weights (in tokenprune/assets/); leave --pretrained out")
+    shipped = args.model in SHIPPED_MODELS or (
+        args.model is None and args.image is None and args.pretrained is None)
     schedule = bool(getattr(args, "schedule", None))  # its stages give k and m: one selection
     if not hasattr(args, "compare_selections"):
         args.compare_selections = shipped and args.selection is None and not schedule
@@ -237,6 +252,19 @@ def use_shipped_model(args):
     if args.model is None and not shipped:
         args.model = "ViT-B-16"
     return shipped
+
+
+def check_visualize_model(args):
+    """visualize's --model, --pretrained, --layer and --schedule, from the flags and the model's
+    config, before anything is imported (after use_shipped_model)."""
+    if args.model is None or args.model in SHIPPED_MODELS:
+        depth = check_model_config(args.model or DEMO_MODEL)
+    else:
+        check_pretrained_files([args.pretrained] if args.pretrained else [])
+        depth = check_model_config(args.model, pruning_flag="")
+        if args.pretrained and os.path.isdir(args.pretrained):  # a tag, or meant as a file?
+            check_model(args.model, args.pretrained)
+    check_blocks(args, depth)
 
 
 def prune_config(args):
@@ -497,16 +525,43 @@ def check_datasets(args):
                        "offline) or a local WebDataset: --dataset wds/NAME --dataset_root DIR")
 
 
+def flag_given(argv, flag):
+    """Whether a command line sets `flag` itself (spelt in full: argparse takes no shorter
+    spelling where another flag shares it, as --pretrained_model does --pretrained's)."""
+    return any(arg.partition("=")[0] == flag for arg in argv)
+
+
 def pretrained_given(argv):
     """Whether a command line sets --pretrained itself (its default is CLIP_benchmark's
-    laion400m_e32); argparse takes no shorter spelling, which --pretrained_model would share."""
-    return any(arg.partition("=")[0] == "--pretrained" for arg in argv)
+    laion400m_e32)."""
+    return flag_given(argv, "--pretrained")
+
+
+def usable_cpus():
+    """The CPUs this process may run on, as torch's DataLoader counts them when it warns about
+    too many workers (the affinity mask where there is one, else os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(args, argv):
+    """eval's and sweep's --num_workers: as given, else CLIP_benchmark's default (4) but no more
+    than the CPUs here; more would make torch's DataLoader warn (twice a run) and gain nothing."""
+    if flag_given(argv, "--num_workers"):
+        return args.num_workers
+    return min(args.num_workers, usable_cpus())
+
+
+def _shipped_name(names, regime):
+    """The shipped model or dataset (in `names`) of a regime."""
+    return next(name for name, its_regime in names.items() if its_regime == regime)
 
 
 def check_shipped(args, argv):
     """eval's and sweep's use of the shipped models and datasets (tokenprune:...), before
-    anything loads: a shipped model runs on the shipped canvases only, with its own weights,
-    and they on it only. For shipped models, sets --pretrained to SHIPPED_PRETRAINED and
+    anything loads: a shipped model runs on the canvases of its own regime only, with its own
+    weights, and they on it only. For shipped models, sets --pretrained to SHIPPED_PRETRAINED and
     returns True."""
     models, datasets = _as_list(args.model), _as_list(args.dataset)
     shipped = [model for model in models if model.startswith(SHIPPED_PREFIX)]
@@ -532,6 +587,16 @@ def check_shipped(args, argv):
     if others:
         raise CLIError(f"--dataset {others[0]}: the shipped models read only their digit "
                        f"canvases; use --dataset {' or '.join(SHIPPED_DATASETS)}")
+    # Each shipped model reads the canvases of its own regime: the other regime's digits are a
+    # task it was never trained on (4% acc1 for the small model on the large digits).
+    for model, dataset in product(shipped, datasets):
+        if SHIPPED_MODELS[model] != SHIPPED_DATASETS[dataset]:
+            own = _shipped_name(SHIPPED_DATASETS, SHIPPED_MODELS[model])
+            reader = _shipped_name(SHIPPED_MODELS, SHIPPED_DATASETS[dataset])
+            raise CLIError(f"--dataset {dataset}: {model} was trained on the "
+                           f"{SHIPPED_MODELS[model]}-digit canvases, {own}; {dataset} holds the "
+                           f"{SHIPPED_DATASETS[dataset]}-digit ones, which {reader} reads. Use "
+                           f"--dataset {own}, or --model {reader}")
     if args.task not in ("auto", "zeroshot_classification"):
         raise CLIError(f"--task {args.task}: the shipped models and canvases run zero-shot "
                        "classification only (--task auto or zeroshot_classification)")
@@ -541,6 +606,246 @@ def check_shipped(args, argv):
     args.pretrained = [SHIPPED_PRETRAINED] if isinstance(args.pretrained, list) \
         else SHIPPED_PRETRAINED
     return True
+
+
+# ----- a model's image tower, read from its config alone (no weights, no torch) --------------
+
+# The JSON card beside each shipped checkpoint, by regime (tokenprune.proxy.REGIMES names the
+# same files, but importing tokenprune.proxy imports torch); its "arch" is the tower's shape.
+SHIPPED_CARDS = {"small": "proxy_vit.json", "large": "proxy_vit_large.json"}
+# What --pretrained takes besides a tag: a checkpoint file. A tag never has a path separator or
+# one of these endings, so a value with either names a file.
+CHECKPOINT_EXTENSIONS = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def shipped_card(model_name):
+    """The card of a shipped model (SHIPPED_MODELS), read without importing torch."""
+    from importlib import resources
+    card = resources.files("tokenprune").joinpath("assets",
+                                                   SHIPPED_CARDS[SHIPPED_MODELS[model_name]])
+    return json.loads(card.read_text(encoding="utf-8"))
+
+
+def _openclip_config_folder():
+    """open_clip's model_configs folder, found without importing open_clip (10 s or more)."""
+    from importlib.util import find_spec
+    try:
+        return os.path.join(os.path.dirname(find_spec("open_clip").origin), "model_configs")
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def known_openclip_models():
+    """The OpenCLIP architecture names: open_clip.list_models() once open_clip is imported (it
+    also knows the configs added at run time with add_model_config), else its config files."""
+    if "open_clip" in sys.modules:
+        import open_clip
+        return list(open_clip.list_models())
+    folder = _openclip_config_folder()
+    try:
+        return sorted(name[:-len(".json")] for name in os.listdir(folder)
+                      if name.endswith(".json"))
+    except (OSError, TypeError):
+        return []
+
+
+def openclip_config(model_name):
+    """The config of an OpenCLIP --model without a schema, as open_clip.get_model_config gives
+    it, read from its file when open_clip is not imported yet; None for a name OpenCLIP does
+    not know."""
+    name = model_name.replace("/", "-")
+    if "open_clip" in sys.modules:
+        import open_clip
+        return open_clip.get_model_config(name)
+    folder = _openclip_config_folder()
+    if folder is None or name not in known_openclip_models():
+        return None
+    try:
+        with open(os.path.join(folder, f"{name}.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def unknown_model_message(model_name):
+    close = difflib.get_close_matches(model_name.replace("/", "-"), known_openclip_models(), n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (f"unknown model {model_name!r}: not an OpenCLIP architecture.{hint} List them with "
+            "`python -c \"import open_clip; print(open_clip.list_models())\"`, or use "
+            "--model local-dir:/path/to/folder")
+
+
+def check_model_config(model_name, pruning_flag=None):
+    """What --model's config says, before anything is imported or loaded: an unknown name, a
+    local-dir: folder without its config and (when `pruning_flag` names the flag that asked for
+    pruning, or is "" when pruning is implied) a ResNet tower are CLIErrors. Returns the image
+    tower's number of blocks where the config gives it (a shipped model, an OpenCLIP ViT), else
+    None (hf-hub:, a timm tower: known once built). check_model checks the rest once open_clip
+    is imported (pretrained tags, timm towers)."""
+    if model_name in SHIPPED_MODELS:
+        return shipped_card(model_name)["arch"]["layers"]
+    if model_name.startswith("hf-hub:"):
+        return None
+    if model_name.startswith("local-dir:"):
+        folder = model_name[len("local-dir:"):]
+        try:
+            with open(os.path.join(folder, "open_clip_config.json"), encoding="utf-8") as f:
+                config = json.load(f).get("model_cfg") or {}
+        except OSError:
+            raise CLIError(f"--model {model_name}: no open_clip_config.json in {folder!r}") \
+                from None
+        except (ValueError, AttributeError):
+            return None  # OpenCLIP says what is wrong with it
+    else:
+        config = openclip_config(model_name)
+        if config is None:
+            raise CLIError(unknown_model_message(model_name))
+    vision = config.get("vision_cfg") or {}
+    layers = vision.get("layers")
+    if pruning_flag is not None and isinstance(layers, (list, tuple)):
+        raise CLIError(f"{pruning_flag or '--model ' + model_name}: {model_name} has a ResNet "
+                       "image tower, which cannot be pruned; tokenprune prunes the Vision "
+                       "Transformer towers of docs/towers.md")
+    if vision.get("timm_model_name") or isinstance(layers, bool) or not isinstance(layers, int):
+        return None
+    return layers
+
+
+def blocks_problem(schedule, layer, depth):
+    """Why --schedule (its stages as given: a one-stage schedule too, which PruneConfig makes a
+    single cut) or --layer does not fit a `depth`-block tower, worded as PruneConfig's
+    block_indices words it; None when it fits."""
+    if schedule:
+        for number, stage in enumerate(schedule, 1):
+            if not -depth <= stage[0] < depth:
+                return (f"schedule stage {number} layer must be in [{-depth}, {depth - 1}] for "
+                        f"this {depth}-block tower, got {stage[0]}")
+        try:
+            PruneConfig(schedule=schedule).block_indices(depth)
+        except ValueError as err:  # stages whose signs differ, out of order in this tower
+            return str(err)
+        return None
+    if not -depth <= layer < depth:
+        return f"layer must be in [{-depth}, {depth - 1}] for this {depth}-block tower, got {layer}"
+    return None
+
+
+def check_blocks(args, depth):
+    """eval's and visualize's --layer or --schedule against a `depth`-block tower (None: not
+    known yet, nothing checked); a CLIError names the flag, the stage and the range."""
+    problem = None if depth is None else blocks_problem(getattr(args, "schedule", None),
+                                                         args.layer, depth)
+    if problem:
+        raise CLIError(f"--{problem}")
+
+
+def schedule_text(stages):
+    """A schedule as --schedule writes it: 3:10:90,6:10:50."""
+    return ",".join(":".join(map(str, stage)) for stage in stages)
+
+
+def check_sweep_blocks(lists, depth, model):
+    """sweep's --layer values and --schedule values exist in the `depth`-block tower, in order."""
+    for layer in lists["layer"]:
+        if not -depth <= layer < depth:
+            raise CLIError(f"--layer must be in [{-depth}, {depth - 1}] for {model}'s "
+                           f"{depth}-block image tower, got {layer}")
+    for schedule in lists["schedule"]:
+        problem = blocks_problem(schedule, None, depth)
+        if problem:
+            raise CLIError(f"--schedule {schedule_text(schedule)}: {problem}")
+
+
+def _looks_like_a_file(pretrained):
+    return (os.sep in pretrained or "/" in pretrained or pretrained.startswith("~")
+            or pretrained.lower().endswith(CHECKPOINT_EXTENSIONS))
+
+
+def check_pretrained_files(values):
+    """--pretrained values that name a file (a path separator, ~, or a checkpoint's ending): the
+    file is there and is a file; before anything is imported, and before the results file's
+    name is made from it. A plain name may be a tag: check_model judges it."""
+    for pretrained in values:
+        if not pretrained or not _looks_like_a_file(pretrained):
+            continue
+        path = os.path.expanduser(pretrained)
+        if os.path.isdir(path):
+            raise CLIError(folder_not_checkpoint_message(pretrained))
+        if not os.path.isfile(path):
+            raise CLIError(f"--pretrained {pretrained}: no such checkpoint file (give a file "
+                           "that exists, or a pretrained tag of the model, such as openai)")
+
+
+def folder_not_checkpoint_message(pretrained):
+    return (f"--pretrained {pretrained}: a folder, not a checkpoint file; give the weights file "
+            f"in it (e.g. --pretrained {os.path.join(pretrained, 'open_clip_pytorch_model.bin')}"
+            f"), or, for a folder that holds open_clip_config.json and the weights, --model "
+            f"local-dir:{pretrained}")
+
+
+def check_models_before_loading(args, pruning_flag=None):
+    """eval's --model and --pretrained lists, before anything is imported: checkpoint files
+    that are missing or folders, unknown OpenCLIP names, ResNet towers (when `pruning_flag`),
+    and --layer or --schedule outside a tower whose depth the config gives."""
+    if args.pretrained_model:
+        return  # the models come from that list instead
+    if args.model_type != "open_clip":
+        return
+    check_pretrained_files(_as_list(args.pretrained))
+    for model in _as_list(args.model):
+        depth = check_model_config(model, pruning_flag)
+        if pruning_flag is not None:
+            check_blocks(args, depth)
+    check_pretrained_folders(args)
+
+
+def check_pretrained_folders(args):
+    """A --pretrained that is a folder named like a word (no path separator): a pretrained tag
+    wins over a folder in OpenCLIP, and only OpenCLIP's tags tell which it is, so open_clip is
+    imported for it here, before CLIP_benchmark starts its run and prints its plan."""
+    if any(os.path.isdir(pretrained) for pretrained in _as_list(args.pretrained)):
+        for model, pretrained in product(_as_list(args.model), _as_list(args.pretrained)):
+            if model not in SHIPPED_MODELS:
+                check_model(model, pretrained)
+
+
+
+def one_value(args, name):
+    """The one value sweep takes for `name` (model, pretrained, dataset, language)."""
+    values = _as_list(getattr(args, name))
+    if len(values) != 1:
+        raise CLIError(f"--{name} {' '.join(map(str, values))}: tokenprune sweep takes exactly "
+                       f"one {name} per run")
+    return values[0]
+
+
+def check_sweep_before_loading(args, lists):
+    """sweep's flags that need nothing imported (docs/commands.md promises them before any model
+    loads): one model, weights file, dataset and language; no collection of datasets; a known
+    model whose tower can be pruned, with every --layer and --schedule inside it where its
+    config gives its depth."""
+    for flag in ("distributed", "skip_load"):
+        if getattr(args, flag):
+            raise CLIError(f"--{flag}: not supported by tokenprune sweep")
+    if args.pretrained_model:
+        raise CLIError("--pretrained_model: tokenprune sweep takes one --model and one "
+                       "--pretrained")
+    model = one_value(args, "model")
+    one_value(args, "pretrained")
+    dataset = one_value(args, "dataset")
+    one_value(args, "language")
+    known = clip_benchmark_datasets()
+    if os.path.isfile(dataset) or (known is not None and dataset in known.collections):
+        raise CLIError(f"--dataset {dataset}: a collection of datasets; tokenprune sweep takes "
+                       "one dataset per run")
+    if model not in SHIPPED_MODELS and args.model_type != "open_clip":
+        raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP "
+                       "models only")
+    check_pretrained_files(_as_list(args.pretrained))
+    depth = check_model_config(model, pruning_flag="")
+    if depth is not None:
+        check_sweep_blocks(lists, depth, model)
+    check_pretrained_folders(args)
 
 
 def check_image_output(flag, path):
@@ -682,17 +987,16 @@ def check_model(model_name, pretrained, pruning_flag=None):
     name = model_name.replace("/", "-")
     config = open_clip.get_model_config(name)
     if config is None:
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise CLIError(f"unknown model {model_name!r}: not an OpenCLIP architecture.{hint} "
-                       "List them with `python -c \"import open_clip; "
-                       "print(open_clip.list_models())\"`, or use "
-                       "--model local-dir:/path/to/folder")
+        raise CLIError(unknown_model_message(model_name))
     if pretrained and not os.path.isfile(pretrained):
         from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
         if not get_pretrained_cfg(name, pretrained):
+            if os.path.isdir(pretrained):  # not a tag of this model, so meant as a file
+                raise CLIError(folder_not_checkpoint_message(pretrained))
             if os.sep in pretrained or os.path.splitext(pretrained)[1]:
-                raise CLIError(f"--pretrained {pretrained}: no such checkpoint file")
+                raise CLIError(f"--pretrained {pretrained}: no such checkpoint file (give a "
+                               "file that exists, or a pretrained tag of the model, such as "
+                               "openai)")
             tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
             raise CLIError(f"unknown pretrained tag {pretrained!r} for {model_name} (known tags: "
                            f"{tags}); a local checkpoint file also works: --pretrained PATH")
@@ -822,6 +1126,7 @@ def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer
              "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch),
              "HFTokenizer": _step("tokenizer", make_tokenizer,
                                   lambda source, *args, **kwargs: (source, tokenizer_dir))}
+    from unittest import mock  # here, not at the top: it imports asyncio (70 ms of --help)
     logging.getLogger().addFilter(log_filter)
     try:
         with mock.patch.multiple(factory, **steps):

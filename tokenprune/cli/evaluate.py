@@ -42,8 +42,9 @@ from .build import json_safe
 from .clip_benchmark_flags import AMP_HELP
 from .common import (DEFAULT_DATASET_ROOT, PROG, PRUNING_DEFAULTS, SHIPPED_DATASETS,
                      SHIPPED_MODELS, CLIError, OneLineParser, add_pruning_arguments,
-                     add_tokenizer_argument, add_verbose_argument, check_model, check_tokenizer,
-                     cpu_has_native_bfloat16, loading_errors, note, prune_config, quiet_warnings)
+                     add_tokenizer_argument, add_verbose_argument, check_blocks, check_model,
+                     check_tokenizer, cpu_has_native_bfloat16, loading_errors, note,
+                     prune_config, quiet_warnings)
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
@@ -198,12 +199,14 @@ class _Session:
             run["tokens_before"] = run["tokens_after"] = patches + tower.num_prefix
         if self.enabled:
             cfg = self.config
+            if tower is not None:  # a tower whose config gave no depth: checked now, by stage
+                check_blocks(self.args, len(tower.blocks))
             try:
                 replace_last_block(model, config=cfg)
                 backend_used = resolve_backend(cfg.backend, torch.empty(0, device=device))
             except UnsupportedModelError as err:
                 raise CLIError(f"--enable_pruning: {err}") from err
-            except ValueError as err:  # the one model-dependent value: --layer out of range
+            except ValueError as err:  # a value that only the built tower refuses
                 raise CLIError(f"--{err}") from err
             except RuntimeError as err:  # --backend triton where it cannot run
                 raise CLIError(f"--backend {cfg.backend}: {err}") from err

@@ -16,6 +16,7 @@ can import `check_generate_args` and answer bad values at once.
 """
 import json
 import os
+import re
 import time
 import warnings
 
@@ -50,8 +51,9 @@ def pruning_settings(args):
 
 def check_generate_args(args):
     """Everything that can be checked without torch: the pruning values (as PruneConfig checks
-    them), --max_new_tokens, the image files and a local --model folder. A CLIError names the
-    flag."""
+    them), --max_new_tokens, the image files, and --model: a local folder, or a hub id (offline,
+    one in the Hugging Face cache), whose config.json says what --layer and --max_new_tokens
+    may be. A CLIError names the flag."""
     try:
         image_token_config(**pruning_arguments(args))
     except ValueError as err:
@@ -66,35 +68,141 @@ def check_generate_args(args):
             raise CLIError(f"--image {image}: no such file")
     if not args.prompt.strip():
         raise CLIError("--prompt is empty: give the question to ask about the images")
-    local_model_type(args.model)
+    config = model_config_before_loading(args.model)
+    if config is not None:
+        check_config(args, config)
+
+
+# A hub repository id: a name, or owner/name, of letters, digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
 def _looks_like_path(name):
-    """Not a hub id ("name" or "owner/name")."""
+    """Not a hub id ("name" or "owner/name"): a path's spelling (/, ./, ../, ~, a separator
+    at the end or twice), a first part that is a folder here (tools/tiny_qwn), or characters a
+    hub id cannot have."""
+    owner = name.split("/", 1)[0] if "/" in name else None
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
+            or name.endswith(("/", os.sep)) or (os.sep != "/" and os.sep in name)
+            or (owner is not None and os.path.isdir(owner)) or not HUB_ID.match(name))
 
 
-def local_model_type(model):
-    """The model_type of a saved --model folder (None for a hub id); a folder that is not a
-    saved LLaVA is a CLIError."""
+def model_config_before_loading(model):
+    """config.json of --model as a dict, read before anything is imported: from a saved folder,
+    or, for a hub id, from the Hugging Face cache when the hub is switched off (HF_HUB_OFFLINE);
+    None when the hub must be asked (then the first line says so). A folder that is not a saved
+    LLaVA or Qwen-VL, a path that does not exist and a hub id missing offline are CLIErrors."""
     if not os.path.isdir(model):
         if _looks_like_path(model):
             raise CLIError(f"--model {model}: no such folder (give a folder saved with "
                            "save_pretrained, or a hub id such as llava-hf/llava-1.5-7b-hf)")
-        return None
-    path = os.path.join(model, "config.json")
+        import huggingface_hub.constants
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:
+            note(f"--model {model} is not a folder here: asking the Hugging Face hub for it "
+                 "(HF_HUB_OFFLINE=1 uses the local cache only, without waiting for the network)")
+            return None
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(model, "config.json")
+        if not isinstance(path, str):
+            raise CLIError(f"--model {model}: not a folder here, and not in the Hugging Face "
+                           "cache, which is all that is read with HF_HUB_OFFLINE=1; give a "
+                           "folder saved with save_pretrained, or unset HF_HUB_OFFLINE where the "
+                           "hub can be reached")
+    else:
+        path = os.path.join(model, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
+            config = json.load(f)
     except OSError:
         raise CLIError(f"--model {model}: no config.json in this folder; expected a model saved "
                        "with save_pretrained (config.json, the weights and the processor's "
                        "files)") from None
-    except (ValueError, AttributeError) as err:
+    except ValueError as err:
         raise CLIError(f"--model {model}: {path} is not a JSON object ({err})") from err
-    check_model_type(model, model_type)
-    return model_type
+    if not isinstance(config, dict):
+        raise CLIError(f"--model {model}: {path} is not a JSON object")
+    check_model_type(model, config.get("model_type"))
+    return config
+
+
+def max_positions(config):
+    """The language model's max_position_embeddings in a config dict (None if it has none)."""
+    text = config.get("text_config") or {}
+    limit = text.get("max_position_embeddings") or config.get("max_position_embeddings")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def check_config(args, config):
+    """What a model's config (a dict) allows, before its weights load: --layer (LLaVA has none;
+    a Qwen-VL tower has vision_config.depth blocks, Qwen2.5-VL's --layer a full-attention one)
+    and --max_new_tokens (the prompt and the answer share max_position_embeddings)."""
+    if args.layer is not None:
+        problem = layer_problem(args.model, config, args.layer)
+        if problem:
+            raise CLIError(problem)
+    limit = max_positions(config)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise CLIError(f"--max_new_tokens {args.max_new_tokens}: {args.model}'s language model "
+                       f"has {limit} positions (max_position_embeddings), which the prompt and "
+                       f"the answer share; give fewer than {limit} minus the prompt's tokens")
+
+
+def layer_problem(model, config, layer, name="--layer"):
+    """Why `layer` does not fit the model whose config (a dict) is given, naming it as `name`
+    (generate's flag, or lmms-eval's argument): LLaVA takes no layer; a Qwen-VL tower has
+    vision_config.depth blocks, and Qwen2.5-VL selects at a full-attention one only. None when
+    it fits, or when the config does not say."""
+    model_type = config.get("model_type")
+    if model_type == "llava":
+        return (f"{name} {layer}: {name} is for the Qwen-VL models; a LLaVA model is pruned at "
+                "the vision block whose output it uses (its config's vision_feature_layer): "
+                f"leave {name} out")
+    vision = config.get("vision_config") or {}
+    depth = vision.get("depth")
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        return None
+    if not -depth <= layer < depth:
+        return (f"{name} must be a vision block index in [{-depth}, {depth - 1}] for {model}'s "
+                f"{depth}-block vision tower, got {layer}")
+    index = layer % depth
+    full = vision.get("fullatt_block_indexes") if model_type == "qwen2_5_vl" else None
+    if full and index not in full:
+        return (f"{name} {layer} is window-attention block {index} of Qwen2.5-VL's vision "
+                f"tower: {name} must be one of its full-attention blocks {list(full)} (or "
+                f"{[i - depth for i in full]}), where the selection sees the whole image")
+    return None
+
+
+def check_prompt_fits(args, config, processor, texts, images, per_answer):
+    """The longest prompt (as the pruned model reads it, and unpruned with --compare) plus
+    --max_new_tokens fits the language model's max_position_embeddings: checked with the
+    processor, before the weights load."""
+    from ..qwen_vl import kept_count
+    limit = max_positions(config)
+    if limit is None:
+        return
+    counted = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    lengths = counted["attention_mask"].sum(1).tolist()
+    per_image = image_token_counts(config, processor, images)
+    kept = image_token_config(**pruning_arguments(args)).kept_patches
+    longest = 0
+    for answer, length in enumerate(lengths):
+        its_images = per_image[answer * per_answer:(answer + 1) * per_answer]
+        pruned = length - sum(n - kept_count(n, kept, args.ratio) for n in its_images)
+        longest = max(longest, length if args.compare else pruned)
+    if longest + args.max_new_tokens > limit:
+        which = "the unpruned prompt (--compare)" if args.compare else "the pruned prompt"
+        raise CLIError(f"--max_new_tokens {args.max_new_tokens}: {which} takes {longest} of "
+                       f"{args.model}'s {limit} positions (max_position_embeddings), so at most "
+                       f"{max(limit - longest, 0)} new tokens fit")
+
+
+def image_token_counts(config, processor, images):
+    """Image tokens of each image as the processor writes them, before pruning."""
+    if config.get("model_type") == "llava":
+        return [config["image_seq_length"]] * len(images)
+    sizes = [(image.height, image.width) for image in images]
+    return list(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
 
 
 def check_model_type(model, model_type):
@@ -127,8 +235,10 @@ def _loading(model, what, load):
                        ) from err
 
 
-def load(model_name, device, dtype):
-    """(model, processor) of --model, on `device` in `dtype`, in eval mode."""
+def load(model_name, device, dtype, before_weights=None):
+    """(model, processor) of --model, on `device` in `dtype`, in eval mode.
+    `before_weights(config, processor)` runs once both are loaded, before the weights: the
+    checks that need them (config a dict)."""
     import transformers
     from transformers import AutoConfig, AutoProcessor
     from transformers.utils import logging as transformers_logging
@@ -141,6 +251,8 @@ def load(model_name, device, dtype):
         raise CLIError(f"--model {model_name}: its processor is a {type(processor).__name__}, "
                        "not an image-and-text processor; save the model's processor with "
                        "save_pretrained into the same folder")
+    if before_weights is not None:
+        before_weights(config.to_dict(), processor)
     model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
     model = _loading(model_name, "weights", lambda: model_class.from_pretrained(
         model_name, dtype=dtype))
@@ -257,16 +369,22 @@ def report(label, tokens, answers, first, rest, new, names, per_answer, baseline
 
 
 def run_generate(args):
+    """`tokenprune generate`, once check_generate_args has passed (the command line calls it
+    first, before this imports torch)."""
     from .. import UnsupportedModelError, prune_image_tokens, pruned_block
 
-    check_generate_args(args)
     device = check_device(args.device)
     if args.dtype == "float16" and not str(device).startswith("cuda"):
         note("warning: float16 on the CPU is slow and some operations lack it; "
              "--dtype float32 is the CPU's default")
     dtype = resolve_dtype(args.dtype, device)
     images = read_images(args.image)
-    model, processor = load(args.model, device, dtype)
+
+    def check_before_weights(config, processor):
+        check_config(args, config)  # a hub model's config is read only now
+        texts, per_answer = prompts(processor, args.prompt, len(images))
+        check_prompt_fits(args, config, processor, texts, images, per_answer)
+    model, processor = load(args.model, device, dtype, check_before_weights)
     texts, per_answer = prompts(processor, args.prompt, len(images))
     names = [os.path.basename(path) for path in args.image]
     before = image_tokens(model, processor, images)

@@ -1,9 +1,12 @@
 """tokenprune lmms-sweep: the unpruned model and a list of pruning settings on the same
 lmms-eval tasks, one table and one plot (the engine: tokenprune/lmms/sweep.py)."""
 import importlib.util
+import json
 import os
 
+from ..lmms import MODELS
 from .common import CLIError, _check_writable
+from .generate import layer_problem
 
 
 def check_lmms_sweep_args(args):
@@ -25,11 +28,68 @@ def check_lmms_sweep_args(args):
         args.settings = [parse_setting(args.model, text) for text in args.setting]
     except ValueError as err:
         raise CLIError(str(err)) from None
+    check_setting_layers(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out}: a file, not a folder")
     _check_writable("--out", args.out, args.out, create=True)
     if importlib.util.find_spec("lmms_eval") is None:
         raise CLIError('lmms-eval is not installed: pip install "tokenprune[lmms]"')
+
+
+# lmms-eval's model for LLaVA-1.5: the one whose base has no `layer` (Qwen-VL's do).
+LLAVA_MODEL = "tokenprune_llava_hf"
+
+
+def check_setting_layers(args):
+    """Every setting's layer, before the first (unpruned) run: the LLaVA model takes none, and
+    a Qwen-VL model's config (a pretrained= folder, or the Hugging Face cache) says which blocks
+    it has. Without this, a bad layer failed after the unpruned run, its reason in a log."""
+    with_layer = [(text, setting) for text, setting in zip(args.setting, args.settings)
+                  if "layer" in setting]
+    if not with_layer:
+        return
+    if args.model == LLAVA_MODEL:
+        text, _ = with_layer[0]
+        raise CLIError(f"--setting {text!r}: layer is for the Qwen-VL models "
+                       f"({', '.join(m for m in MODELS if m != LLAVA_MODEL)}); {LLAVA_MODEL} "
+                       "prunes at the vision block whose output LLaVA uses: leave layer out")
+    config = _pretrained_config(args.model_args)
+    if config is None:
+        return  # known once lmms-eval loads the model: its run then fails, in its log
+    pretrained = _model_arguments(args.model_args).get("pretrained")
+    for text, setting in with_layer:
+        problem = layer_problem(pretrained, config, setting["layer"], name="layer")
+        if problem:
+            raise CLIError(f"--setting {text!r}: {problem}")
+
+
+def _model_arguments(model_args):
+    """lmms-eval's --model_args as a dict of strings."""
+    pairs = (item.partition("=") for item in model_args.split(","))
+    return {name.strip(): value.strip() for name, eq, value in pairs if eq}
+
+
+def _pretrained_config(model_args):
+    """config.json of --model_args' pretrained= as a dict: a saved folder's, or the Hugging Face
+    cache's for a hub id; None when neither holds it."""
+    pretrained = _model_arguments(model_args).get("pretrained")
+    if not pretrained:
+        return None
+    path = os.path.join(pretrained, "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            path = try_to_load_from_cache(pretrained, "config.json")
+        except Exception:  # noqa: BLE001 - not a hub id either: lmms-eval will say what it is
+            return None
+        if not isinstance(path, str):
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def run_lmms_sweep(args):

@@ -22,54 +22,24 @@ from unittest import mock
 import torch
 
 from ..patch import visual_tower
-from ..proxy import proxy_card
 from ..config import CONTROLS, PruneConfig
 from ..sweep import (GridEncoder, block_widths, grid_points, mean_tokens, relative_cost,
                      tower_blocks, tower_patches)
 from ..towers import find_tower
 from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
-from .common import (SHIPPED_MODELS, CLIError, check_model, check_tokenizer, quiet_warnings,
-                     sweep_lists)
-
-def _one(args, name):
-    values = args.__dict__[name]
-    values = values if isinstance(values, list) else [values]
-    if len(values) != 1:
-        raise CLIError(f"--{name} {' '.join(map(str, values))}: tokenprune sweep takes exactly one "
-                    f"{name} per run")
-    return values[0]
-
-
-def _tower_depth(model_name):
-    """Blocks in the image tower, from the model's config without loading it (None if unknown)."""
-    import open_clip
-    from open_clip.factory import parse_model_name
-    schema, identifier = parse_model_name(model_name)
-    if schema == "local-dir":
-        with open(os.path.join(identifier, "open_clip_config.json"), encoding="utf-8") as f:
-            config = json.load(f).get("model_cfg", {})
-    elif schema is None:
-        config = open_clip.get_model_config(model_name.replace("/", "-")) or {}
-    else:
-        return None
-    layers = config.get("vision_cfg", {}).get("layers")
-    return layers if isinstance(layers, int) else None
+from .common import (SHIPPED_MODELS, CLIError, check_model, check_sweep_before_loading,
+                     check_sweep_blocks, check_tokenizer, one_value, quiet_warnings,
+                     schedule_text, sweep_lists)
 
 
 def check_sweep_args(args):
     """Everything that can be checked before a model loads; returns the checked lists."""
-    from clip_benchmark.datasets.builder import dataset_collection, get_dataset_default_task
+    from clip_benchmark.datasets.builder import get_dataset_default_task
 
-    for flag in ("distributed", "skip_load"):
-        if getattr(args, flag):
-            raise CLIError(f"--{flag}: not supported by tokenprune sweep")
-    if args.pretrained_model:
-        raise CLIError("--pretrained_model: tokenprune sweep takes one --model and one --pretrained")
-    model, pretrained = _one(args, "model"), _one(args, "pretrained")
-    dataset, _ = _one(args, "dataset"), _one(args, "language")
-    if dataset in dataset_collection or os.path.isfile(dataset):
-        raise CLIError(f"--dataset {dataset}: a collection of datasets; tokenprune sweep takes one "
-                    "dataset per run")
+    lists = sweep_lists(args)
+    check_sweep_before_loading(args, lists)  # also checked before this module was imported
+    model, pretrained, dataset = (one_value(args, name)
+                                  for name in ("model", "pretrained", "dataset"))
     task = args.task
     if task == "auto":
         task = get_dataset_default_task(dataset.replace("wds/", "", 1)
@@ -78,34 +48,10 @@ def check_sweep_args(args):
         raise CLIError(f"--task {task} (of --dataset {dataset}): tokenprune sweep evaluates "
                     "zero-shot classification only; use tokenprune eval --enable_pruning for "
                     "other tasks")
-
-    lists = sweep_lists(args)
-
-    if model in SHIPPED_MODELS:  # checked with its dataset by common.check_shipped
-        depth = proxy_card(SHIPPED_MODELS[model])["arch"]["layers"]
-    else:
-        if args.model_type != "open_clip":
-            raise CLIError(f"--model_type {args.model_type}: tokenprune sweep prunes OpenCLIP "
-                           "models only")
+    if model not in SHIPPED_MODELS:  # a shipped model was checked with its dataset before
         check_model(model, pretrained, pruning_flag="")
         check_tokenizer(model, args.tokenizer)
-        depth = _tower_depth(model)
-    if depth is not None:
-        _check_layers(lists, depth, model)
     return lists
-
-
-def _check_layers(lists, depth, model):
-    """--layer's and --schedule's blocks exist in the `depth`-block tower, in order."""
-    for layer in lists["layer"]:
-        if not -depth <= layer < depth:
-            raise CLIError(f"--layer must be in [{-depth}, {depth - 1}] for {model}'s "
-                        f"{depth}-block image tower, got {layer}")
-    for schedule in lists["schedule"]:
-        try:
-            PruneConfig(schedule=schedule).block_indices(depth)
-        except ValueError as err:
-            raise CLIError(f"--schedule {_stages_text(schedule)}: {err}") from None
 
 
 class _Sweep:
@@ -218,7 +164,7 @@ def _sweep_classification(state, original_evaluate, zsc):
         args, lists = state.args, state.lists
         visual = visual_tower(model)
         depth, patches = len(tower_blocks(visual)), tower_patches(visual)
-        _check_layers(lists, depth, args.model)  # towers whose config we could not read
+        check_sweep_blocks(lists, depth, args.model)  # towers whose config gave no depth
         points = grid_points(lists["k_anchors"], lists["top_m"], lists["alpha"],
                              lists["score_norm"], lists["layer"], lists["controls"], depth,
                              patches, args.backend, args.seed, selections=lists["selection"],
@@ -323,7 +269,7 @@ def _weights(meta):
 
 
 def _label(row):
-    schedule = f"schedule {_stages_text(row['schedule'])}, " if row.get("schedule") else ""
+    schedule = f"schedule {schedule_text(row['schedule'])}, " if row.get("schedule") else ""
     if row["kind"] == "mmr":
         return f"{schedule}mmr, k={row['k_anchors']}, m={row['top_m']}, lambda={row['mmr_lambda']}"
     if row["kind"] != "score":  # cls, random: only k + m counts
@@ -338,10 +284,6 @@ def _placed_label(row):
         return _label(row)
     return f"block {_block_name(row['block'], row['num_blocks'])}, {_label(row)}"
 
-
-def _stages_text(stages):
-    """A schedule as --schedule writes it: 3:10:90,6:10:50."""
-    return ",".join(":".join(map(str, stage)) for stage in stages)
 
 
 def _budget_key(row):
@@ -556,6 +498,7 @@ def plot_figure(meta, result):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     rows, primary, depth = result["rows"], result["primary"], result["num_blocks"]
     n = result.get("images")
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
@@ -579,7 +522,13 @@ def plot_figure(meta, result):
         return sizes[0] - (sizes[0] - sizes[1]) * i / max(1, len(series) - 1)
 
     budgets = [r["kept_tokens"] for r in rows[1:] if r["pruned"]] or [0]
-    dodge = 0.006 * max(1, max(budgets) - min(budgets))
+    # One budget (the smallest sweep): matplotlib would span the single x by +-0.66 %, which
+    # reads as 16.985 to 17.015; give it a tenth of the tokens either side instead.
+    fewest, most = min(budgets), max(budgets)
+    single = fewest == most
+    pad = max(1.0, 0.1 * result["tokens"]) if single else 0.0
+    # Bars a little to the side of each other: a fraction of the width the axes will show.
+    dodge = 0.006 * ((most - fewest) or 2 * pad)
     in_block = {}
     for i_series, ((block, kind, alpha, norm), members) in enumerate(series.items()):
         colour = colours[blocks.index(block) % len(colours)]
@@ -615,16 +564,34 @@ def plot_figure(meta, result):
         if n:
             ax.axhspan(*wilson_interval(rows[0][primary], n), color="black", alpha=0.07,
                        linewidth=0)
+    if single:
+        ax.set_xlim(fewest - pad, most + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # token counts: whole numbers
+    ax.ticklabel_format(axis="x", useOffset=False)
     ax.set_xlabel(f"tokens kept after the pruned block (of {result['tokens']})")
     ax.set_ylabel(f"{primary} on {meta['dataset']}")
     bars = ("; bars and band: 95 % Wilson intervals" if n else "")
-    ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) on "
-                 f"{meta['dataset']}, {result['images']} images{bars}", fontsize=10)
+    title = ax.set_title(f"{primary} against kept tokens: {meta['model']} ({_weights(meta)}) "
+                         f"on {meta['dataset']}, {result['images']} images{bars}", fontsize=10)
     ax.grid(alpha=0.3)
     # Beside the axes, so that it never covers a point.
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    _fit_title(fig, title)
     return fig
+
+
+def _fit_title(fig, title):
+    """Wrap the title (centred over the axes) onto as many lines as keep it inside the figure:
+    a long one ran off its left edge."""
+    import textwrap
+    text = title.get_text()
+    for lines in range(1, 6):  # lines of about equal length, as few as fit
+        title.set_text(textwrap.fill(text, math.ceil(len(text) / lines) + 4))
+        fig.tight_layout()
+        box = title.get_window_extent(fig.canvas.get_renderer())
+        if box.x1 <= fig.bbox.x1 and box.x0 >= fig.bbox.x0:
+            return
 
 
 def plot(meta, result, path):
@@ -686,7 +653,7 @@ def run_sweep(args):
     lists = check_sweep_args(args)
     base = copy(args)
     for name in ("model", "pretrained", "dataset", "language"):
-        setattr(base, name, _one(args, name))
+        setattr(base, name, one_value(args, name))
     base.enable_pruning = False  # tokenprune eval's hooks: load and time, but do not prune
     base.verbose = False  # our own progress bar instead of CLIP_benchmark's prints
     base.train_split = base.val_split = base.val_proportion = None  # linear probes only

@@ -24,8 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from ..patch import UnsupportedModelError, pruned_blocks, remove_pruning, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
-from .common import (CLIError, check_device, check_model, loading_errors, note, pretrained_hint,
-                     prune_config, use_shipped_model)
+from .common import (DEMO_MODEL, SHIPPED_MODELS, CLIError, check_blocks, check_device,
+                     check_model, loading_errors, note, pretrained_hint, prune_config,
+                     use_shipped_model)
 
 RANDOM_WEIGHTS_SEED = 0
 PANEL = 448        # the panels are scaled up by an integer factor to about this size
@@ -91,9 +92,10 @@ def stage_kept_tokens(model, pixels):
     stages, reached = [], None  # reached: the patches that reach the stage (None: all)
     for block, (args, kwargs) in zip(blocks, calls):
         # Only the score and mmr selections start from anchors (cls keeps the k + m top
-        # patches alike, random draws them).
+        # patches alike, random draws them); a block with nothing to prune chose none.
         anchors = (anchors_of(block, args, kwargs)[0] if block.config.selection in
-                   ("score", "mmr") else torch.zeros(0, dtype=torch.long))
+                   ("score", "mmr") and block.last_keep_idx is not None
+                   else torch.zeros(0, dtype=torch.long))
         if reached is not None:  # the block's token p + i is the i-th patch that reached it
             anchors = reached[anchors.to(reached.device) - block.num_prefix]
         if block.last_keep_idx is not None:
@@ -368,8 +370,17 @@ def draw_stages(args, config, model, pixels, preprocess, name, weights, source, 
 COMPARED = ("score", "cls", "mmr")
 
 
-def why_background(digit_patches, n_patches, kept):
-    """The demo's caption: why the seed's default keeps background (docs/commands.md)."""
+def why_background(digit_patches, n_patches, kept, regime="small"):
+    """The demo's caption: why the seed's default keeps background (docs/commands.md), where
+    that is what the picture shows: the small digit, with most kept patches background. Else
+    what the picture shows instead: nothing pruned, or a digit too large for that story."""
+    if kept >= n_patches:
+        return (f"Nothing is pruned: k_anchors + top_m = {kept} >= the {n_patches} patches, so "
+                f"every selection keeps all {n_patches}, the digit's {digit_patches} among them.",)
+    if regime != "small" or 2 * digit_patches >= kept:
+        return (f"The digit lies in {digit_patches} of the {n_patches} patches, and each "
+                f"selection keeps {kept}: the line under each panel says how many of the "
+                "digit's patches it kept (docs/selections.md).",)
     return (f"The digit lies in {digit_patches} of the {n_patches} patches, so most of any "
             f"{kept} kept patches are background. score, the seed's default, adds diversity",
             "(unlike the anchors) to importance (attention to the anchors); with score_norm "
@@ -391,31 +402,36 @@ def compare_selections(args, config):
     """The first-run demo: the shipped ViT on a held-out canvas, pruned by each selection of
     COMPARED in turn (with the flags' k, m, layer, alpha and mmr_lambda), one panel each with
     its prediction and how many of the digit's patches it kept."""
-    from ..proxy import DEMO_INDEX, demo_inputs, describe, heldout_set, object_patches
+    from ..proxy import DEMO_INDEX, describe, heldout_set, object_patches
     device = check_device(args.device)
-    note(f"loading the shipped small ViT on {device}...")
-    model, pixels, preprocess, label, card = demo_inputs()
+    regime, name = shipped_regime(args)
+    note(f"loading {name if args.model else 'the shipped small ViT'} on {device}...")
+    model, pixels, preprocess, label, card = shipped_inputs(regime)
     model, pixels = model.to(device), pixels.to(device)
+    tower = find_tower(model)
+    grid, blocks = tuple(tower.grid_size), len(tower.blocks)
+    check_blocks(args, blocks)  # checked before loading too: a shipped tower's depth is known
     _, _, boxes = heldout_set(DEMO_INDEX + 1, card)
     digit = set((object_patches(boxes[DEMO_INDEX:DEMO_INDEX + 1])[0].nonzero()[:, 0] + 1).tolist())
     print(f"model: {describe(card)}")
     with torch.no_grad():
         before = int(model(pixels).argmax(-1))
-    tower = find_tower(model)
-    grid, blocks = tuple(tower.grid_size), len(tower.blocks)
     n_patches = grid[0] * grid[1]
-    index = config.layer % blocks if -blocks <= config.layer < blocks else config.layer
+    index = config.layer % blocks
     where = f"block {index + 1} of {blocks} (index {index})"
-    if config.kept_patches >= n_patches:
+    pruned = config.kept_patches < n_patches
+    if pruned:
+        note(f"running the model with {', '.join(COMPARED)} at {where}...")
+    else:
         note(f"warning: k_anchors + top_m = {config.kept_patches} >= {n_patches} patches: "
              "nothing to prune, every patch is kept")
-    note(f"running the model with {', '.join(COMPARED)} at {where}...")
+        note("running the model...")
     panels, lines = [], []
     for selection in COMPARED:
         chosen = dataclasses.replace(config, selection=selection)
         try:
             replace_last_block(model, config=chosen)
-        except ValueError as err:  # --layer out of range for this model
+        except ValueError as err:  # a value that only the built tower refuses
             raise CLIError(f"--{err}") from err
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", message=r"k_anchors \+ top_m = \d+ >= \d+ patch")
@@ -427,30 +443,42 @@ def compare_selections(args, config):
         remove_pruning(model)
         on_digit = len(digit & set(keep))
         verdict = "right" if after == label else "wrong"
-        name = _selection_name(chosen)
-        panels.append(Panel(keep, anchors, f"{name}\npredicts {after} ({verdict})",
+        selection_name = _selection_name(chosen)
+        panels.append(Panel(keep, anchors, f"{selection_name}\npredicts {after} ({verdict})",
                             f"{on_digit} of the digit's {len(digit)} patches kept"))
-        anchor_part = f"{len(anchors)} anchors + " if anchors else ""
-        lines.append(f"  {name}: CLS + {anchor_part}{len(keep) - len(anchors)} kept by "
-                     f"{KEPT_BY[selection]}, {on_digit} of the digit's {len(digit)} patches "
-                     f"among them; prediction {after}")
+        if pruned:
+            anchor_part = f"{len(anchors)} anchors + " if anchors else ""
+            kept = (f"CLS + {anchor_part}{len(keep) - len(anchors)} kept by "
+                    f"{KEPT_BY[selection]}, {on_digit} of the digit's {len(digit)} patches "
+                    "among them")
+        else:
+            kept = f"all {len(keep)} patches kept, the digit's {on_digit} among them"
+        lines.append(f"  {selection_name}: {kept}; prediction {after}")
     tokens_before, tokens_after = n_patches + 1, len(panels[0].keep) + 1
     source = f"held-out canvas #{DEMO_INDEX} (a {label})"
-    title = f"tokenprune  |  shipped ViT (trained)  |  three selections, pruned at {where}"
+    nothing = (f"nothing pruned: k_anchors + top_m = {config.kept_patches} >= {n_patches} "
+               f"patches, all {n_patches} kept")
+    title = (f"tokenprune  |  {name} (trained)  |  " +
+             (f"three selections, pruned at {where}" if pruned else nothing))
     subtitle = (f"{source}, predicted {before} unpruned  |  k_anchors={config.k_anchors}, "
                 f"top_m={config.top_m}  |  tokens {tokens_before} -> {tokens_after}")
     legend = ["anchor", "kept by the selection", "pruned"]
+    caption = why_background(len(digit), n_patches, config.kept_patches, regime)
     note(f"drawing {args.out}...")
     figure, geo = render_panels(display_image(preprocess, pixels), grid, panels, title,
-                                subtitle, legend,
-                                why_background(len(digit), n_patches, config.kept_patches),
-                                COMPARE_PANEL)
+                                subtitle, legend, caption, COMPARE_PANEL)
     save_figure(figure, args.out)
-    print(f"shipped ViT: {tokens_before} -> {tokens_after} tokens at {where}, on {source}; "
-          f"prediction {before} unpruned (true label {label}); pruned:")
+    if pruned:
+        print(f"{name}: {tokens_before} -> {tokens_after} tokens at {where}, on {source}; "
+              f"prediction {before} unpruned (true label {label}); pruned:")
+    else:
+        print(f"{name}: nothing pruned, all {tokens_before} tokens kept (k_anchors + top_m = "
+              f"{config.kept_patches} >= {n_patches} patches), on {source}; prediction "
+              f"{before} unpruned (true label {label}); with each selection:")
     print("\n".join(lines))
     print(f"wrote {args.out} ({geo['size'][0]}x{geo['size'][1]})")
-    return {"out": args.out, "panels": panels, "layout": geo, "title": title}
+    return {"out": args.out, "panels": panels, "layout": geo, "title": title,
+            "caption": caption}
 
 
 def save_figure(figure, out):
@@ -462,22 +490,45 @@ def save_figure(figure, out):
         raise CLIError(f"--out {out}: cannot write the PNG ({err})") from err
 
 
+def shipped_regime(args):
+    """(regime, name in text) of the shipped ViT that runs: the one --model names, else the
+    small one."""
+    if args.model in SHIPPED_MODELS:
+        return SHIPPED_MODELS[args.model], args.model
+    return SHIPPED_MODELS[DEMO_MODEL], "shipped ViT"
+
+
+def shipped_inputs(regime):
+    """A regime's shipped ViT and its held-out canvas #DEMO_INDEX, as proxy.demo_inputs gives
+    the small one's: (model, pixels (1, 3, H, W), preprocess, label, card)."""
+    from ..proxy import DEMO_INDEX, demo_inputs, heldout_set, load_proxy_model, preprocess
+    if regime == SHIPPED_MODELS[DEMO_MODEL]:
+        return demo_inputs()
+    model, card = load_proxy_model(regime)
+    images, labels, _ = heldout_set(DEMO_INDEX + 1, card)
+    normalize = preprocess()
+    return (model, normalize(images[DEMO_INDEX:DEMO_INDEX + 1]), normalize,
+            int(labels[DEMO_INDEX]), card)
+
+
 def shipped_model_input(args, config):
-    """The first-run demo: the small ViT shipped with the package on a held-out canvas.
+    """A shipped ViT on a held-out canvas (the first-run demo's, or --model's).
     (model, pixels, preprocess, name, weights, source, {"label", "before"}), the model already
     pruned; "before" is its prediction unpruned (the model's output is the digit's logits)."""
-    from ..proxy import DEMO_INDEX, demo_inputs, describe
+    from ..proxy import DEMO_INDEX, describe
     device = check_device(args.device)
-    note(f"loading the shipped small ViT on {device}...")
-    model, pixels, preprocess, label, card = demo_inputs()
+    regime, name = shipped_regime(args)
+    note(f"loading {name if args.model else 'the shipped small ViT'} on {device}...")
+    model, pixels, preprocess, label, card = shipped_inputs(regime)
+    check_blocks(args, len(find_tower(model).blocks))  # also checked before loading
     print(f"model: {describe(card)}")
     with torch.no_grad():
         before = int(model(pixels).argmax(-1))
     try:
         replace_last_block(model, config=config)
-    except ValueError as err:  # --layer out of range for this model
+    except ValueError as err:  # a value that only the built tower refuses
         raise CLIError(f"--{err}") from err
-    return (model.to(device), pixels.to(device), preprocess, "shipped ViT", "trained",
+    return (model.to(device), pixels.to(device), preprocess, name, "trained",
             f"held-out canvas #{DEMO_INDEX} (a {label})", {"label": label, "before": before})
 
 
@@ -508,10 +559,11 @@ def clip_model_input(args, config):
             device=device)
     model.eval()
     try:
+        check_blocks(args, len(find_tower(model).blocks))  # a tower whose config gave no depth
         replace_last_block(model, config=config)
     except UnsupportedModelError as err:
         raise CLIError(f"--model {args.model}: {err}") from err
-    except ValueError as err:  # --layer out of range for this model
+    except ValueError as err:  # a value that only the built tower refuses
         raise CLIError(f"--{err}") from err
 
     pixels = preprocess(image).unsqueeze(0).to(device)
