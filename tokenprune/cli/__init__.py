@@ -63,16 +63,19 @@ def add_visualize_arguments(parser):
 
 
 def add_generate_arguments(parser):
+    from ..vlm.families import FAMILIES, supported  # the table only: nothing heavy
+    examples = ", ".join(family.example for family in FAMILIES.values())
     parser.add_argument("--model", required=True,
-                        help="a LLaVA or Qwen-VL model: hub id (llava-hf/llava-1.5-7b-hf, "
-                             "Qwen/Qwen2.5-VL-7B-Instruct) or a folder saved with "
-                             "save_pretrained (model and processor)")
+                        help=f"a model of {supported()}: hub id ({examples}) or a folder saved "
+                             f"with save_pretrained (model and processor)")
     parser.add_argument("--image", action="append", required=True, metavar="FILE",
                         help="image file; repeat the flag for several (one batch, one answer "
                              "each)")
     parser.add_argument("--prompt", required=True,
                         help="the question, asked about every image; the processor's chat "
-                             "template adds the image, unless the prompt holds <image> itself")
+                             "template adds the image, unless the prompt holds the processor's "
+                             "image token itself (<image> for LLaVA, <start_of_image> for "
+                             "Gemma 3)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the unpruned model on the same inputs, first")
     parser.add_argument("--max_new_tokens", type=int, default=32,
@@ -184,9 +187,10 @@ def build_parser():
     visualize.set_defaults(which="visualize")
 
     generate = commands.add_parser(
-        "generate", help="answer a prompt about images with a LLaVA model that sees fewer "
-                         "image tokens",
-        description="Answer --prompt about each --image (one batch) with a LLaVA model whose "
+        "generate", help="answer a prompt about images with a vision-language model that sees "
+                         "fewer image tokens",
+        description="Answer --prompt about each --image (one batch) with a vision-language "
+                    "model (--model says which families) whose "
                     "language model receives k_anchors + top_m image tokens per image; prints "
                     "each answer, the image tokens per image before and after, and the time to "
                     "the first token. --compare runs the unpruned model too. Works offline on a "
