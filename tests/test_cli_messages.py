@@ -403,12 +403,16 @@ def test_visualize_refuses_what_a_shipped_model_does_not_take(tmp_path, capsys, 
 
 # ----- issue 28, a new user's findings: help and package text that is true today ------------
 
+def family_names():
+    from tokenprune.vlm.families import FAMILIES
+    return [family.name for family in FAMILIES.values()]
+
+
+# Every family of tokenprune/vlm/families.py, by name (the help reads the table).
 @pytest.mark.parametrize("argv, shown", [
-    (["--help"], ["LLaVA-1.5", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL", "OpenCLIP, timm, Hugging Face",
-                  "generate", "lmms-sweep"]),
-    (["generate", "--help"], ["LLaVA-1.5 or Qwen2/2.5/3-VL", "Qwen2-VL, Qwen2.5-VL, Qwen3-VL",
-                              "with --ratio R ceil(R * n) of an image's n", "--ratio RATIO",
-                              "in (0, 1]"]),
+    (["--help"], [*family_names(), "OpenCLIP, timm, Hugging Face", "generate", "lmms-sweep"]),
+    (["generate", "--help"], [*family_names(), "with --ratio R ceil(R * n) of an image's n",
+                              "--ratio RATIO", "in (0, 1]"]),
 ])
 def test_help_names_every_model_family_and_ratio(tmp_path, argv, shown):
     proc = subprocess.run([sys.executable, "-c", FAST_CHECK, json.dumps(argv)], cwd=tmp_path,

@@ -13,6 +13,7 @@ from lmms_eval.evaluator import simple_evaluate  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 from lmms_task import write_task  # noqa: E402  (tests/conftest.py: tools/)
+from tiny_gemma3 import save_gemma3  # noqa: E402
 from tiny_llava import save_llava  # noqa: E402
 from tiny_qwen_vl import save_qwen_vl  # noqa: E402
 
@@ -62,7 +63,7 @@ def test_the_entry_point_registers_every_model():
         assert get_model(model_id).MODEL_ID == model_id
     assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
     assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl",
-                           "tokenprune_qwen3_vl"}
+                           "tokenprune_qwen3_vl", "tokenprune_gemma3"}
 
 
 @pytest.mark.parametrize("model_args, named", [
@@ -213,3 +214,22 @@ def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
         assert batched == single, setting
         # What shows that it pruned: this random model's answers may not change.
         assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2, setting
+
+
+def test_gemma3_prunes_lmms_evals_own(setup, tmp_path):
+    """lmms-eval's gemma3 (its simple implementation) batches already, left-padded to a multiple
+    of 8: the answers without pruning are the base's, pruned ones are the same at batch 1 and 2,
+    and the results count 2 of the tiny model's 16 image tokens per image."""
+    folder = save_gemma3(str(tmp_path / "gemma3"))
+    base_args = f"pretrained={folder}"  # the CPU: the base's "auto" needs CUDA
+    _, base, _ = evaluate(setup, "gemma3", base_args=base_args + ",device_map=cpu")
+    unpruned, ours, _ = evaluate(setup, "tokenprune_gemma3", base_args=base_args)
+    assert ours == base
+    assert unpruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 16
+    pruned, single, _ = evaluate(setup, "tokenprune_gemma3", "k_anchors=1,top_m=1",
+                                 base_args=base_args)
+    _, batched, _ = evaluate(setup, "tokenprune_gemma3", "k_anchors=1,top_m=1", batch_size=2,
+                             base_args=base_args)
+    assert batched == single
+    # What shows that it pruned: this random model's answers may not change.
+    assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2

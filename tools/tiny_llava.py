@@ -77,6 +77,25 @@ def build_tokenizer():
     return tokenizer
 
 
+def word_level_tokenizer(vocabulary, special_tokens, chat_template, **options):
+    """A PreTrainedTokenizerFast made offline over `vocabulary` (its tokens, with ids in that
+    order; "<unk>" for anything else), that splits text at whitespace and punctuation, adds
+    nothing in front of a text and joins words with spaces; `special_tokens` are added as special
+    tokens (never split), `options` go to PreTrainedTokenizerFast (its named tokens, padding
+    side, ...). For the Qwen-VL and Gemma 3 builders."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(vocabulary)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **options)
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def _vision_config(vision, size):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
     shapes = {

@@ -29,7 +29,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_llava import PUNCTUATION, WORDS, make_model, save_pair  # noqa: E402
+from tiny_llava import PUNCTUATION, WORDS, make_model, save_pair, word_level_tokenizer  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SIZES = ("tiny", "qwen2.5-vl-7b")
@@ -54,22 +54,13 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer():
     """A PreTrainedTokenizerFast over a word-level vocabulary with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ROLES + WORDS + PUNCTUATION)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token="<unk>", padding_side="left", model_max_length=32768,
+    return word_level_tokenizer(
+        SPECIAL_TOKENS + ROLES + WORDS + PUNCTUATION, SPECIAL_TOKENS[1:7], CHAT_TEMPLATE,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        model_max_length=32768,
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>",
                               "vision_end_token": "<|vision_end|>"})
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:7]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def _tiny_text(family, vocab_size):

@@ -1,8 +1,9 @@
 """The `tokenprune` command line: `eval` (CLIP_benchmark's evaluation with token pruning),
 `sweep` (a grid of settings in one pass), `build` (results JSON files to one CSV),
-`visualize` (draw the kept tokens), `generate` (the answers of a LLaVA-1.5 or Qwen2/2.5/3-VL
-model that sees fewer image tokens) and `lmms-sweep` (lmms-eval's scores of such models). One module per command beside this one; `common.py` holds
-what they share. Commands sit on the library (tokenprune/); the library never imports them.
+`visualize` (draw the kept tokens), `generate` (the answers of a vision-language model that
+sees fewer image tokens: the families of tokenprune/vlm/families.py) and `lmms-sweep`
+(lmms-eval's scores of such models). One module per command beside this one; `common.py`
+holds what they share. Commands sit on the library (tokenprune/); the library never imports them.
 
     tokenprune eval --dataset cifar10 --model ViT-B-16 --pretrained openai --enable_pruning
     tokenprune visualize                      # first-run demo, offline, writes kept.png
@@ -64,16 +65,19 @@ def add_visualize_arguments(parser):
 
 
 def add_generate_arguments(parser):
+    from ..vlm.families import FAMILIES, supported  # the table only: nothing heavy
+    examples = ", ".join(family.example for family in FAMILIES.values())
     parser.add_argument("--model", required=True,
-                        help="a LLaVA or Qwen-VL model: hub id (llava-hf/llava-1.5-7b-hf, "
-                             "Qwen/Qwen2.5-VL-7B-Instruct) or a folder saved with "
-                             "save_pretrained (model and processor)")
+                        help=f"a model of {supported()}: hub id ({examples}) or a folder saved "
+                             f"with save_pretrained (model and processor)")
     parser.add_argument("--image", action="append", required=True, metavar="FILE",
                         help="image file; repeat the flag for several (one batch, one answer "
                              "each)")
     parser.add_argument("--prompt", required=True,
                         help="the question, asked about every image; the processor's chat "
-                             "template adds the image, unless the prompt holds <image> itself")
+                             "template adds the image, unless the prompt holds the processor's "
+                             "image token itself (<image> for LLaVA, <start_of_image> for "
+                             "Gemma 3)")
     parser.add_argument("--compare", action="store_true",
                         help="also run the unpruned model on the same inputs, first")
     parser.add_argument("--max_new_tokens", type=int, default=32,
@@ -134,14 +138,20 @@ def add_lmms_sweep_arguments(parser):
                         help="output folder (default %(default)s); its finished runs are kept")
 
 
+def family_names():
+    """The vision-language families, by name, from tokenprune/vlm/families.py (no torch)."""
+    from ..vlm.families import FAMILIES
+    return ", ".join(family.name for family in FAMILIES.values())
+
+
 def build_parser():
     """The light parser: every subcommand and flag, nothing imported. Subcommand parsers are
     reachable as `parser.subcommands[name]`."""
-    parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for Vision "
-                                            "Transformers (OpenCLIP, timm, Hugging Face) and for "
-                                            "the image tokens of vision-language models "
-                                            "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Flags "
-                                            "take hyphens or underscores.")
+    parser = OneLineParser(prog=PROG, description=f"Training-free visual token pruning for Vision "
+                                            f"Transformers (OpenCLIP, timm, Hugging Face) and for "
+                                            f"the image tokens of vision-language models "
+                                            f"({family_names()}). Flags take hyphens or "
+                                            f"underscores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -187,14 +197,14 @@ def build_parser():
     visualize.set_defaults(which="visualize")
 
     generate = commands.add_parser(
-        "generate", help="answer a prompt about images with a LLaVA-1.5 or Qwen2/2.5/3-VL "
-                         "model that sees fewer image tokens",
-        description="Answer --prompt about each --image (one batch) with a LLaVA-1.5 or "
-                    "Qwen2/2.5/3-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) whose language model "
-                    "receives k_anchors + top_m image tokens per image, or with --ratio R "
-                    "ceil(R * n) of an image's n; prints each answer, the image tokens per "
-                    "image before and after, and the time to the first token. --compare runs "
-                    "the unpruned model too. Works offline on a saved folder.")
+        "generate", help=f"answer a prompt about images with a vision-language model "
+                         f"({family_names()}) that sees fewer image tokens",
+        description=f"Answer --prompt about each --image (one batch) with a vision-language "
+                    f"model ({family_names()}: --model says more) whose language model "
+                    f"receives k_anchors + top_m image tokens per image, or with --ratio R "
+                    f"ceil(R * n) of an image's n; prints each answer, the image tokens per "
+                    f"image before and after, and the time to the first token. --compare runs "
+                    f"the unpruned model too. Works offline on a saved folder.")
     add_generate_arguments(generate)
     generate.set_defaults(which="generate")
 

@@ -1,6 +1,6 @@
-"""`tokenprune generate`: answer a prompt about images with a LLaVA or Qwen-VL (Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL) model whose language model sees k + m image tokens per image
-(tokenprune.prune_image_tokens), and say what that saved.
+"""`tokenprune generate`: answer a prompt about images with a vision-language model of a family in
+tokenprune/vlm/families.py (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3) whose language
+model sees k + m image tokens per image (tokenprune.prune_image_tokens), and say what that saved.
 
     tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is this?"
     tokenprune generate --model ./saved_llava --image a.png --image b.png --prompt "..." --compare
@@ -23,7 +23,7 @@ import warnings
 from ..config import IMAGE_TOKEN_TOP_M, image_token_config
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
-from ..vlm.families import FAMILIES
+from ..vlm.families import FAMILIES, supported
 
 # model_type -> the transformers class that generate loads it with (tokenprune/vlm/families.py).
 MODEL_CLASSES = {model_type: family.model_class for model_type, family in FAMILIES.items()}
@@ -207,11 +207,9 @@ def image_token_counts(config, processor, images):
 
 def check_model_type(model, model_type):
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CLIError(f"--model {model} is a {model_type!r} model, not LLaVA or Qwen-VL; "
-                       "tokenprune generate runs LlavaForConditionalGeneration, Qwen2-VL, "
-                       "Qwen2.5-VL and Qwen3-VL models (model_type "
-                       f"{', '.join(map(repr, SUPPORTED_MODEL_TYPES))}, such as "
-                       "llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct)")
+        examples = " or ".join(family.example for family in FAMILIES.values())
+        raise CLIError(f"--model {model} is a {model_type!r} model, which tokenprune generate "
+                       f"does not run; it runs {supported()} models (such as {examples})")
 
 
 # ----- loading -------------------------------------------------------------------------------
@@ -329,11 +327,14 @@ class _FirstToken:
 
 def run_once(model, processor, texts, images, max_new_tokens, device):
     """(answers, time to first token, seconds for the rest, new tokens) of one greedy
-    generate over the batch."""
+    generate over the batch. The images go to the processor as a list per text (Gemma 3's
+    takes a flat list as all for one text; the others take either)."""
     import torch
     from transformers import LogitsProcessorList
 
-    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
+    per_text = len(images) // len(texts)
+    grouped = [images[i * per_text:(i + 1) * per_text] for i in range(len(texts))]
+    inputs = processor(images=grouped, text=texts, padding=True, return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     sync = ((lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda")
             else (lambda: None))

@@ -107,3 +107,23 @@ class PruningPlugin:
         if self.record_path:
             with open(self.record_path, "w", encoding="utf-8") as f:
                 json.dump(self.measurements(self.run_measured), f, indent=2)
+
+
+class BatchingBasePlugin(PruningPlugin):
+    """For a base that loads its model and processor as `self.model` and `self.processor` and
+    already runs real (left-padded) batches: only the pruning, once it has loaded, and the
+    measurements after each generate_until are added."""
+
+    def __init__(self, **arguments):
+        pruning, base, record = self.split_arguments(arguments)
+        # The bases' device_map ("auto", which sends the inputs to "cuda", or "cuda"): on the
+        # CPU, the CPU.
+        if str(base.get("device")) == "cpu":
+            base.setdefault("device_map", "cpu")
+        super().__init__(**base)
+        self.start_pruning(self.model, self.processor, pruning, record)
+
+    def generate_until(self, requests):
+        results = super().generate_until(requests)
+        self.log_measurements()
+        return results

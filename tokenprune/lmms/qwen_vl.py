@@ -10,32 +10,16 @@ from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
 
-from .measure import PruningPlugin
+from .measure import BatchingBasePlugin
 
 
-class _QwenPlugin(PruningPlugin):
-    def __init__(self, **arguments):
-        pruning, base, record = self.split_arguments(arguments)
-        # The bases' device_map ("auto", which sends the inputs to "cuda", or "cuda"): on the
-        # CPU, the CPU.
-        if str(base.get("device")) == "cpu":
-            base.setdefault("device_map", "cpu")
-        super().__init__(**base)
-        self.start_pruning(self.model, self.processor, pruning, record)
-
-    def generate_until(self, requests):
-        results = super().generate_until(requests)
-        self.log_measurements()
-        return results
-
-
-class TokenpruneQwen2_VL(_QwenPlugin, Qwen2_VL):
+class TokenpruneQwen2_VL(BatchingBasePlugin, Qwen2_VL):
     MODEL_ID = "tokenprune_qwen2_vl"
 
 
-class TokenpruneQwen2_5_VL(_QwenPlugin, Qwen2_5_VL):
+class TokenpruneQwen2_5_VL(BatchingBasePlugin, Qwen2_5_VL):
     MODEL_ID = "tokenprune_qwen2_5_vl"
 
 
-class TokenpruneQwen3_VL(_QwenPlugin, Qwen3_VL):
+class TokenpruneQwen3_VL(BatchingBasePlugin, Qwen3_VL):
     MODEL_ID = "tokenprune_qwen3_vl"

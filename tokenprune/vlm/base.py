@@ -2,13 +2,19 @@
 installs on one model (its hooks, the methods it wraps on the model object, the processors it
 patched) and how it is undone. A family is a subclass in a module of its own (docs/design.md,
 "A new vision-language family"); nothing here knows a family."""
+import inspect
+from contextvars import ContextVar
 from typing import Optional
 
-from ..towers import UnsupportedModelError
+from ..towers import UnsupportedModelError, find_tower
 from .units import kept_count
 
 # Where the state of a pruned model or processor is kept (a plain attribute).
 ATTRIBUTE = "_tokenprune_image_tokens"
+# The state of the *Model call under way in this thread or task, for the families whose hooks
+# hand each call's kept units from the *Model to its language model (Qwen-VL, Gemma 3): set and
+# ended by that model's own hooks; its `owner` says whose (a deep copy has a state of its own).
+CALL = ContextVar("tokenprune_call", default=None)
 
 
 class ImageTokenPruning:
@@ -56,6 +62,19 @@ class ImageTokenPruning:
     def kept(self, n):
         return kept_count(n, self.config.kept_patches, self.ratio)
 
+    @classmethod
+    def vision_tower(cls, inner, takes):
+        """The Tower of the model's `vision_tower`, or UnsupportedModelError saying what the
+        family takes (`takes`: "a SigLIP one") and naming the supported families."""
+        try:
+            return find_tower(inner.vision_tower)
+        except UnsupportedModelError:
+            from .families import supported
+            raise UnsupportedModelError(f"tokenprune.prune_image_tokens cannot prune a {cls.name} "
+                                        f"model with a {type(inner.vision_tower).__name__} "
+                                        f"vision tower (it takes {takes}); it supports "
+                                        f"{supported()}") from None
+
     # --- what a family installs ------------------------------------------------------------
 
     def install_hooks(self):
@@ -81,6 +100,40 @@ class ImageTokenPruning:
         the same name, called as method(original, ...)."""
         setattr(self.inner, name, Wrapped(getattr(self, name), getattr(self.inner, name)))
         self._wrapped.append(name)
+
+    # --- one *Model call, for the families that place each call's kept units ----------------
+
+    def encode_images(self, kwargs):
+        """The image features of a *Model call given pixel_values (`kwargs` by name)."""
+        raise NotImplementedError
+
+    def images_of_call(self, args, kwargs):
+        """For a forward pre-hook of the *Model: (its arguments by name, its image features), or
+        None for a call without images. Given pixel_values, the tower runs here and its features
+        go on as mm_encoder_outputs, so that forward and generate (which encodes the images
+        before the prefill) take one path."""
+        names = list(inspect.signature(type(self.inner).forward).parameters)[1:]  # after self
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            return None
+        if kwargs.get("input_ids") is None:
+            raise ValueError("prune_image_tokens needs input_ids with pixel_values (it finds the "
+                             "image placeholders there), got inputs_embeds only")
+        if kwargs.get("pixel_values") is not None:
+            encoded["image"] = self.encode_images(kwargs)
+            kwargs.update(pixel_values=None, mm_encoder_outputs=encoded)
+        return kwargs, encoded["image"]
+
+    def this_call(self):
+        """The state of this model's *Model call under way (CALL), else None."""
+        call = CALL.get()
+        return call if getattr(call, "owner", None) is self else None
+
+    def end_call(self, inner, args, kwargs, output):
+        """Forward hook of the *Model (also when it raised): the call's state is done."""
+        if self.this_call() is not None:
+            CALL.set(None)
 
     # --- the processor ---------------------------------------------------------------------
 
@@ -138,6 +191,27 @@ class Wrapped:
 
     def __call__(self, *args, **kwargs):
         return self.wrapper(self.original, *args, **kwargs)
+
+
+def check_placeholder_count(written, images, kept, unpruned, advice):
+    """ValueError unless the prompts hold `kept` image tokens for each of `images` images (a
+    count that every image shares); it says what they hold, whether that is the `unpruned`
+    count (an unpatched processor's), and `advice`, what to do."""
+    if written == images * kept:
+        return
+    unpatched = (" (the unpruned count: was the processor patched?)"
+                 if written == images * unpruned else "")
+    raise ValueError(f"the prompts hold {written} image tokens for {images} images, "
+                     f"{written / images:g} per image{unpatched}, but the pruned model gives "
+                     f"{kept} per image: {advice}")
+
+
+def all_kept(config, ratio, count, what):
+    """Why nothing is pruned when every one of `count` tokens is kept: "k_anchors + top_m = 64
+    >= 16 patch tokens", "ratio=1.0 keeps all 16 patch tokens" (`what`: "patch tokens")."""
+    how = (f"k_anchors + top_m = {config.kept_patches} >=" if ratio is None
+           else f"ratio={ratio} keeps all")
+    return f"{how} {count} {what}"
 
 
 def image_token_pruning(obj) -> Optional[ImageTokenPruning]:

@@ -41,6 +41,10 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "qwen3_vl",
            "Qwen3VLImageTokenPruning", "Qwen/Qwen3-VL-2B-Instruct",
            "qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL"),
+    # lmms-eval 0.7.3 has a simple implementation for gemma3 only.
+    Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", "gemma3",
+           "Gemma3ImageTokenPruning", "google/gemma-3-4b-it",
+           "gemma3", "tokenprune.lmms.gemma3.TokenpruneGemma3", lmms_chat=False),
 )}
 
 # Families that look close but are not handled yet (config.model_type), and why.
@@ -50,6 +54,8 @@ NOT_YET = {
     "llava_next_video": "video models",
     "video_llava": "video models",
     "internvl": "InternVL's tiles",
+    "gemma4": "Gemma 4's variable-resolution images, whose image token count follows each "
+              "image's size, and its video and audio inputs",
 }
 
 

@@ -14,8 +14,8 @@ the same call, writes that many placeholders.
 import torch
 
 from ..selection import kept_rows, select_tokens
-from ..towers import UnsupportedModelError, block_adapter, find_tower
-from .base import ImageTokenPruning
+from ..towers import UnsupportedModelError, block_adapter
+from .base import ImageTokenPruning, all_kept, check_placeholder_count
 from .units import kept_count
 
 
@@ -92,16 +92,11 @@ class LlavaImageTokenPruning(ImageTokenPruning):
         if input_ids is None:
             return  # embeddings given: transformers checks the count
         written = int((input_ids == self.model.config.image_token_id).sum())
-        if written == images * self.image_seq_length:
-            return
-        unpatched = (" (the unpruned count: was the processor patched?)"
-                     if written == images * self.original_image_seq_length else "")
-        raise ValueError(f"the prompts hold {written} image tokens for {images} images, "
-                         f"{written / images:g} per image{unpatched}, but the pruned model gives "
-                         f"{self.image_seq_length} per image: pass the processor to "
-                         f"prune_image_tokens(model, processor, ...), or write "
-                         f"pruned_block(model).image_seq_length = {self.image_seq_length} image "
-                         f"tokens per image")
+        check_placeholder_count(written, images, self.image_seq_length,
+                                self.original_image_seq_length,
+                                f"pass the processor to prune_image_tokens(model, processor, "
+                                f"...), or write pruned_block(model).image_seq_length = "
+                                f"{self.image_seq_length} image tokens per image")
 
     def select(self, block, args, kwargs):
         """Forward pre-hook of the feature block: SPEC's selection from its input and q/k."""
@@ -159,14 +154,7 @@ class LlavaImageTokenPruning(ImageTokenPruning):
 
     @classmethod
     def prepare(cls, model, inner, processor, config, ratio, layer):
-        try:
-            tower = find_tower(inner.vision_tower)
-        except UnsupportedModelError:
-            from .families import supported
-            raise UnsupportedModelError(f"tokenprune.prune_image_tokens cannot prune a LLaVA "
-                                        f"model with a {type(inner.vision_tower).__name__} vision "
-                                        f"tower (it takes a CLIP or SigLIP one); it supports "
-                                        f"{supported()}") from None
+        tower = cls.vision_tower(inner, "a CLIP or SigLIP one")
         strategy = model.config.vision_feature_select_strategy
         block_index = _feature_block(model.config, len(tower.blocks))
         block_adapter(tower.blocks[block_index])  # refuses a block type it cannot read q/k from
@@ -184,9 +172,7 @@ class LlavaImageTokenPruning(ImageTokenPruning):
         if processor is not None:
             state.check_processor(processor)
         if not state.prunes:
-            how = (f"k_anchors + top_m = {config.kept_patches} >=" if ratio is None
-                   else f"ratio={ratio} keeps all")
-            return f"{how} {candidates} patch tokens"
+            return all_kept(config, ratio, candidates, "patch tokens")
         return state
 
 

@@ -35,8 +35,8 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers model of a family in tokenprune.vlm.FAMILIES (LLaVA-1.5 with a CLIP
-    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): its *ForConditionalGeneration or its
-    *Model. Other models raise UnsupportedModelError, which names the supported families.
+    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): its *ForConditionalGeneration or
+    its *Model. Other models raise UnsupportedModelError, which names the supported families.
 
     How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
     at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
@@ -63,11 +63,17 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     `vision_feature_select_strategy` in the model's config before this call.
     `pruned_block(model).last_keep_idx` is (images, kept) there.
 
+    Gemma 3 (SPEC.md, "Image tokens for Gemma 3"): the unit is the pooled token (4 x 4 SigLIP
+    patches), selected at the tower's last block; every image and pan-and-scan crop keeps the
+    same count; every token keeps its unpruned position, in a forward pass and under `generate`;
+    Gemma 3's own mask lets each image's kept tokens see each other. `last_keep_idx` is
+    (images, kept).
+
     `processor`: the model's processor (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor,
-    Qwen3VLProcessor) to patch as well, so that it writes the kept number of placeholders per
-    image (pass it later with the same call to patch it then). For LLaVA, prompts with another
-    count of image tokens per image (an unpatched processor's) raise ValueError, which says
-    what to do, when the model runs.
+    Qwen3VLProcessor, Gemma3Processor) to patch as well, so that it writes the kept number of
+    placeholders per image (pass it later with the same call to patch it then). For LLaVA and
+    Gemma 3, prompts with another count of image tokens per image (an unpatched processor's)
+    raise ValueError, which says what to do, when the model runs.
 
     Calling it again replaces the earlier pruning. `tokenprune.remove_pruning(model)` undoes it
     (on the processors patched with it too). When nothing can be pruned (every token kept),

@@ -34,24 +34,19 @@ arguments (Qwen2.5-VL's window blocks get the recounted windows); a forward hook
 zero tensor of every unit, so that the tower's own reordering and splitting run unchanged and
 the wrapper above keeps the kept rows as it does without `layer`.
 """
-import inspect
 import sys
-from contextvars import ContextVar
 from numbers import Integral
 
 import torch
 
 from ..selection import select_units
-from .base import ImageTokenPruning
+from .base import CALL, ImageTokenPruning
 from .units import image_units, unit_offsets
 
 # The methods a patched model object holds as instance attributes.
 MODEL_METHODS = ("get_image_features", "get_video_features", "get_rope_index")
 # The attribute of an image-features output that pairs each image's rows with its kept units.
 KEPT_UNITS = "tokenprune_kept_units"
-# The ImageSlots of the *Model call under way in this thread or task, set and ended by that
-# model's own hooks (its `owner` says whose: a deep copy has a state of its own).
-CALL = ContextVar("tokenprune_qwen_call", default=None)
 
 
 class Qwen2VLImageTokenPruning(ImageTokenPruning):
@@ -273,39 +268,25 @@ class Qwen2VLImageTokenPruning(ImageTokenPruning):
     def begin_call(self, inner, args, kwargs):
         """Forward pre-hook of the *Model: with images, their features (the tower runs here when
         pixel_values are given) and the ImageSlots the language model's hook places."""
-        kwargs = {**dict(zip(self._forward_parameters(), args)), **kwargs}
-        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        input_ids = kwargs.get("input_ids")
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+        found = self.images_of_call(args, kwargs)
+        if found is None:
             return None
-        if input_ids is None:
-            raise ValueError("prune_image_tokens needs input_ids with pixel_values (it finds the "
-                             "image placeholders there), got inputs_embeds only")
-        if kwargs.get("pixel_values") is not None:
-            encoded["image"] = inner.get_image_features(
-                kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
-            kwargs.update(pixel_values=None, mm_encoder_outputs=encoded)
-        slots = input_ids == self.image_token_id
+        kwargs, images = found
+        slots = kwargs["input_ids"] == self.image_token_id
         if slots.any():
-            CALL.set(ImageSlots(self, slots, *kept_units(encoded["image"])))
+            CALL.set(ImageSlots(self, slots, *kept_units(images)))
         return (), kwargs
 
-    def end_call(self, inner, args, kwargs, output):
-        """Forward hook of the *Model (also when it raised): the call's ImageSlots are done."""
-        if getattr(CALL.get(), "owner", None) is self:
-            CALL.set(None)
-
-    def _forward_parameters(self):
-        """The names of the *Model forward's parameters after self, in order (a positional
-        argument of the pre-hook is bound to its name)."""
-        return list(inspect.signature(type(self.inner).forward).parameters)[1:]
+    def encode_images(self, kwargs):
+        return self.inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"),
+                                            return_dict=True)
 
     def place_units(self, language_model, args, kwargs):
         """Forward pre-hook of the language model: each kept unit's own 3D position, added to
         its image's start position, which get_rope_index gave every slot of the image."""
-        call = CALL.get()
+        call = self.this_call()
         position_ids = kwargs.get("position_ids")
-        if call is None or call.owner is not self or position_ids is None:
+        if call is None or position_ids is None:
             return None
         positions = position_ids.clone()
         spatial = positions[-3:].reshape(3, -1)  # (3, B * L), a view into positions
