@@ -181,7 +181,8 @@ def check_prompt_fits(args, config, processor, texts, images, per_answer):
     limit = max_positions(config)
     if limit is None:
         return
-    counted = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    counted = processor(images=images_per_text(images, texts), text=texts, padding=True,
+                        return_tensors="pt")
     lengths = counted["attention_mask"].sum(1).tolist()
     per_image = image_token_counts(config, processor, images)
     kept = image_token_config(**pruning_arguments(args)).kept_patches
@@ -195,6 +196,13 @@ def check_prompt_fits(args, config, processor, texts, images, per_answer):
         raise CLIError(f"--max_new_tokens {args.max_new_tokens}: {which} takes {longest} of "
                        f"{args.model}'s {limit} positions (max_position_embeddings), so at most "
                        f"{max(limit - longest, 0)} new tokens fit")
+
+
+def images_per_text(images, texts):
+    """The images as a list per text, as every family's processor takes them (Gemma 3's takes
+    a flat list as all for one text)."""
+    per_text = len(images) // len(texts)
+    return [images[i * per_text:(i + 1) * per_text] for i in range(len(texts))]
 
 
 def image_token_counts(config, processor, images):
@@ -327,14 +335,12 @@ class _FirstToken:
 
 def run_once(model, processor, texts, images, max_new_tokens, device):
     """(answers, time to first token, seconds for the rest, new tokens) of one greedy
-    generate over the batch. The images go to the processor as a list per text (Gemma 3's
-    takes a flat list as all for one text; the others take either)."""
+    generate over the batch."""
     import torch
     from transformers import LogitsProcessorList
 
-    per_text = len(images) // len(texts)
-    grouped = [images[i * per_text:(i + 1) * per_text] for i in range(len(texts))]
-    inputs = processor(images=grouped, text=texts, padding=True, return_tensors="pt").to(device)
+    inputs = processor(images=images_per_text(images, texts), text=texts, padding=True,
+                       return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     sync = ((lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda")
             else (lambda: None))
