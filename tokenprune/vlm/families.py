@@ -41,6 +41,9 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "qwen3_vl",
            "Qwen3VLImageTokenPruning", "Qwen/Qwen3-VL-2B-Instruct",
            "qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL"),
+    Family("internvl", "InternVL", "InternVLForConditionalGeneration", "internvl",
+           "InternVLImageTokenPruning", "OpenGVLab/InternVL3-8B-hf",
+           "internvl_hf", "tokenprune.lmms.internvl_hf.TokenpruneInternVLHf"),
 )}
 
 # Families that look close but are not handled yet (config.model_type), and why.
@@ -49,7 +52,6 @@ NOT_YET = {
     "llava_onevision": "LLaVA-OneVision's any-resolution tiles and video",
     "llava_next_video": "video models",
     "video_llava": "video models",
-    "internvl": "InternVL's tiles",
 }
 
 
