@@ -64,8 +64,9 @@ def add_visualize_arguments(parser):
 
 def add_generate_arguments(parser):
     parser.add_argument("--model", required=True,
-                        help="a LLaVA or Qwen-VL model: hub id (llava-hf/llava-1.5-7b-hf, "
-                             "Qwen/Qwen2.5-VL-7B-Instruct) or a folder saved with "
+                        help="a LLaVA, Qwen-VL or InternVL model: hub id "
+                             "(llava-hf/llava-1.5-7b-hf, Qwen/Qwen2.5-VL-7B-Instruct, "
+                             "OpenGVLab/InternVL3-8B-hf) or a folder saved with "
                              "save_pretrained (model and processor)")
     parser.add_argument("--image", action="append", required=True, metavar="FILE",
                         help="image file; repeat the flag for several (one batch, one answer "
