@@ -179,6 +179,15 @@ def test_the_unit_attention_with_a_class_token_key_equals_the_whole_map():
 
 # --- the count per image, and how it is spread over the tiles ---------------------------------
 
+def test_the_spec_worked_example_spreads_the_count_as_it_says():
+    """SPEC.md, "Image tokens for InternVL": 5 units over 2 tiles and a thumbnail are 2, 1, 2
+    (the remainder to the thumbnail, then to tile 0); one anchor goes to the thumbnail."""
+    from tokenprune.vlm.internvl import tile_shares
+    assert tile_shares(5, 3) == [2, 1, 2] and tile_shares(1, 3) == [0, 0, 1]
+    assert tile_shares(24, 5) == [5, 5, 5, 4, 5] and tile_shares(7, 1) == [7]
+    assert tile_shares(2, 5) == [1, 0, 0, 0, 1]
+
+
 @pytest.mark.parametrize("how, counts, per_tile", [
     # k + m per image: 5 whatever the tiles; anchors 2 per image.
     # 5 over 3 tiles: 1 each, the remaining 2 to the thumbnail (the last tile) first, then to
