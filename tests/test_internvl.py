@@ -514,6 +514,8 @@ def test_refusals(internvl):
         with pytest.raises(ValueError, match="counts 13 tiles for 4 images, but pixel_values "
                                              "holds 14.*videos"), torch.no_grad():
             model(**{**counted, "image_num_patches": torch.tensor([1, 3, 5, 4])})
+        with pytest.raises(ValueError, match="prefill_chunk_size=8: a chunked prefill"):
+            model.generate(**counted, max_new_tokens=1, prefill_chunk_size=8)
     finally:
         remove_pruning(model)
 

@@ -215,6 +215,12 @@ class InternVLImageTokenPruning(ImageTokenPruning):
         counts (generate would encode them with pixel_values alone), then generate on the
         features."""
         tiles = kwargs.pop(TILES, None)
+        chunk = kwargs.get("prefill_chunk_size",
+                           getattr(kwargs.get("generation_config"), "prefill_chunk_size", None))
+        if chunk:
+            raise ValueError(f"prefill_chunk_size={chunk!r}: a chunked prefill splits the image "
+                             f"features, which then no longer say which units they keep; "
+                             f"prune_image_tokens does not support it")
         pixel_values = kwargs.pop("pixel_values", None)
         if pixel_values is not None:
             encoded = dict(kwargs.get("mm_encoder_outputs") or {})
