@@ -280,12 +280,14 @@ class InternVLImageTokenPruning(ImageTokenPruning):
             for run in torch.tensor_split(columns, (torch.diff(columns) > 1).nonzero()
                                           .squeeze(1) + 1) if len(columns) else ():
                 n, idx = next(images, (None, None))
-                if idx is None or len(idx) != len(run):
+                if idx is None:
+                    raise ValueError(f"the prompts hold more images than the {len(keep)} "
+                                     f"images given")
+                if len(idx) != len(run):
                     raise ValueError(f"the prompt has {len(run)} image placeholders for an image "
-                                     f"of which prune_image_tokens keeps "
-                                     f"{'none' if idx is None else len(idx)}: pass the processor "
-                                     f"to prune_image_tokens(model, processor) so that it "
-                                     f"writes the pruned count")
+                                     f"of which prune_image_tokens keeps {len(idx)}: pass the "
+                                     f"processor to prune_image_tokens(model, processor) so that "
+                                     f"it writes the pruned count")
                 run = run.to(shift.device)
                 shift[b, run] = total[b] + idx.to(shift.device) - torch.arange(
                     len(idx), device=shift.device)
