@@ -277,9 +277,10 @@ def batches(pictures):
 def test_generate_gives_the_kept_rows_their_unpruned_positions_at_every_step(internvl, use_cache):
     """At the prefill the kept rows at their unpruned positions; at step i the new token at the
     unpruned prompt's largest position + 1 + i (without a cache, every step again the whole
-    sequence: the prompt's positions, then those). In a batch and for each prompt alone."""
+    sequence: the prompt's positions, then those). In a batch and, with a cache, for each prompt
+    alone too."""
     model, processor, pictures = internvl
-    runs = batches(pictures)
+    runs = batches(pictures) if use_cache else batches(pictures)[:1]
     fulls = [inputs(processor, images, prompts) for prompts, images in runs]
     prune_image_tokens(model, processor, selection="cls", k_anchors=2, top_m=3)
     recorded, kept = [], []
@@ -320,6 +321,7 @@ def test_generate_gives_the_kept_rows_their_unpruned_positions_at_every_step(int
     assert any(not torch.equal(idx, torch.arange(len(idx))) for idx in kept)
     # The batch kept what each prompt kept alone.
     assert all(torch.equal(a, b) for a, b in zip(kept[:4], kept[4:]))
+    assert len(kept) == (8 if use_cache else 4)
 
 
 def reference_greedy(model, full, keep, steps=STEPS):
