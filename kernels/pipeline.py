@@ -155,18 +155,25 @@ def select_and_gather(x, qkv, num_heads, k_anchors, top_m, alpha, score_norm, nu
 
 
 def select_units(features, q, k, scale, merge2, k_anchors, top_m, selection, alpha, score_norm,
-                 mmr_lambda):
+                 mmr_lambda, class_token=False):
     """The unit selection of one image whose patches attend to each other only (a full-attention
     block), with the Triton kernels: the patch scores from the online-softmax passes (no N x N
     map), their unit means, then the kernels' anchors, mmr, or importance over the anchor units'
-    patches, diversity and top-m on the units. keep (kept,) int64, ascending."""
-    N, H, d = q.shape
-    units = N // merge2
-    packed = torch.cat([q.reshape(N, H * d), k.reshape(N, H * d),
-                        torch.zeros_like(k).reshape(N, H * d)], dim=1)[None].contiguous()
-    stats = softmax_stats(packed, H, scale)
-    received = received_anchors(packed, H, 1, stats, 0, scale)[0]           # (1, N)
-    score = received.view(1, units, merge2).mean(dim=-1)                   # (1, n)
+    patches, diversity and top-m on the units. keep (kept,) int64, ascending. class_token: q and
+    k hold a class token's row first, whose attention row (cls_anchors) gives the patch scores;
+    every row's softmax counts its key."""
+    T, H, d = q.shape
+    p = 1 if class_token else 0
+    units = (T - p) // merge2
+    packed = torch.cat([q.reshape(T, H * d), k.reshape(T, H * d),
+                        torch.zeros_like(k).reshape(T, H * d)], dim=1)[None].contiguous()
+    if class_token:  # importance then normalises each row in its own pass
+        stats = None
+        received = cls_anchors(packed, H, 1, 1, scale)[0][:, 1:]           # (1, N)
+    else:
+        stats = softmax_stats(packed, H, scale)
+        received = received_anchors(packed, H, 1, stats, 0, scale)[0]       # (1, N)
+    score = received.reshape(1, units, merge2).mean(dim=-1)                # (1, n)
     # The unit scores are n means (n at most a few thousand): a stable sort ranks them, ties to
     # the lower unit as in the kernels' top-k.
     ranked = torch.sort(score, dim=-1, descending=True, stable=True).indices
@@ -179,8 +186,8 @@ def select_units(features, q, k, scale, merge2, k_anchors, top_m, selection, alp
     if selection == "mmr":
         return mmr(features, score.contiguous(), anchor_mask, anchor_idx.int(), top_m,
                    mmr_lambda, 0)[0]
-    patches = (anchor_idx[..., None] * merge2 + torch.arange(merge2, device=q.device))
-    weight = importance(packed, H, patches.reshape(1, -1).int(), scale, stats)
-    unit_importance = weight.view(1, units, merge2).mean(dim=-1).contiguous()
+    patches = (anchor_idx[..., None] * merge2 + torch.arange(merge2, device=q.device)) + p
+    weight = importance(packed, H, patches.reshape(1, -1).int(), scale, stats)[:, p:]
+    unit_importance = weight.reshape(1, units, merge2).mean(dim=-1).contiguous()
     return select_topm(unit_importance, diversity(features, anchor_idx.int()), anchor_mask,
                        k_anchors, top_m, alpha, score_norm, 0)[0]

@@ -14,6 +14,7 @@ from lmms_eval.models import get_model  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 from lmms_task import write_task  # noqa: E402  (tests/conftest.py: tools/)
 from tiny_gemma3 import save_gemma3  # noqa: E402
+from tiny_internvl import save_internvl  # noqa: E402
 from tiny_llava import save_llava  # noqa: E402
 from tiny_qwen_vl import save_qwen_vl  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_the_entry_point_registers_every_model():
         assert get_model(model_id).MODEL_ID == model_id
     assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
     assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl",
-                           "tokenprune_qwen3_vl", "tokenprune_gemma3"}
+                           "tokenprune_qwen3_vl", "tokenprune_gemma3", "tokenprune_internvl_hf"}
 
 
 @pytest.mark.parametrize("model_args, named", [
@@ -232,4 +233,21 @@ def test_gemma3_prunes_lmms_evals_own(setup, tmp_path):
                              base_args=base_args)
     assert batched == single
     # What shows that it pruned: this random model's answers may not change.
+    assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2
+
+
+def test_internvl_prunes_lmms_evals_own(setup, tmp_path):
+    """lmms-eval's internvl_hf runs one prompt per generate (it asserts batch_size 1), and so
+    does ours: the answers without pruning are the base's, and pruned ones count 2 image tokens
+    per image (not per tile: its pixel_values hold tiles)."""
+    folder = save_internvl(str(tmp_path / "internvl"))
+    base_args = f"pretrained={folder},max_patches=4"  # the tiny model's 32-px tiles, 1 to 4
+    _, base, _ = evaluate(setup, "internvl_hf", base_args=base_args + ",device_map=cpu")
+    unpruned, ours, _ = evaluate(setup, "tokenprune_internvl_hf", base_args=base_args)
+    assert ours == base and all(answer != [""] for answer in ours)  # the base's "" is a failure
+    # 16 per tile; images of 1 to 4 tiles and a thumbnail.
+    assert unpruned["throughput"]["avg_tokenprune_image_tokens_per_image"] >= 16
+    pruned, answers, _ = evaluate(setup, "tokenprune_internvl_hf", "k_anchors=1,top_m=1",
+                                  base_args=base_args)
+    assert all(answer != [""] for answer in answers)
     assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2

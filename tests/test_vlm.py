@@ -412,7 +412,6 @@ def test_a_deep_copy_keeps_its_own_pruning(llava, pictures):
 
 
 @pytest.mark.parametrize("name, model_type, why", [
-    ("InternVLForConditionalGeneration", "internvl", "InternVL's tiles"),
     ("LlavaNextVideoForConditionalGeneration", "llava_next_video", "video models"),
     ("VideoLlavaForConditionalGeneration", "video_llava", "video models"),
 ])

@@ -191,11 +191,13 @@ def select_mmr(P, x, k_anchors, top_m, mmr_lambda, num_prefix=1, class_token=Tru
 
 # --- units: groups of patches that the language model receives as one token -------------------
 
-def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
+def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20, num_prefix=0):
     """P_U (n, n), SPEC's unit attention, for one image: q, k (N, H, d) after the rotary
     embedding, rows in unit order (the s^2 patches of unit u are rows s^2 u ..); segment (N,)
     the attention segment of each row (keys outside a query's segment get no attention), or None
-    where every patch attends to the whole image.
+    where every patch attends to the whole image. num_prefix: k holds that many prefix rows
+    (a class token) before the N patches, whose keys each row's softmax counts too (segment
+    None then); P_U is over the patches only.
 
     One head and a band of whole units' query rows at a time (about `chunk_elements` logits),
     so that no N x N map is ever alive; the keys are taken patch position first (the first
@@ -203,11 +205,12 @@ def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
     contiguous slices rather than a strided reduction. At Qwen2.5-VL-7B's 4784 patches on a
     2-core CPU this takes about 0.7 s for 16 heads, against 2.2 s for a whole map per head."""
     N, H, _ = q.shape
+    p = num_prefix
     P_units = torch.zeros(units, units, dtype=torch.float32, device=q.device)
     band = max(1, chunk_elements // (N * merge2)) * merge2
     by_position = torch.arange(N, device=q.device).view(units, merge2).T.reshape(-1)
     for h in range(H):
-        keys = k[by_position, h].float().T.contiguous()
+        keys = torch.cat([k[:p, h], k[p:][by_position, h]]).float().T.contiguous()
         for start in range(0, N, band):
             logits = q[start:start + band, h].float() @ keys
             logits.mul_(scale)
@@ -215,20 +218,39 @@ def unit_attention(q, k, segment, scale, units, merge2, chunk_elements=1 << 20):
                 same = segment[start:start + band, None] == segment[by_position][None, :]
                 logits.masked_fill_(~same, float("-inf"))
             rows = logits.shape[0]
-            to_units = logits.softmax(dim=-1).view(rows, merge2, units).sum(dim=1)
+            to_units = logits.softmax(dim=-1)[:, p:].reshape(rows, merge2, units).sum(dim=1)
             P_units[start // merge2:(start + rows) // merge2] += (
                 to_units.view(rows // merge2, merge2, units).sum(dim=1))
     return P_units / (H * merge2 * merge2)
 
 
-def select_units_reference(features, q, k, segment, scale, merge2, k_anchors, top_m, config):
+def select_units_reference(features, q, k, segment, scale, merge2, k_anchors, top_m, config,
+                           class_token=False):
     """SPEC.md, "Image tokens for Qwen2-VL, ...": the kept units (kept,) int64, ascending, of
     one image whose N = n * merge2 patches are in unit order: features (n, merge2 * C) each
     unit's patches side by side, q and k (N, H, d) after the rotary embedding, segment (N,) or
-    None as in unit_attention. The selection of select_from_attention on the unit attention."""
+    None as in unit_attention. The selection of select_from_attention on the unit attention.
+
+    class_token (SPEC.md, "Image tokens for InternVL"): q and k hold the class token's row
+    first (1 + N rows, segment None); a unit's anchor score is the mean of the class token's
+    attention to its patches (softmax over all 1 + N keys), and the unit attention's rows
+    count the class token's key too. The unit attention is computed for "score" only, the one
+    selection that reads it there."""
     units = features.shape[0]
-    P_units = unit_attention(q, k, segment, scale, units, merge2)
+    if not class_token:
+        P_units = unit_attention(q, k, segment, scale, units, merge2)
+        return select_from_attention(
+            P_units[None], features[None], k_anchors, top_m, config.alpha, config.score_norm,
+            num_prefix=0, class_token=False, selection=config.selection,
+            mmr_lambda=config.mmr_lambda)[0]
+    # P over the class token and the units: row 0 the class token's unit scores, then P_U.
+    P = torch.zeros(1 + units, 1 + units, dtype=torch.float32, device=q.device)
+    to_keys = torch.einsum("hd,jhd->hj", q[0].float(), k.float()).mul_(scale).softmax(dim=-1)
+    P[0, 1:] = to_keys.mean(dim=0)[1:].view(units, merge2).mean(dim=1)
+    if config.selection == "score":
+        P[1:, 1:] = unit_attention(q[1:], k, None, scale, units, merge2, num_prefix=1)
+    features = torch.cat([features.new_zeros(1, features.shape[1]), features])
     return select_from_attention(
-        P_units[None], features[None], k_anchors, top_m, config.alpha, config.score_norm,
-        num_prefix=0, class_token=False, selection=config.selection,
-        mmr_lambda=config.mmr_lambda)[0]
+        P[None], features[None], k_anchors, top_m, config.alpha, config.score_norm,
+        num_prefix=1, class_token=True, selection=config.selection,
+        mmr_lambda=config.mmr_lambda)[0] - 1

@@ -97,13 +97,14 @@ def select_and_gather(x: torch.Tensor, qkv: torch.Tensor, num_heads: int, config
 
 def select_units(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  segment: Optional[torch.Tensor], scale: float, merge2: int, kept: int,
-                 config: "PruneConfig", generator: Optional[torch.Generator] = None
-                 ) -> torch.Tensor:
+                 config: "PruneConfig", generator: Optional[torch.Generator] = None,
+                 class_token: bool = False) -> torch.Tensor:
     """The `kept` units (kept,) int64, ascending, of one image whose patches are in unit order
     (tokenprune.reference.select_units_reference has the arguments); the first
     min(k_anchors, kept) are anchors. segment None: every patch attends to the whole image,
     which the kernels need; "auto" takes the reference for a segmented (windowed) block and an
-    explicit "triton" is refused there."""
+    explicit "triton" is refused there. class_token: q and k hold a class token's row before
+    the patches, whose attention scores them (InternVL's tiles)."""
     units = features.shape[0]
     if kept >= units:
         return torch.arange(units, device=features.device)
@@ -121,7 +122,7 @@ def select_units(features: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         from .kernels import pipeline
         return pipeline.select_units(features, q, k, scale, merge2, anchors, kept - anchors,
                                      config.selection, config.alpha, config.score_norm,
-                                     config.mmr_lambda)
+                                     config.mmr_lambda, class_token)
     from .reference import select_units_reference
     return select_units_reference(features, q, k, segment, scale, merge2, anchors,
-                                  kept - anchors, config)
+                                  kept - anchors, config, class_token)

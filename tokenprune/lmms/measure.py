@@ -59,10 +59,7 @@ class PruningPlugin:
                 first_token.append(time.perf_counter())
 
         def measured_generate(*args, **kwargs):
-            grid = kwargs.get("image_grid_thw")  # Qwen-VL: a row per image
-            pixels = kwargs.get("pixel_values")  # LLaVA-1.5: an image per row
-            images = len(grid) if grid is not None else (0 if pixels is None else len(pixels))
-            self.measured["images"] += images
+            self.measured["images"] += self.images_in(kwargs)
             self.measured["image_tokens"] += int((kwargs["input_ids"] == image_token).sum())
             first_token.clear()
             hook = model.register_forward_hook(prefill_done)
@@ -77,6 +74,14 @@ class PruningPlugin:
         model.generate = measured_generate
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
+
+    @staticmethod
+    def images_in(inputs):
+        """The images of a generate call's inputs: a row of image_grid_thw each (Qwen-VL), else
+        a row of pixel_values each (LLaVA-1.5)."""
+        grid = inputs.get("image_grid_thw")
+        pixels = inputs.get("pixel_values")
+        return len(grid) if grid is not None else (0 if pixels is None else len(pixels))
 
     @staticmethod
     def _nothing_measured():

@@ -151,7 +151,7 @@ def find_tower(model):
             return tower
     hint = ""
     if vision_language(model):
-        hint = " (for a LLaVA or Qwen-VL model, use tokenprune.prune_image_tokens)"
+        hint = " (for a LLaVA, Qwen-VL or InternVL model, use tokenprune.prune_image_tokens)"
     raise UnsupportedModelError(f"{type(model).__name__} has an image tower of type "
                                 f"{describe(visual)}; tokenprune supports OpenCLIP, timm and "
                                 f"Hugging Face models whose image tower is one of: "

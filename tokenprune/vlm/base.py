@@ -15,6 +15,9 @@ ATTRIBUTE = "_tokenprune_image_tokens"
 # hand each call's kept units from the *Model to its language model (Qwen-VL, Gemma 3): set and
 # ended by that model's own hooks; its `owner` says whose (a deep copy has a state of its own).
 CALL = ContextVar("tokenprune_call", default=None)
+# The attribute of an image-features output that pairs each image's rows with what the family
+# needs of it (Qwen-VL: its grid (t, h, w); InternVL: its unit count) and its kept units.
+KEPT_UNITS = "tokenprune_kept_units"
 
 
 class ImageTokenPruning:
@@ -233,3 +236,25 @@ def remove_image_token_pruning(obj) -> bool:
             obj.__dict__.pop(name, None)
     delattr(obj, ATTRIBUTE)
     return True
+
+
+def kept_units(features):
+    """(paired, keep): for each image of an image-features output that a pruned tower made, in
+    the order of its rows, what the family paired with them and its kept units (1-D int64);
+    ValueError for features made elsewhere. The pairs are found by the rows' identity, which
+    survives generate's expansion for beams (it repeats an image's rows object)."""
+    pairs = getattr(features, KEPT_UNITS, None)
+    if pairs is None:
+        raise ValueError("the image features given (mm_encoder_outputs) did not come from the "
+                         "pruned model's own tower, so tokenprune cannot tell which units they "
+                         "keep: pass pixel_values instead")
+    paired, keep = [], []
+    for rows in features.pooler_output:
+        found = next(((grid, idx) for rows_of, grid, idx in pairs if rows_of is rows), None)
+        if found is None:
+            raise ValueError("the image features given (mm_encoder_outputs) were split or "
+                             "rebuilt after the pruned tower made them (as a chunked prefill "
+                             "does), so tokenprune cannot tell which units they keep")
+        paired.append(found[0])
+        keep.append(found[1])
+    return paired, keep

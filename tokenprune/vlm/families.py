@@ -45,6 +45,9 @@ FAMILIES = {family.model_type: family for family in (
     Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", "gemma3",
            "Gemma3ImageTokenPruning", "google/gemma-3-4b-it",
            "gemma3", "tokenprune.lmms.gemma3.TokenpruneGemma3", lmms_chat=False),
+    Family("internvl", "InternVL", "InternVLForConditionalGeneration", "internvl",
+           "InternVLImageTokenPruning", "OpenGVLab/InternVL3-8B-hf",
+           "internvl_hf", "tokenprune.lmms.internvl_hf.TokenpruneInternVLHf"),
 )}
 
 # Families that look close but are not handled yet (config.model_type), and why.
@@ -53,7 +56,6 @@ NOT_YET = {
     "llava_onevision": "LLaVA-OneVision's any-resolution tiles and video",
     "llava_next_video": "video models",
     "video_llava": "video models",
-    "internvl": "InternVL's tiles",
     "gemma4": "Gemma 4's variable-resolution images, whose image token count follows each "
               "image's size, and its video and audio inputs",
 }

@@ -35,8 +35,8 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers model of a family in tokenprune.vlm.FAMILIES (LLaVA-1.5 with a CLIP
-    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): its *ForConditionalGeneration or
-    its *Model. Other models raise UnsupportedModelError, which names the supported families.
+    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, InternVL): its
+    *ForConditionalGeneration or its *Model. Other models raise UnsupportedModelError, which names the supported families.
 
     How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
     at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
@@ -54,6 +54,13 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     `fullatt_block_indexes`), and block L and every later block run on the kept units' patches
     only, so that the tower costs less too.
 
+    InternVL (SPEC.md, "Image tokens for InternVL"): the unit is the pixel shuffle's 2 x 2 patch
+    group; an image's count is over all its tiles, spread evenly over them (the remainder to the
+    thumbnail first); the selection is made per tile at the block of `vision_feature_layer` with
+    the class token's attention; every kept token keeps its unpruned position. The patched
+    processor adds `image_num_patches` (each image's tile count) to its output, which the model
+    needs with pixel_values: pass the processor's output whole.
+
     LLaVA: the selection is made at the vision block whose output is
     `config.vision_feature_layer` (the deepest one of a list; a layer that is only the
     embeddings is refused), from that block's input and its own q/k; the language model
@@ -70,10 +77,11 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     (images, kept).
 
     `processor`: the model's processor (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor,
-    Qwen3VLProcessor, Gemma3Processor) to patch as well, so that it writes the kept number of
-    placeholders per image (pass it later with the same call to patch it then). For LLaVA and
-    Gemma 3, prompts with another count of image tokens per image (an unpatched processor's)
-    raise ValueError, which says what to do, when the model runs.
+    Qwen3VLProcessor, Gemma3Processor, InternVLProcessor) to patch as well, so that it writes
+    the kept number of placeholders per image (pass it later with the same call to patch it
+    then). For LLaVA, Gemma 3 and InternVL, prompts with another count of image tokens per
+    image (an unpatched processor's) raise ValueError, which says what to do, when the model
+    runs.
 
     Calling it again replaces the earlier pruning. `tokenprune.remove_pruning(model)` undoes it
     (on the processors patched with it too). When nothing can be pruned (every token kept),

@@ -40,13 +40,11 @@ from numbers import Integral
 import torch
 
 from ..selection import select_units
-from .base import CALL, ImageTokenPruning
+from .base import CALL, KEPT_UNITS, ImageTokenPruning, kept_units
 from .units import image_units, unit_offsets
 
 # The methods a patched model object holds as instance attributes.
 MODEL_METHODS = ("get_image_features", "get_video_features", "get_rope_index")
-# The attribute of an image-features output that pairs each image's rows with its kept units.
-KEPT_UNITS = "tokenprune_kept_units"
 
 
 class Qwen2VLImageTokenPruning(ImageTokenPruning):
@@ -371,27 +369,6 @@ class ImageSlots:
         self.slots = slots
         self.grids = grids
         self.keep = keep
-
-
-def kept_units(features):
-    """(grids, keep): each image's (t, h, w) and kept units (1-D int64) of an image-features
-    output that the pruned tower made, in the order of its rows; ValueError for features made
-    elsewhere."""
-    pairs = getattr(features, KEPT_UNITS, None)
-    if pairs is None:
-        raise ValueError("the image features given (mm_encoder_outputs) did not come from the "
-                         "pruned model's own tower, so tokenprune cannot tell which units they "
-                         "keep: pass pixel_values instead")
-    grids, keep = [], []
-    for rows in features.pooler_output:
-        found = next(((grid, idx) for paired, grid, idx in pairs if paired is rows), None)
-        if found is None:
-            raise ValueError("the image features given (mm_encoder_outputs) were split or "
-                             "rebuilt after the pruned tower made them (as a chunked prefill "
-                             "does), so tokenprune cannot tell which units they keep")
-        grids.append(found[0])
-        keep.append(found[1])
-    return grids, keep
 
 
 class KeptPatches:
