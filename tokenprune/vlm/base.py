@@ -159,3 +159,31 @@ def remove_image_token_pruning(obj) -> bool:
             obj.__dict__.pop(name, None)
     delattr(obj, ATTRIBUTE)
     return True
+
+
+def attach_per_image(output, attribute, *values):
+    """Pair each image's rows of an image-features output (its pooler_output) with values of its
+    own (each of `values` holds one entry per image), as the output's `attribute`: generate's
+    expansion for beams and num_return_sequences repeats an image's rows object, not its index,
+    so per_image finds them again by the rows themselves."""
+    setattr(output, attribute, tuple(zip(output.pooler_output, *values)))
+
+
+def per_image(features, attribute, what):
+    """Per image of an image-features output, in the order of its rows, the tuple of values that
+    attach_per_image paired with its rows; ValueError for features made elsewhere, or split
+    since (`what` the values say, for the message: "units", "rows")."""
+    pairs = getattr(features, attribute, None)
+    if pairs is None:
+        raise ValueError(f"the image features given (mm_encoder_outputs) did not come from the "
+                         f"pruned model's own tower, so tokenprune cannot tell which {what} they "
+                         f"keep: pass pixel_values instead")
+    found = []
+    for rows in features.pooler_output:
+        values = next((pair[1:] for pair in pairs if pair[0] is rows), None)
+        if values is None:
+            raise ValueError(f"the image features given (mm_encoder_outputs) were split or "
+                             f"rebuilt after the pruned tower made them (as a chunked prefill "
+                             f"does), so tokenprune cannot tell which {what} they keep")
+        found.append(values)
+    return found

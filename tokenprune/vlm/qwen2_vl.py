@@ -42,7 +42,7 @@ from numbers import Integral
 import torch
 
 from ..selection import select_units
-from .base import ImageTokenPruning
+from .base import ImageTokenPruning, attach_per_image, per_image
 from .units import image_units, unit_offsets
 
 # The methods a patched model object holds as instance attributes.
@@ -195,7 +195,7 @@ class Qwen2VLImageTokenPruning(ImageTokenPruning):
         # Paired with the rows themselves: generate's expansion for beams and
         # num_return_sequences repeats an image's rows object, not its index. The grid goes
         # along since generate drops image_grid_thw from the inputs once it encoded them.
-        setattr(output, KEPT_UNITS, tuple(zip(output.pooler_output, image_grid_thw, keep)))
+        attach_per_image(output, KEPT_UNITS, image_grid_thw, keep)
         self.last_keep_idx = keep
         return output
 
@@ -396,21 +396,8 @@ def kept_units(features):
     """(grids, keep): each image's (t, h, w) and kept units (1-D int64) of an image-features
     output that the pruned tower made, in the order of its rows; ValueError for features made
     elsewhere."""
-    pairs = getattr(features, KEPT_UNITS, None)
-    if pairs is None:
-        raise ValueError("the image features given (mm_encoder_outputs) did not come from the "
-                         "pruned model's own tower, so tokenprune cannot tell which units they "
-                         "keep: pass pixel_values instead")
-    grids, keep = [], []
-    for rows in features.pooler_output:
-        found = next(((grid, idx) for paired, grid, idx in pairs if paired is rows), None)
-        if found is None:
-            raise ValueError("the image features given (mm_encoder_outputs) were split or "
-                             "rebuilt after the pruned tower made them (as a chunked prefill "
-                             "does), so tokenprune cannot tell which units they keep")
-        grids.append(found[0])
-        keep.append(found[1])
-    return grids, keep
+    found = per_image(features, KEPT_UNITS, "units")
+    return [grid for grid, _ in found], [idx for _, idx in found]
 
 
 class KeptPatches:
