@@ -1,6 +1,7 @@
-"""`tokenprune generate`: answer a prompt about images with a LLaVA or Qwen-VL (Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL) model whose language model sees k + m image tokens per image
-(tokenprune.prune_image_tokens), and say what that saved.
+"""`tokenprune generate`: answer a prompt about images with a vision-language model of a family
+in tokenprune/vlm/families.py (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen-VL, ...) whose
+language model sees fewer image tokens per image (tokenprune.prune_image_tokens), and say what
+that saved.
 
     tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is this?"
     tokenprune generate --model ./saved_llava --image a.png --image b.png --prompt "..." --compare
@@ -22,7 +23,7 @@ import warnings
 from ..config import IMAGE_TOKEN_TOP_M, image_token_config
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
-from ..vlm.families import FAMILIES
+from ..vlm.families import FAMILIES, supported
 
 # model_type -> the transformers class that generate loads it with (tokenprune/vlm/families.py).
 MODEL_CLASSES = {model_type: family.model_class for model_type, family in FAMILIES.items()}
@@ -99,11 +100,9 @@ def local_model_type(model):
 
 def check_model_type(model, model_type):
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CLIError(f"--model {model} is a {model_type!r} model, not LLaVA or Qwen-VL; "
-                       "tokenprune generate runs LlavaForConditionalGeneration, Qwen2-VL, "
-                       "Qwen2.5-VL and Qwen3-VL models (model_type "
-                       f"{', '.join(map(repr, SUPPORTED_MODEL_TYPES))}, such as "
-                       "llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct)")
+        examples = " or ".join(family.example for family in FAMILIES.values())
+        raise CLIError(f"--model {model} is a {model_type!r} model, which tokenprune generate "
+                       f"does not run; it runs {supported()} models (such as {examples})")
 
 
 # ----- loading -------------------------------------------------------------------------------
