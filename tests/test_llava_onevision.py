@@ -33,12 +33,11 @@ PROMPTS = ["USER: <image>\nwhat is this ? ASSISTANT:",
            "USER: <image>\ndescribe the picture ASSISTANT:"]
 # (height, width) px of the images of PROMPTS, in order. LLaVA-NeXT: tile grids 2 x 2 (rows
 # cut to 12 patches), 2 x 1 (columns cut), 2 x 2 (whole), 1 x 3 (8 patches a tile). The last
-# one of LLaVA-OneVision: 4 x 4 tiles, downsampled, whose crop rows pass whole.
+# one of LLaVA-OneVision: 4 x 4 tiles, a 16 x 16 grid that transformers downsamples to 12 x 12.
 SIZES = {"llava_next": [(40, 60), (70, 30), (50, 50), (20, 90)],
          "llava_onevision": [(40, 60), (70, 30), (50, 50), (120, 128)]}
 PER_PROMPT = [[0], [1, 2], [3]]
 STEPS = 3  # new tokens: the prefill and two decoding steps
-DOWNSAMPLED = "ignore:LLaVA-OneVision:UserWarning"  # its downsampled crop grid's warning
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +159,11 @@ def check(seen, expected, pruned, out, model, use_cache):
                 assert torch.equal(embeds[b, length:], tokens), f"step {step} of prompt {b}"
 
 
-@pytest.mark.filterwarnings(DOWNSAMPLED)
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-@pytest.mark.parametrize("how", [dict(ratio=0.3), dict(k_anchors=2, top_m=3, selection="score"),
-                                 dict(ratio=0.5, selection="random")],
-                         ids=["mmr-ratio", "score", "random"])
+@pytest.mark.parametrize("how, use_cache", [
+    (dict(ratio=0.3), True), (dict(ratio=0.3), False),
+    (dict(k_anchors=2, top_m=3, selection="score"), True),
+    (dict(ratio=0.5, selection="random"), False)],
+    ids=["mmr-ratio-cache", "mmr-ratio-no_cache", "score-cache", "random-no_cache"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_language_model_receives_the_unpruned_rows_at_their_positions(llava, family, how,
                                                                          use_cache):
@@ -197,7 +196,6 @@ def language_model_logits(model, rows, positions):
         return model.lm_head(hidden)[0]
 
 
-@pytest.mark.filterwarnings(DOWNSAMPLED)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_the_unpatched_language_model_on_the_kept_rows(llava, family):
     """A forward pass, right-padded: the logits at every real token are those of the unpatched
@@ -226,26 +224,56 @@ def test_logits_equal_the_unpatched_language_model_on_the_kept_rows(llava, famil
 
 
 def sources(model, image_sizes, patched):
-    """Per image, (its rows' sources (rows, 2): tile, patch; (-1, -1) for a newline row, its
-    tile count), read off the unpatched pack_image_features run on marker features."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    tile = model.config.vision_config.image_size
+    """Per image: (each of its rows' source (rows, 2): tile and patch, or (-1, -1) for a newline
+    row; its tile count), read off the unpatched pack_image_features run on marker features
+    (each patch's tile, patch index, and row and column in the crop grid). A grid that
+    LLaVA-OneVision downsamples blends the markers: its cells are read from the same grid packed
+    without downsampling, each at the patch nearest to where its blend samples (exactly; the
+    lower on a tie), which its blended row and column confirm."""
+    from fractions import Fraction
+
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape, image_size_to_num_patches)
+    config = model.config
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
     markers, tiles = [], []
     for size, alone in zip(image_sizes, patched):
-        n = image_size_to_num_patches(size, model.config.image_grid_pinpoints, tile) \
-            if alone else 1
+        n = image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if alone else 1
+        across = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, tile)[1]
+        t, p = torch.meshgrid(torch.arange(n), torch.arange(side * side), indexing="ij")
+        crop = (t - 1).clamp(min=0)
+        y, x = crop // across * side + p // side, crop % across * side + p % side
+        markers.append(torch.stack([t, p, y, x], dim=-1).float())
         tiles.append(n)
-        grid = torch.meshgrid(torch.arange(n), torch.arange(side * side), indexing="ij")
-        markers.append(torch.stack(grid, dim=-1).float())
-    newline = torch.tensor([-1.0, -1.0])
-    sizes = torch.tensor(image_sizes)
-    if model.config.model_type == "llava_next":
-        packed, _ = model.model.pack_image_features(markers, sizes, "default", newline)
-    else:
-        packed, _ = model.model.pack_image_features(markers, sizes, newline,
-                                                    model.config.vision_aspect_ratio)
-    return [(rows.long(), n) for rows, n in zip(packed, tiles)]
+    newline, sizes = torch.full((4,), -1.0), torch.tensor(image_sizes)
+
+    def pack(aspect):
+        if config.model_type == "llava_next":
+            return model.model.pack_image_features(markers, sizes, "default", newline)[0]
+        return model.model.pack_image_features(markers, sizes, newline, aspect)[0]
+    packed = pack(getattr(config, "vision_aspect_ratio", None))
+    whole = pack("anyres_max_1000000")  # never downsampled
+    found = []
+    for rows, grid, n in zip(packed, whole, tiles):
+        source = rows[:, :2].clone()
+        if len(rows) != len(grid):  # downsampled
+            base = side * side
+            h1 = int((grid[:, 0] < 0).sum())
+            cells = grid[base:].view(h1, -1, 4)[:, :-1]       # the grid without downsampling
+            h2 = int((rows[:, 0] < 0).sum())
+            blended = rows[base:].view(h2, -1, 4)[:, :-1]
+            picked = []
+            for axis, size, out in ((0, h1, h2), (1, cells.shape[1], blended.shape[1])):
+                where = [Fraction((2 * i + 1) * size - out, 2 * out) for i in range(out)]
+                at = cells[0, 0, 2 + axis] + torch.tensor([float(w) for w in where])
+                got = blended[..., 2 + axis] if axis else blended[..., 2].T
+                torch.testing.assert_close(got, at.expand_as(got), atol=1e-4, rtol=0)
+                picked.append([int(w) + (w - int(w) > Fraction(1, 2)) for w in where])
+            chosen = cells[picked[0]][:, picked[1], :2]
+            source[base:].view(h2, -1, 2)[:, :-1] = chosen
+        found.append((source.long(), n))
+    return found
 
 
 def kept_by_hand(n, ratio):
@@ -262,8 +290,6 @@ def test_the_cls_selection_keeps_each_tiles_most_attended_patches(llava, family)
     tokens; LLaVA-OneVision's SigLIP: the attention each patch receives from those patches,
     softmax over them alone), plus every newline row."""
     model, processor, images = llava(family)
-    images = images[:2]  # no downsampled grid here
-    batch = inputs(processor, images, PROMPTS[:2])
     layers = model.model.vision_tower.encoder.layers
     block = layers[model.config.vision_feature_layer % (len(layers) + 1) - 1]
     captured = {}
@@ -274,7 +300,7 @@ def test_the_cls_selection_keeps_each_tiles_most_attended_patches(llava, family)
     try:
         prune_image_tokens(model, processor, ratio=0.3, selection="cls")
         with torch.no_grad():
-            model(**inputs(processor, images, PROMPTS[:2]))
+            model(**inputs(processor, images))
         keep = pruned_block(model).last_keep_idx
     finally:
         handle.remove()
@@ -286,7 +312,7 @@ def test_the_cls_selection_keeps_each_tiles_most_attended_patches(llava, family)
         q, k = (proj(y).view(*x.shape[:2], attn.num_heads, -1) for proj in (attn.q_proj,
                                                                               attn.k_proj))
     class_token = family == "llava_next"
-    patched = [True] * 3 if family == "llava_next" else [True, False, False]
+    patched = [True] * 4 if family == "llava_next" else [True, False, False, True]
     sizes = [(image.height, image.width) for prompt in images for image in prompt]
     first = 0
     for (rows, tiles), idx in zip(sources(model, sizes, patched), keep):
@@ -308,12 +334,11 @@ def test_the_cls_selection_keeps_each_tiles_most_attended_patches(llava, family)
         assert idx.tolist() == sorted(expected)
 
 
-@pytest.mark.filterwarnings(DOWNSAMPLED)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_processor_writes_each_images_count_from_its_size(llava, family):
     """Placeholders per image: of each tile's n patches that reach the language model (counted
     here from the markers), ceil(0.3 n) (or with k_anchors + top_m = 5, min(5, n)), plus the
-    newline rows; LLaVA-OneVision's downsampled image: its base tile's count and every crop row.
+    newline rows (LLaVA-OneVision's downsampled grid: each tile's cells, by their patches).
     Unpatched, the processor writes each image's rows; tokenprune's layout of an image has as
     many rows as transformers' processor counts, on sizes from 8 to 139 px a side."""
     model, processor, images = llava(family)
@@ -325,10 +350,7 @@ def test_the_processor_writes_each_images_count_from_its_size(llava, family):
     for how, per_tile in ((dict(ratio=0.3), lambda n: kept_by_hand(n, 0.3)),
                           (dict(k_anchors=2, top_m=3), lambda n: min(5, n))):
         expected = []
-        for index, (rows, tiles) in enumerate(per_image):
-            if family == "llava_onevision" and index == 3:  # downsampled: the crops whole
-                expected.append(per_tile(16) + len(rows) - 16)
-                continue
+        for rows, tiles in per_image:
             counts = torch.bincount(rows[:, 0] + 1, minlength=tiles + 1)  # newlines, tiles
             expected.append(int(counts[0]) + sum(per_tile(int(n)) for n in counts[1:]))
         prune_image_tokens(model, processor, **how)
@@ -368,7 +390,6 @@ def test_ratio_one_is_a_bit_identical_no_op(llava, family):
         assert torch.equal(model(**again).logits, before)
 
 
-@pytest.mark.filterwarnings(DOWNSAMPLED)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remove_pruning_restores_model_and_processor(llava, family):
     model, processor, images = llava(family)
@@ -437,11 +458,23 @@ def test_video_passes_through_unpruned(llava):
     assert torch.equal(after, before)
 
 
-def test_a_downsampled_crop_grid_passes_whole_and_its_base_tile_is_pruned(llava):
+def test_a_downsampled_grid_keeps_cells_by_the_patch_each_weighs_most(llava):
+    """LLaVA-OneVision's 16 x 16 crop grid of the 120 x 128 px image is downsampled to 12 x 12
+    cells, each a blend of up to four patches (sources() checks where each cell samples against
+    transformers' blend): a cell's unit is its nearest patch, all 144 distinct, and each of the
+    16 tiles keeps ceil(ratio c) of its c cells. The cells kept are exactly those rows of the
+    unpatched features (the first test); here, their count and that no warning is given."""
+    import warnings
     model, processor, images = llava("llava_onevision")
-    big = images[2]  # 120 x 128 px: 4 x 4 tiles, 16 x 16 patches downsampled to 12 x 12
-    with pytest.warns(UserWarning, match=r"crop grid of 16 x 16 patches is downsampled .* "
-                                         r"passed whole and only their base tile is pruned"):
+    big = images[2]
+    rows, tiles = sources(model, [(big[0].height, big[0].width)], [True])[0]
+    cells = rows[16:][rows[16:, 0] >= 0]
+    assert len(cells) == 144 and tiles == 17 and len(rows) == 16 + 12 * 13
+    assert len({tuple(cell) for cell in cells.tolist()}) == 144
+    per_tile = torch.bincount(cells[:, 0], minlength=17)[1:]
+    assert per_tile.tolist() == [9] * 16  # rows and columns 0, 1, 3, 4, 5, 7, ... of 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         prune_image_tokens(model, processor, ratio=0.25)
         try:
             batch = inputs(processor, [big], PROMPTS[2:])
@@ -450,10 +483,8 @@ def test_a_downsampled_crop_grid_passes_whole_and_its_base_tile_is_pruned(llava)
             keep = pruned_block(model).last_keep_idx[0]
         finally:
             remove_pruning(model)
-    rows = 16 + 12 * 13  # the base tile, then 12 rows of 12 patches and a newline
-    assert (batch["input_ids"] == model.config.image_token_id).sum() == 4 + rows - 16
-    assert keep[4:].tolist() == list(range(16, rows)) and len(keep) == 4 + rows - 16
-    assert (keep[:4] < 16).all()
+    count = 4 + sum(kept_by_hand(int(c), 0.25) for c in per_tile) + 12
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == count == len(keep)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

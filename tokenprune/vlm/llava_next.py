@@ -43,9 +43,9 @@ CALL = ContextVar("tokenprune_llava_next_call", default=None)
 
 
 class Tile:
-    """One tower image: `candidates` the tower rows (token indices) of its patches that reach
-    the language model, ascending; `rows` the image's language-model rows they become; `kept`
-    how many of them the selection keeps (0 for a tile whose rows pass whole or are padding)."""
+    """One tower image: `candidates` the tower rows (token indices) of its patches that are
+    units (each reaches the language model as a row of its own), ascending; `rows` the image's
+    language-model rows they are; `kept` how many of them the selection keeps."""
 
     def __init__(self, candidates, rows, kept):
         self.candidates = candidates
@@ -56,7 +56,7 @@ class Tile:
 class ImageLayout:
     """One image's language-model rows, from its size alone: `rows` of them without pruning,
     `tiles` its tower images in the tower's order, `always` the rows kept whatever the
-    selection (the newline rows, and the rows that are passed whole)."""
+    selection (the newline rows)."""
 
     def __init__(self, rows, tiles, always):
         self.rows = rows
@@ -84,11 +84,6 @@ def unpadded(height, width, grid_h, grid_w):
         return pad, grid_h - pad, 0, grid_w
     pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
     return 0, grid_h, pad, grid_w - pad
-
-
-def span(start, stop):
-    """start .. stop - 1 as int64, empty when stop <= start (a tile wholly in the padding)."""
-    return torch.arange(start, max(start, stop))
 
 
 class LlavaNextImageTokenPruning(LlavaImageTokenPruning):
@@ -138,29 +133,26 @@ class LlavaNextImageTokenPruning(LlavaImageTokenPruning):
         best_h, best_w = select_best_resolution([height, width], self.pinpoints)
         tiles_h, tiles_w = best_h // self.tile_px, best_w // self.tile_px
         top, bottom, left, right = unpadded(height, width, tiles_h * side, tiles_w * side)
-        grid_h, grid_w = bottom - top, right - left
-        passed = self.passed_whole(grid_h, grid_w)
-        if passed is not None:  # the crop rows reach the language model whole
-            nothing = torch.zeros(0, dtype=torch.long)
-            crops = [Tile(nothing, nothing, 0)] * (tiles_h * tiles_w)
-            return ImageLayout(patches + passed, [base] + crops,
-                               torch.arange(patches, patches + passed))
+        # Each row of the crop grid that the language model receives (a cell), by the patch
+        # it comes from: its row and column in the unpadded grid.
+        ys, xs = self.cells(bottom - top, right - left)
+        r, c = top + ys[:, None].expand(-1, len(xs)), left + xs[None, :].expand(len(ys), -1)
+        tile = (r // side) * tiles_w + c // side
+        token = prefix + (r % side) * side + c % side
+        width = len(xs) + 1  # a row of cells and its newline row
+        row = patches + torch.arange(len(ys))[:, None] * width + torch.arange(len(xs))[None, :]
         tiles = [base]
-        for i in range(tiles_h):
-            for j in range(tiles_w):
-                r = span(max(top, i * side), min(bottom, (i + 1) * side))
-                c = span(max(left, j * side), min(right, (j + 1) * side))
-                r, c = (v.reshape(-1) for v in torch.meshgrid(r, c, indexing="ij"))
-                candidates = prefix + (r - i * side) * side + (c - j * side)
-                rows = patches + (r - top) * (grid_w + 1) + (c - left)
-                tiles.append(Tile(candidates, rows, self.kept(len(rows))))
-        newlines = patches + torch.arange(grid_h) * (grid_w + 1) + grid_w
-        return ImageLayout(patches + grid_h * (grid_w + 1), tiles, newlines)
+        for t in range(tiles_h * tiles_w):  # raster order: each tile's tokens ascend
+            at = tile == t
+            tiles.append(Tile(token[at], row[at], self.kept(int(at.sum()))))
+        newlines = patches + torch.arange(len(ys)) * width + len(xs)
+        return ImageLayout(patches + len(ys) * width, tiles, newlines)
 
-    def passed_whole(self, grid_h, grid_w):
-        """The crop grid's row count when its rows pass whole (no patch of it is one row), else
-        None; LLaVA-NeXT gives each unpadded patch its own row."""
-        return None
+    def cells(self, grid_h, grid_w):
+        """((rows,), (columns,)) int64: for each row and each column of cells the language model
+        receives from a grid_h x grid_w unpadded crop grid, the row and the column of the patch
+        each comes from; LLaVA-NeXT: every patch is a cell."""
+        return torch.arange(grid_h), torch.arange(grid_w)
 
     def layouts(self, image_sizes, options):
         """The ImageLayout of each image of a call, from image_sizes (images, 2) and the call's

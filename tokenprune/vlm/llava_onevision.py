@@ -1,44 +1,39 @@
 """LLaVA-OneVision: LLaVA-NeXT's pruning (llava_next.py) where its model differs.
 - An image in a prompt of several is its base tile alone and one newline row
   (`batch_num_images`): `layouts`, and the processor's count.
-- A crop grid larger than `vision_aspect_ratio` allows ("anyres_max_9": 1.1 x sqrt(9) tiles a
-  side) is downsampled by transformers, bilinearly: each of its rows blends up to four patches,
-  so no patch's selection says which rows to keep. Its crop rows pass whole, with a warning, and
-  only the base tile is pruned (`passed_whole`).
+- A crop grid larger than `vision_aspect_ratio` allows ("anyres_max_9": 9 tiles' worth of
+  patches, and 10 % a side more) is downsampled by transformers, bilinearly, before the newline
+  rows: each row it gives (a cell) blends up to four patches. A cell's unit is the patch its
+  blend weighs most, the nearer of the two it reads in each direction (`cells`); the tiles then
+  select among those patches as among the patches of an undownsampled grid.
 - Video (`pixel_values_videos`) passes through whole: the feature block's hook selects only
   within get_image_features.
 """
 import math
-import warnings
+
+import torch
 
 from .llava_next import LlavaNextImageTokenPruning, NextPlaceholderCount
 
 
 class LlavaOnevisionImageTokenPruning(LlavaNextImageTokenPruning):
+    """The pruning of one LLaVA-OneVision model: LLaVA-NeXT's (`last_keep_idx`, `layout`), with
+    the differences above."""
+
     model_type = "llava_onevision"
     name = "LLaVA-OneVision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     processor_classes = ("LlavaOnevisionProcessor",)
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._warned = False
-
-    def passed_whole(self, grid_h, grid_w):
-        # transformers' rule: "anyres_max_9" allows 9 tiles' worth of patches, and 10 % more.
+    def cells(self, grid_h, grid_w):
+        # transformers' rule and arithmetic: "anyres_max_9" allows 9 tiles' worth of patches;
+        # more than 1.1 times that a side is downsampled to int(size // ratio) a side.
         most = int(self.model.config.vision_aspect_ratio.strip("anyres_max_"))
         ratio = math.sqrt(grid_h * grid_w / (most * self.side ** 2))
         if ratio <= 1.1:
-            return None
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"{self.name}: an image's crop grid of {grid_h} x {grid_w} patches is "
-                          f"downsampled by transformers (vision_aspect_ratio "
-                          f"{self.model.config.vision_aspect_ratio!r}), each row blending up to "
-                          f"four patches: the crop rows of such images are passed whole and "
-                          f"only their base tile is pruned (docs/vlm.md)", stacklevel=2)
-        height, width = int(grid_h // ratio), int(grid_w // ratio)
-        return height * (width + 1)
+            return super().cells(grid_h, grid_w)
+        return (nearest_sources(grid_h, int(grid_h // ratio)),
+                nearest_sources(grid_w, int(grid_w // ratio)))
 
     def layouts(self, image_sizes, options):
         counts = options.get("batch_num_images")
@@ -74,3 +69,13 @@ class OnevisionPlaceholderCount(NextPlaceholderCount):
                 return count == 1
             start += count
         return True
+
+
+def nearest_sources(size, out):
+    """(out,) int64: for each of the `out` samples that bilinear interpolation (align_corners
+    False) takes of `size` values (out < size), the index its blend weighs most. Sample i reads
+    the two values around (i + 1/2) size / out - 1/2; the nearer one, the lower on a tie,
+    computed exactly: the source is ((2i + 1) size - out) / (2 out)."""
+    numerator = (2 * torch.arange(out) + 1) * size - out
+    low = numerator // (2 * out)
+    return torch.where(numerator - low * 2 * out > out, low + 1, low).clamp(max=size - 1)
