@@ -60,7 +60,7 @@ class PruningPlugin:
 
         def measured_generate(*args, **kwargs):
             grid = kwargs.get("image_grid_thw")  # Qwen-VL: a row per image
-            pixels = kwargs.get("pixel_values")  # LLaVA-1.5: an image per row
+            pixels = kwargs.get("pixel_values")  # the LLaVA families: an image per row
             images = len(grid) if grid is not None else (0 if pixels is None else len(pixels))
             self.measured["images"] += images
             self.measured["image_tokens"] += int((kwargs["input_ids"] == image_token).sum())
