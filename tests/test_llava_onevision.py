@@ -371,6 +371,27 @@ def test_the_processor_writes_each_images_count_from_its_size(llava, family):
         assert [c for c, cut in zip(counted, patched) if cut] == alone, how
 
 
+@pytest.mark.parametrize("family, selection", [("llava_next", "mmr"),
+                                               ("llava_onevision", "score")])
+def test_the_triton_backend_keeps_the_rows_the_reference_keeps(llava, family, selection):
+    """The kernels (here under Triton's CPU interpreter, as tests/conftest.py sets it, so two
+    cases only) on every tile group: the CLIP class-token and the SigLIP no-class-token paths."""
+    model, processor, images = llava(family)
+    batch = inputs(processor, images)
+    keeps = {}
+    for backend in ("reference", "triton"):
+        prune_image_tokens(model, ratio=0.3, selection=selection, backend=backend)
+        try:
+            with torch.no_grad():
+                model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
+                                               **({"batch_num_images": batch["batch_num_images"]}
+                                                  if "batch_num_images" in batch else {}))
+            keeps[backend] = pruned_block(model).last_keep_idx
+        finally:
+            remove_pruning(model)
+    assert all(torch.equal(a, b) for a, b in zip(keeps["triton"], keeps["reference"]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ratio_one_is_a_bit_identical_no_op(llava, family):
     model, processor, images = llava(family)
