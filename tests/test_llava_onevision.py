@@ -186,6 +186,32 @@ def test_the_language_model_receives_the_unpruned_rows_at_their_positions(llava,
     assert all(len(idx) < n for idx, n in zip(keep, rows))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beams_and_several_returned_sequences_keep_the_unpruned_positions(llava, family):
+    """generate expands each prompt (two beams, two returned sequences) after it encoded the
+    images: every copy receives its prompt's kept rows at their unpruned positions."""
+    model, processor, images = llava(family)
+    prune_image_tokens(model, processor, ratio=0.3)
+    try:
+        pruned = inputs(processor, images)
+        seen, _ = record(model, lambda: model.generate(
+            **pruned, max_new_tokens=STEPS, min_new_tokens=STEPS, num_beams=2,
+            num_return_sequences=2, do_sample=False))
+        keep = pruned_block(model).last_keep_idx
+    finally:
+        remove_pruning(model)
+    expected, _ = expect(model, processor, images, keep)
+    mask = pruned["attention_mask"].bool().repeat_interleave(2, dim=0)
+    embeds, ids = seen[0]
+    assert len(ids) == 2 * len(expected)
+    for row, real in enumerate(mask):
+        rows, positions, _ = expected[row // 2]
+        assert torch.equal(ids[row, real], positions) and torch.equal(embeds[row, real], rows)
+    last = torch.tensor([e[2] for e in expected]).repeat_interleave(2)
+    for step in range(1, STEPS):
+        assert torch.equal(seen[step][1][:, 0], last + step), f"step {step}"
+
+
 def language_model_logits(model, rows, positions):
     """The unpatched language model and head on the given rows at the given positions, one
     prompt at a time."""
@@ -566,7 +592,9 @@ def test_refusals_are_one_line_naming_what_is_allowed(llava, family):
         remove_pruning(model)
 
 
-def test_features_made_elsewhere_are_refused(llava):
+def test_inputs_it_cannot_place_are_refused(llava):
+    """Image features made elsewhere (they do not say which rows they keep), and images with
+    inputs_embeds only (no placeholders to find)."""
     model, processor, images = llava("llava_next")
     batch = inputs(processor, images[:1], PROMPTS[:1])
     with torch.no_grad():
@@ -578,6 +606,10 @@ def test_features_made_elsewhere_are_refused(llava):
             with torch.no_grad():
                 model(input_ids=pruned["input_ids"], attention_mask=pruned["attention_mask"],
                       mm_encoder_outputs={"image": features})
+        with pytest.raises(ValueError, match="needs input_ids with pixel_values"):
+            with torch.no_grad():
+                model(inputs_embeds=model.get_input_embeddings()(pruned["input_ids"]),
+                      pixel_values=pruned["pixel_values"], image_sizes=pruned["image_sizes"])
     finally:
         remove_pruning(model)
 

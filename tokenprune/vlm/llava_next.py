@@ -317,9 +317,10 @@ class LlavaNextImageTokenPruning(LlavaImageTokenPruning):
         if call is None or call.owner is not self:
             return
         # transformers 5.19 calls it past_key_values (5.25 warns when that name is read).
-        cache = output.get("cache", output.get("past_key_values"))
-        if cache is not None:
-            setattr(cache, SHIFT, call.total)
+        name = next((name for name in ("cache", "past_key_values") if name in output.keys()),
+                    None)
+        if name is not None and output[name] is not None:
+            setattr(output[name], SHIFT, call.total)
 
     # --- install and undo ---------------------------------------------------------------------
 
