@@ -210,8 +210,8 @@ def bad_folders(tmp_path_factory, llava_dir):
     import json
     import shutil
     root = tmp_path_factory.mktemp("bad")
-    (root / "next").mkdir()
-    (root / "next" / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    (root / "other").mkdir()
+    (root / "other" / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
     shutil.copytree(llava_dir, root / "no_processor")
     for name in os.listdir(root / "no_processor"):
         if name not in ("config.json", "generation_config.json", "model.safetensors"):
@@ -229,8 +229,8 @@ def bad_folders(tmp_path_factory, llava_dir):
     (["--score_norm", "max"], 2, "argument --score_norm: invalid choice: 'max'"),
     (["--model", "./no/such/folder"], 1, "--model ./no/such/folder: no such folder"),
     (["--model", "{bad}/empty"], 1, "no config.json in this folder"),
-    (["--model", "{bad}/next"], 1, "is a 'llava_next' model, which tokenprune generate does "
-                                   "not run; it runs LLaVA-1.5 (llava), Qwen2-VL (qwen2_vl)"),
+    (["--model", "{bad}/other"], 1, "is a 'blip-2' model, which tokenprune generate does not "
+                                   "run; it runs LLaVA-1.5 (llava), Qwen2-VL (qwen2_vl)"),
     (["--prompt", " "], 1, "--prompt is empty"),
 ])
 def test_generate_bad_input_is_one_line_before_loading(llava_dir, bad_folders, monkeypatch,

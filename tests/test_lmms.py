@@ -16,6 +16,7 @@ from lmms_task import write_task  # noqa: E402  (tests/conftest.py: tools/)
 from tiny_gemma3 import save_gemma3  # noqa: E402
 from tiny_internvl import save_internvl  # noqa: E402
 from tiny_llava import save_llava  # noqa: E402
+from tiny_llava_next import save_llava_next  # noqa: E402
 from tiny_qwen_vl import save_qwen_vl  # noqa: E402
 
 from helpers import run_main  # noqa: E402
@@ -251,3 +252,24 @@ def test_internvl_prunes_lmms_evals_own(setup, tmp_path):
                                   base_args=base_args)
     assert all(answer != [""] for answer in answers)
     assert pruned["throughput"]["avg_tokenprune_image_tokens_per_image"] == 2
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_next_and_onevision_prune_through_llava_hf(family, setup, tmp_path):
+    """lmms-eval's llava_hf loads transformers' LLaVA-NeXT and LLaVA-OneVision too, so
+    tokenprune_llava_hf prunes them: the answers without pruning are the base's, pruned ones are
+    the same at batch 1 and 2 (left padding, images of different sizes and tile counts), and the
+    results count the pruned placeholders (fewer per image than unpruned)."""
+    folder = save_llava_next(str(tmp_path / family), family)
+    base_args = f"pretrained={folder},dtype=float32"
+    _, base, _ = evaluate(setup, "llava_hf", "device_map=cpu", base_args=base_args)
+    unpruned, ours, _ = evaluate(setup, "tokenprune_llava_hf", base_args=base_args)
+    assert ours == base
+    pruned, single, _ = evaluate(setup, "tokenprune_llava_hf", "ratio=0.25",
+                                 base_args=base_args)
+    _, batched, _ = evaluate(setup, "tokenprune_llava_hf", "ratio=0.25", batch_size=2,
+                             base_args=base_args)
+    assert batched == single
+    before, after = (run["throughput"]["avg_tokenprune_image_tokens_per_image"]
+                     for run in (unpruned, pruned))
+    assert after < before / 2, (before, after)

@@ -56,12 +56,15 @@ SIZES = ("tiny", "cpu", "llava-1.5-7b")
 VISIONS = ("clip", "siglip")
 
 
-def build_tokenizer():
-    """A PreTrainedTokenizerFast over a word-level vocabulary, made without any download."""
+def build_tokenizer(video=False):
+    """A PreTrainedTokenizerFast over a word-level vocabulary, made without any download.
+    video: also a <video> token, last in the vocabulary (the other ids do not change)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ROLES + WORDS + PUNCTUATION)}
+    videos = ["<video>"] if video else []
+    vocab = {token: i for i, token in
+             enumerate(SPECIAL_TOKENS + ROLES + WORDS + PUNCTUATION + videos)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -70,9 +73,11 @@ def build_tokenizer():
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", **({"video_token": "<video>"} if video
+                                                           else {})},
         padding_side="left", model_max_length=4096)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"] + videos})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -1,6 +1,7 @@
-"""`tokenprune generate`: answer a prompt about images with a vision-language model of a family in
-tokenprune/vlm/families.py (LLaVA-1.5, Qwen-VL, Gemma 3, InternVL, ...) whose language
-model sees k + m image tokens per image (tokenprune.prune_image_tokens), and say what that saved.
+"""`tokenprune generate`: answer a prompt about images with a vision-language model of a family
+in tokenprune/vlm/families.py (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen-VL, Gemma 3,
+InternVL, ...) whose language model sees fewer image tokens per image
+(tokenprune.prune_image_tokens), and say what that saved.
 
     tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is this?"
     tokenprune generate --model ./saved_llava --image a.png --image b.png --prompt "..." --compare

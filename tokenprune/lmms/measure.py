@@ -78,7 +78,7 @@ class PruningPlugin:
     @staticmethod
     def images_in(inputs):
         """The images of a generate call's inputs: a row of image_grid_thw each (Qwen-VL), else
-        a row of pixel_values each (LLaVA-1.5)."""
+        a row of pixel_values each (the LLaVA families, Gemma 3)."""
         grid = inputs.get("image_grid_thw")
         pixels = inputs.get("pixel_values")
         return len(grid) if grid is not None else (0 if pixels is None else len(pixels))

@@ -238,23 +238,37 @@ def remove_image_token_pruning(obj) -> bool:
     return True
 
 
-def kept_units(features):
-    """(paired, keep): for each image of an image-features output that a pruned tower made, in
-    the order of its rows, what the family paired with them and its kept units (1-D int64);
-    ValueError for features made elsewhere. The pairs are found by the rows' identity, which
-    survives generate's expansion for beams (it repeats an image's rows object)."""
-    pairs = getattr(features, KEPT_UNITS, None)
+def attach_per_image(output, attribute, *values):
+    """Pair each image's rows of an image-features output (its pooler_output) with values of its
+    own (each of `values` holds one entry per image), as the output's `attribute`: generate's
+    expansion for beams and num_return_sequences repeats an image's rows object, not its index,
+    so per_image finds them again by the rows themselves."""
+    setattr(output, attribute, tuple(zip(output.pooler_output, *values)))
+
+
+def per_image(features, attribute, what):
+    """Per image of an image-features output, in the order of its rows, the tuple of values that
+    attach_per_image paired with its rows; ValueError for features made elsewhere, or split
+    since (`what` the values say, for the message: "units", "rows")."""
+    pairs = getattr(features, attribute, None)
     if pairs is None:
-        raise ValueError("the image features given (mm_encoder_outputs) did not come from the "
-                         "pruned model's own tower, so tokenprune cannot tell which units they "
-                         "keep: pass pixel_values instead")
-    paired, keep = [], []
+        raise ValueError(f"the image features given (mm_encoder_outputs) did not come from the "
+                         f"pruned model's own tower, so tokenprune cannot tell which {what} they "
+                         f"keep: pass pixel_values instead")
+    found = []
     for rows in features.pooler_output:
-        found = next(((grid, idx) for rows_of, grid, idx in pairs if rows_of is rows), None)
-        if found is None:
-            raise ValueError("the image features given (mm_encoder_outputs) were split or "
-                             "rebuilt after the pruned tower made them (as a chunked prefill "
-                             "does), so tokenprune cannot tell which units they keep")
-        paired.append(found[0])
-        keep.append(found[1])
-    return paired, keep
+        values = next((pair[1:] for pair in pairs if pair[0] is rows), None)
+        if values is None:
+            raise ValueError(f"the image features given (mm_encoder_outputs) were split or "
+                             f"rebuilt after the pruned tower made them (as a chunked prefill "
+                             f"does), so tokenprune cannot tell which {what} they keep")
+        found.append(values)
+    return found
+
+
+def kept_units(features):
+    """(paired, keep): for each image of an image-features output that a pruned tower made
+    (attach_per_image with KEPT_UNITS), in the order of its rows, what the family paired with
+    them (Qwen-VL: its grid; InternVL: its unit count) and its kept units (1-D int64)."""
+    found = per_image(features, KEPT_UNITS, "units")
+    return [paired for paired, _ in found], [idx for _, idx in found]

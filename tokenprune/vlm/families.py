@@ -48,12 +48,19 @@ FAMILIES = {family.model_type: family for family in (
     Family("internvl", "InternVL", "InternVLForConditionalGeneration", "internvl",
            "InternVLImageTokenPruning", "OpenGVLab/InternVL3-8B-hf",
            "internvl_hf", "tokenprune.lmms.internvl_hf.TokenpruneInternVLHf"),
+    # lmms-eval's llava_hf loads the transformers LLaVA, LLaVA-NeXT and LLaVA-OneVision models
+    # (its llava_onevision runs the original LLaVA-NeXT code instead, not transformers').
+    Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", "llava_next",
+           "LlavaNextImageTokenPruning", "llava-hf/llava-v1.6-mistral-7b-hf",
+           "llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
+    Family("llava_onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration",
+           "llava_onevision", "LlavaOnevisionImageTokenPruning",
+           "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+           "llava_hf", "tokenprune.lmms.llava_hf.TokenpruneLlavaHf"),
 )}
 
 # Families that look close but are not handled yet (config.model_type), and why.
 NOT_YET = {
-    "llava_next": "LLaVA-NeXT's any-resolution tiles",
-    "llava_onevision": "LLaVA-OneVision's any-resolution tiles and video",
     "llava_next_video": "video models",
     "video_llava": "video models",
     "gemma4": "Gemma 4's variable-resolution images, whose image token count follows each "

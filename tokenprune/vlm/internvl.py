@@ -29,7 +29,7 @@ import torch
 
 from ..selection import select_units
 from ..towers import UnsupportedModelError
-from .base import KEPT_UNITS, ImageTokenPruning, Wrapped, kept_units
+from .base import KEPT_UNITS, ImageTokenPruning, Wrapped, attach_per_image, kept_units
 
 # The key the patched processor adds to its output: each image's tile count, thumbnail included.
 TILES = "image_num_patches"
@@ -163,7 +163,7 @@ class InternVLImageTokenPruning(ImageTokenPruning):
             start += t
         output.pooler_output = tuple(rows)
         # Paired with the rows themselves, as generate's expansion for beams repeats them.
-        setattr(output, KEPT_UNITS, tuple(zip(output.pooler_output, units, keep)))
+        attach_per_image(output, KEPT_UNITS, units, keep)
         self.last_keep_idx = keep
         return output if return_dict is not False else output.to_tuple()
 

@@ -98,8 +98,9 @@ class LlavaImageTokenPruning(ImageTokenPruning):
                                 f"...), or write pruned_block(model).image_seq_length = "
                                 f"{self.image_seq_length} image tokens per image")
 
-    def select(self, block, args, kwargs):
-        """Forward pre-hook of the feature block: SPEC's selection from its input and q/k."""
+    def block_input(self, args, kwargs):
+        """(x, qkv) of the feature block's call: its input (images, T, C) and the q/k/v its
+        attention computes from it (the tower's block adapter), without gradients."""
         adapter = self.adapter
         x, call = adapter.tokens(*args, **kwargs)
         if x.shape[1] != self.num_tokens:
@@ -107,9 +108,15 @@ class LlavaImageTokenPruning(ImageTokenPruning):
                              f"prune_image_tokens was set up for {self.num_tokens} (the "
                              f"configured image size); interpolated positions are not supported")
         with torch.no_grad():
-            qkv = adapter.qkv(x, call)
-            self.last_keep_idx = select_tokens(x, qkv, adapter.num_heads, self.selection_config,
-                                               self.num_prefix, self.class_token, adapter.scale)
+            return x, adapter.qkv(x, call)
+
+    def select(self, block, args, kwargs):
+        """Forward pre-hook of the feature block: SPEC's selection from its input and q/k."""
+        x, qkv = self.block_input(args, kwargs)
+        with torch.no_grad():
+            self.last_keep_idx = select_tokens(x, qkv, self.adapter.num_heads,
+                                               self.selection_config, self.num_prefix,
+                                               self.class_token, self.adapter.scale)
 
     def gather(self, projector, args):
         """Forward pre-hook of the projector: its input becomes the kept rows."""
@@ -149,18 +156,27 @@ class LlavaImageTokenPruning(ImageTokenPruning):
 
     def check_processor(self, processor):
         if type(processor).__name__ not in self.processor_classes:
-            raise UnsupportedModelError(f"prune_image_tokens can patch a LlavaProcessor, got "
+            raise UnsupportedModelError(f"prune_image_tokens can patch a "
+                                        f"{' or '.join(self.processor_classes)}, got "
                                         f"{type(processor).__name__}")
 
     @classmethod
-    def prepare(cls, model, inner, processor, config, ratio, layer):
+    def feature_block(cls, model, inner):
+        """(tower, strategy, block index, num_prefix, num_tokens): the vision tower, its
+        vision_feature_select_strategy, the block where the selection is made, the leading rows
+        that are never candidates and the tokens per tower image; refuses a tower or block it
+        cannot read q/k from."""
         tower = cls.vision_tower(inner, "a CLIP or SigLIP one")
         strategy = model.config.vision_feature_select_strategy
         block_index = _feature_block(model.config, len(tower.blocks))
         block_adapter(tower.blocks[block_index])  # refuses a block type it cannot read q/k from
         # "default" drops row 0: a class token, or for SigLIP a patch that then is never chosen.
         num_prefix = 1 if tower.class_token or strategy == "default" else 0
-        num_tokens = tower.num_patches + tower.num_prefix
+        return tower, strategy, block_index, num_prefix, tower.num_patches + tower.num_prefix
+
+    @classmethod
+    def prepare(cls, model, inner, processor, config, ratio, layer):
+        tower, strategy, block_index, num_prefix, num_tokens = cls.feature_block(model, inner)
         candidates = num_tokens - num_prefix
         # Every image has the same candidates, so one count (and one PruneConfig) holds for all:
         # the count an image of `candidates` units keeps.

@@ -35,8 +35,9 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers model of a family in tokenprune.vlm.FAMILIES (LLaVA-1.5 with a CLIP
-    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, InternVL): its
-    *ForConditionalGeneration or its *Model. Other models raise UnsupportedModelError, which names the supported families.
+    or SigLIP tower, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3,
+    InternVL, ...: tokenprune.vlm.FAMILIES lists them): its *ForConditionalGeneration or its
+    *Model. Other models raise UnsupportedModelError, which names the supported families.
 
     How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
     at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
@@ -76,12 +77,18 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     Gemma 3's own mask lets each image's kept tokens see each other. `last_keep_idx` is
     (images, kept).
 
-    `processor`: the model's processor (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor,
-    Qwen3VLProcessor, Gemma3Processor, InternVLProcessor) to patch as well, so that it writes
-    the kept number of placeholders per image (pass it later with the same call to patch it
-    then). For LLaVA, Gemma 3 and InternVL, prompts with another count of image tokens per
-    image (an unpatched processor's) raise ValueError, which says what to do, when the model
-    runs.
+    LLaVA-NeXT and LLaVA-OneVision (SPEC.md, "Image tokens for LLaVA-NeXT and LLaVA-OneVision"):
+    LLaVA-1.5's selection on every tile, each keeping kept(n) of its n patches that reach the
+    language model, every newline row kept; each kept row at its unpruned position, in a
+    forward pass and under `generate`. `pruned_block(model).last_keep_idx` is a list of one
+    tensor per image of its kept rows; `.layout(height, width).kept` an image's count.
+
+    `processor`: the model's processor (the family's: LlavaProcessor, LlavaNextProcessor,
+    LlavaOnevisionProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor,
+    Gemma3Processor, InternVLProcessor) to patch as well, so that it writes the kept number of
+    placeholders per image (pass it later with the same call to patch it then). For the LLaVA
+    families, Gemma 3 and InternVL, prompts with another count of image tokens per image (an
+    unpatched processor's) raise ValueError, which says what to do, when the model runs.
 
     Calling it again replaces the earlier pruning. `tokenprune.remove_pruning(model)` undoes it
     (on the processors patched with it too). When nothing can be pruned (every token kept),

@@ -40,7 +40,7 @@ from numbers import Integral
 import torch
 
 from ..selection import select_units
-from .base import CALL, KEPT_UNITS, ImageTokenPruning, kept_units
+from .base import CALL, KEPT_UNITS, ImageTokenPruning, attach_per_image, kept_units
 from .units import image_units, unit_offsets
 
 # The methods a patched model object holds as instance attributes.
@@ -188,7 +188,7 @@ class Qwen2VLImageTokenPruning(ImageTokenPruning):
         # Paired with the rows themselves: generate's expansion for beams and
         # num_return_sequences repeats an image's rows object, not its index. The grid goes
         # along since generate drops image_grid_thw from the inputs once it encoded them.
-        setattr(output, KEPT_UNITS, tuple(zip(output.pooler_output, image_grid_thw, keep)))
+        attach_per_image(output, KEPT_UNITS, image_grid_thw, keep)
         self.last_keep_idx = keep
         return output
 
