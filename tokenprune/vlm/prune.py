@@ -35,8 +35,9 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers model of a family in tokenprune.vlm.FAMILIES (LLaVA-1.5 with a CLIP
-    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): its *ForConditionalGeneration or its
-    *Model. Other models raise UnsupportedModelError, which names the supported families.
+    or SigLIP tower, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE): its
+    *ForConditionalGeneration or its *Model. Other models raise UnsupportedModelError, which
+    names the supported families.
 
     How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
     at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
@@ -64,10 +65,10 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     `pruned_block(model).last_keep_idx` is (images, kept) there.
 
     `processor`: the model's processor (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor,
-    Qwen3VLProcessor) to patch as well, so that it writes the kept number of placeholders per
-    image (pass it later with the same call to patch it then). For LLaVA, prompts with another
-    count of image tokens per image (an unpatched processor's) raise ValueError, which says
-    what to do, when the model runs.
+    Qwen3VLProcessor, which Qwen3-VL-MoE and Qwen3.5 use too) to patch as well, so that it
+    writes the kept number of placeholders per image (pass it later with the same call to patch
+    it then). For LLaVA, prompts with another count of image tokens per image (an unpatched
+    processor's) raise ValueError, which says what to do, when the model runs.
 
     Calling it again replaces the earlier pruning. `tokenprune.remove_pruning(model)` undoes it
     (on the processors patched with it too). When nothing can be pruned (every token kept),
