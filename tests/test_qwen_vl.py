@@ -15,7 +15,11 @@ from tokenprune import UnsupportedModelError, prune_image_tokens, pruned_block, 
 
 pytest.importorskip("transformers")
 from helpers import processor_inputs  # noqa: E402
-from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402  (tests/conftest.py: tools/)
+from tiny_qwen_vl import QWEN3_TOWER, build_qwen_vl  # noqa: E402  (tests/conftest.py: tools/)
+
+# The families this file, test_qwen_vl_layer.py and test_qwen_generate.py run on; the ones built
+# on Qwen3-VL since (Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) are tests/test_qwen3_5.py's.
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
 # Left padding, several images in one prompt, images of different sizes, text after the last
@@ -46,7 +50,7 @@ def pictures_for(family):
     """The batch's random images in prompt order (prompt 1 has one, prompt 2 two, prompt 3
     one), of SIZES in the family's patches."""
     from PIL import Image
-    scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
+    scale = 2 if family in QWEN3_TOWER else 1  # 16-px patches: the same unit grids
     rng = np.random.default_rng(0)
     drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3), dtype=np.uint8))
              for h, w in SIZES]

@@ -22,9 +22,9 @@ import torch
 from tokenprune import prune_image_tokens, pruned_block, remove_pruning
 
 pytest.importorskip("transformers")
-from test_qwen_vl import (batched_generate_equals_each_alone, expected_logits,  # noqa: E402
-                          inputs, pictures_for, unpruned)
-from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402
+from test_qwen_vl import (FAMILIES, batched_generate_equals_each_alone,  # noqa: E402
+                          expected_logits, inputs, pictures_for, unpruned)
+from tiny_qwen_vl import build_qwen_vl  # noqa: E402
 
 DEEP = {"qwen2_vl": dict(depth=3),
         "qwen2_5_vl": dict(depth=4, fullatt_block_indexes=[1, 3]),
