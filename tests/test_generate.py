@@ -230,7 +230,7 @@ def bad_folders(tmp_path_factory, llava_dir):
     (["--model", "./no/such/folder"], 1, "--model ./no/such/folder: no such folder"),
     (["--model", "{bad}/empty"], 1, "no config.json in this folder"),
     (["--model", "{bad}/next"], 1, "is a 'llava_next' model, not LLaVA or Qwen-VL; tokenprune "
-                                   "generate runs LlavaForConditionalGeneration, Qwen2-VL"),
+                                   "generate runs LLaVA-1.5 (llava), Qwen2-VL (qwen2_vl)"),
     (["--prompt", " "], 1, "--prompt is empty"),
 ])
 def test_generate_bad_input_is_one_line_before_loading(llava_dir, bad_folders, monkeypatch,

@@ -1,5 +1,6 @@
 """`tokenprune generate`: answer a prompt about images with a LLaVA or Qwen-VL (Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL) model whose language model sees k + m image tokens per image
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE; tokenprune/vlm/families.py has the
+list) model whose language model sees k + m image tokens per image
 (tokenprune.prune_image_tokens), and say what that saved.
 
     tokenprune generate --model llava-hf/llava-1.5-7b-hf --image cat.png --prompt "What is this?"
@@ -22,7 +23,7 @@ import warnings
 from ..config import IMAGE_TOKEN_TOP_M, image_token_config
 from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
 
-from ..vlm.families import FAMILIES
+from ..vlm.families import FAMILIES, supported
 
 # model_type -> the transformers class that generate loads it with (tokenprune/vlm/families.py).
 MODEL_CLASSES = {model_type: family.model_class for model_type, family in FAMILIES.items()}
@@ -100,10 +101,9 @@ def local_model_type(model):
 def check_model_type(model, model_type):
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CLIError(f"--model {model} is a {model_type!r} model, not LLaVA or Qwen-VL; "
-                       "tokenprune generate runs LlavaForConditionalGeneration, Qwen2-VL, "
-                       "Qwen2.5-VL and Qwen3-VL models (model_type "
-                       f"{', '.join(map(repr, SUPPORTED_MODEL_TYPES))}, such as "
-                       "llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct)")
+                       f"tokenprune generate runs {supported()} models (their model_type in "
+                       "brackets), such as llava-hf/llava-1.5-7b-hf or "
+                       "Qwen/Qwen2.5-VL-7B-Instruct")
 
 
 # ----- loading -------------------------------------------------------------------------------
