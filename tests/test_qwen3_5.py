@@ -324,6 +324,31 @@ def test_a_text_only_qwen3_5_is_refused_naming_the_supported_families(tiny):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("family, dense", [("qwen3_vl_moe", "Qwen3VLForConditionalGeneration"),
+                                           ("qwen3_5_moe", "Qwen3_5ForConditionalGeneration")])
+def test_an_moe_checkpoint_loaded_as_the_dense_class_is_refused_naming_its_classes(
+        family, dense, tmp_path):
+    """What lmms-eval's qwen3_vl and qwen3_5 load for an MoE folder whose name lacks "A3B": the
+    dense class (its MLPs newly made) with the MoE config. Refused, saying which classes."""
+    import transformers
+    from tiny_qwen_vl import save_qwen_vl
+    from transformers.utils import logging as transformers_logging
+    folder = save_qwen_vl(str(tmp_path / family), family, "tiny", seed=0)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report of missing weights
+    try:
+        model = getattr(transformers, dense).from_pretrained(folder)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    assert model.config.model_type == family
+    with pytest.raises(UnsupportedModelError, match=rf"^tokenprune.prune_image_tokens cannot "
+                                                    rf"prune {dense} \(its config is .*'s, "
+                                                    rf"'{family}', whose classes are \w+Moe"
+                                                    rf"ForConditionalGeneration and \w+Model\); "
+                                                    rf"it supports "):
+        prune_image_tokens(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_generate_command_compares_a_saved_model(family, tmp_path, capsys):
     """tokenprune generate --compare on the saved tiny model: the unpruned and the pruned answers,

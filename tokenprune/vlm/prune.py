@@ -15,13 +15,18 @@ def family_of(model):
     UnsupportedModelError naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILIES.get(model_type)
+    because = ""
     if family is not None:
         pruning = family.pruning_class()
         inner = pruning.inner_model(model)
         if inner is not None:
             return pruning, inner
+        # Another family's class loaded from this family's config (lmms-eval loads a dense
+        # class for an MoE checkpoint whose name lacks its "A3B"): say which classes it needs.
+        because = (f" (its config is {family.name}'s, {model_type!r}, whose classes are "
+                   f"{' and '.join(pruning.model_classes)})")
     why = NOT_YET.get(model_type)
-    because = f" ({why} are not supported yet)" if why else ""
+    because = f" ({why} are not supported yet)" if why else because
     raise UnsupportedModelError(f"tokenprune.prune_image_tokens cannot prune "
                                 f"{type(model).__name__}{because}; it supports {supported()}: "
                                 f"their *ForConditionalGeneration and *Model classes")
