@@ -284,6 +284,23 @@ def test_video_passes_through_unpruned(tiny, family, layer):
     assert len(after[0]) == 4 and torch.equal(after[0], before[0])
 
 
+def test_the_triton_kernels_keep_the_units_the_reference_keeps(tiny):
+    """The kernels (Triton's CPU interpreter here) on Qwen3.5's tower, whose blocks all attend to
+    the whole image: the units of the PyTorch reference (test_qwen_vl runs every selection on
+    Qwen3-VL, whose tower Qwen3-VL-MoE has as it is)."""
+    model, processor, pictures = tiny("qwen3_5")
+    batch = inputs(processor, pictures)
+    keeps = {}
+    for backend in ("reference", "triton"):
+        prune_image_tokens(model, k_anchors=2, top_m=3, backend=backend)
+        with torch.no_grad():
+            model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        keeps[backend] = pruned_block(model).last_keep_idx
+    remove_pruning(model)
+    assert all(torch.equal(a, b) for a, b in zip(keeps["triton"], keeps["reference"],
+                                                 strict=True))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_refusals(tiny, family):
     model, processor, _ = tiny(family)
