@@ -6,9 +6,10 @@
 - Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's tower without deepstack features (3 blocks here), and a
   language model whose first layer is a gated delta net (linear attention, which reads no
   positions) and whose second is full attention (3D M-RoPE).
-The vision attention is sharpened (test_qwen_vl_layer's `sharpen`), so that the kept units and
-the rows after a cut depend on the rotary positions. The prompts and images are test_qwen_vl's:
-a left-padded batch of 3 prompts with 4 images of 6, 8, 9 and 9 units.
+The models are test_qwen_vl_layer's `deep` ones (its DEEP), with sharpened vision attention, so
+that the kept units and the rows after a cut depend on the rotary positions. The prompts and
+images are test_qwen_vl's: a left-padded batch of 3 prompts with 4 images of 6, 8, 9 and 9
+units.
 
 Every expectation is computed here from the unpatched model, never from the pruned one: the kept
 units by the cls rule from the selecting block's captured input and its own q/k (test_qwen_vl_
@@ -25,29 +26,12 @@ from tokenprune import UnsupportedModelError, prune_image_tokens, pruned_block, 
 
 pytest.importorskip("transformers")
 from test_qwen_generate import STEPS, batches, reference_greedy  # noqa: E402
-from test_qwen_vl import expected_logits, inputs, kept_columns, pictures_for, unpruned  # noqa: E402
-from test_qwen_vl_layer import HOW, captured_input, cls_keep, full_pieces, reference  # noqa: E402
-from test_qwen_vl_layer import sharpen  # noqa: E402
-from tiny_qwen_vl import build_qwen_vl  # noqa: E402
+import test_qwen_vl  # noqa: E402  (its logits test, called on these families)
+from test_qwen_vl import inputs, kept_columns, unpruned, video_passes_through  # noqa: E402
+from test_qwen_vl_layer import (HOW, LAYER, captured_input, cls_keep, deep,  # noqa: E402,F401
+                                full_pieces, reference)
 
 FAMILIES = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-DEEP = {"qwen3_vl_moe": dict(depth=4, deepstack_visual_indexes=[0, 2]),
-        "qwen3_5": dict(depth=3), "qwen3_5_moe": dict(depth=3)}
-LAYER = 1
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """get(family) -> (model, processor, pictures), built once per module."""
-    built = {}
-
-    def get(family):
-        if family not in built:
-            model, processor = build_qwen_vl(family, "tiny", seed=1, vision=DEEP[family])
-            sharpen(model)
-            built[family] = model, processor, pictures_for(family)
-        return built[family]
-    return get
 
 
 def units_of(batch):
@@ -147,11 +131,11 @@ def check_calls(model, full, pruned, keeps, pieces, tokens, calls, use_cache):
 @pytest.mark.parametrize("layer", [None, LAYER], ids=["last_block", "layer"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_language_model_receives_the_kept_rows_at_their_unpruned_positions(
-        tiny, family, layer, use_cache):
+        deep, family, layer, use_cache):
     """At the prefill and at every decoding step of generate, batched and each prompt alone:
     the rows, the positions (and Qwen3-VL-MoE's deepstack rows), the positions' rotary
     embedding at every full-attention layer, the kept units, and the greedy tokens."""
-    model, processor, pictures = tiny(family)
+    model, processor, pictures = deep(family)
     runs = batches(pictures) if layer is None and use_cache else batches(pictures)[:1]
     fulls = [inputs(processor, images, prompts) for prompts, images in runs]
     expected = [expected_pieces(model, full, layer) for full in fulls]
@@ -190,35 +174,20 @@ def test_the_language_model_receives_the_kept_rows_at_their_unpruned_positions(
     (dict(k_anchors=2, top_m=3), "left"),  # the default selection, mmr
     (dict(ratio=0.5, selection="score", k_anchors=1), "right")])
 def test_logits_equal_the_unpatched_language_model_and_notice_a_wrong_position(
-        tiny, family, how, side):
+        deep, family, how, side):
     """A forward pass (no generate): the logits at every real token equal the unpatched
     language model's on the kept rows at their unpruned positions; the same rows with each image
-    token's height and width swapped give other logits, so a wrong position would fail here."""
-    model, processor, pictures = tiny(family)
-    batch = inputs(processor, pictures)
-    pieces = unpruned(model, batch)
-    prune_image_tokens(model, processor, **how)
-    try:
-        pruned = inputs(processor, pictures, side=side)
-        with torch.no_grad():
-            logits = model(**pruned).logits
-        state = pruned_block(model)
-        keep = state.last_keep_idx
-    finally:
-        remove_pruning(model)
-    assert [len(idx) for idx in keep] == [state.kept(n) for n in units_of(batch)]
-    expected, mask = expected_logits(model, batch, pieces, keep)
-    real = pruned["attention_mask"].bool()
-    torch.testing.assert_close(logits[real], expected[mask.bool()], atol=1e-5, rtol=1e-5)
-    wrong, _ = expected_logits(model, batch, pieces, keep, swap_positions=True)
-    assert not torch.allclose(logits[real], wrong[mask.bool()], atol=1e-4, rtol=1e-4)
+    token's height and width swapped give other logits, so a wrong position would fail here
+    (test_qwen_vl's test, on these families)."""
+    test_qwen_vl.test_logits_equal_the_unpatched_language_model_on_the_kept_rows(
+        deep, family, how, side)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_processor_writes_the_kept_count_of_each_grid(tiny, family):
+def test_the_processor_writes_the_kept_count_of_each_grid(deep, family):
     """ceil(0.3 n) placeholders for an image of n units, before the tower runs: the same for
     two different images of one grid, and what _get_num_multimodal_tokens says for its size."""
-    model, processor, pictures = tiny(family)
+    model, processor, pictures = deep(family)
     images = pictures[:3] + [pictures[3].transpose(0)]  # images 3 and 4: one grid, other pixels
     prune_image_tokens(model, processor, ratio=0.3)
     try:
@@ -235,8 +204,8 @@ def test_the_processor_writes_the_kept_count_of_each_grid(tiny, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ratio_one_is_bit_identical_and_remove_pruning_restores(tiny, family):
-    model, processor, pictures = tiny(family)
+def test_ratio_one_is_bit_identical_and_remove_pruning_restores(deep, family):
+    model, processor, pictures = deep(family)
     batch = inputs(processor, pictures)
     with torch.no_grad():
         before = model(**batch).logits
@@ -267,28 +236,16 @@ def test_ratio_one_is_bit_identical_and_remove_pruning_restores(tiny, family):
 
 @pytest.mark.parametrize("layer", [None, LAYER])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_video_passes_through_unpruned(tiny, family, layer):
+def test_video_passes_through_unpruned(deep, family, layer):
     """Qwen3.5 encodes video through get_image_features (Qwen3-VL too): still whole."""
-    model, processor, _ = tiny(family)
-    grid = torch.tensor([[1, 4, 4]])
-    video = torch.randn(16, 2 * 3 * 16 * 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model.model.get_video_features(video, grid).pooler_output
-    prune_image_tokens(model, processor, ratio=0.25, layer=layer)
-    try:
-        with torch.no_grad():
-            after = model.model.get_video_features(video, grid).pooler_output
-        assert pruned_block(model).last_keep_idx is None
-    finally:
-        remove_pruning(model)
-    assert len(after[0]) == 4 and torch.equal(after[0], before[0])
+    video_passes_through(*deep(family)[:2], layer)
 
 
-def test_the_triton_kernels_keep_the_units_the_reference_keeps(tiny):
+def test_the_triton_kernels_keep_the_units_the_reference_keeps(deep):
     """The kernels (Triton's CPU interpreter here) on Qwen3.5's tower, whose blocks all attend to
     the whole image: the units of the PyTorch reference (test_qwen_vl runs every selection on
     Qwen3-VL, whose tower Qwen3-VL-MoE has as it is)."""
-    model, processor, pictures = tiny("qwen3_5")
+    model, processor, pictures = deep("qwen3_5")
     batch = inputs(processor, pictures)
     keeps = {}
     for backend in ("reference", "triton"):
@@ -302,8 +259,8 @@ def test_the_triton_kernels_keep_the_units_the_reference_keeps(tiny):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_refusals(tiny, family):
-    model, processor, _ = tiny(family)
+def test_refusals(deep, family):
+    model, processor, _ = deep(family)
     depth = len(model.model.visual.blocks)
     with pytest.raises(UnsupportedModelError, match=r"^prune_image_tokens can patch a "
                                                     r"Qwen3VLProcessor for .*, got \w+$"):
@@ -324,12 +281,12 @@ def test_refusals(tiny, family):
     remove_pruning(model)
 
 
-def test_a_text_only_qwen3_5_is_refused_naming_the_supported_families(tiny):
+def test_a_text_only_qwen3_5_is_refused_naming_the_supported_families(deep):
     """Qwen3_5ForCausalLM (the language model alone, model_type qwen3_5_text) has no image
     tokens to prune."""
     from tokenprune.vlm import supported
     from transformers import Qwen3_5ForCausalLM
-    model, _, _ = tiny("qwen3_5")
+    model, _, _ = deep("qwen3_5")
     text_only = Qwen3_5ForCausalLM(model.config.text_config)
     with pytest.raises(UnsupportedModelError) as refusal:
         prune_image_tokens(text_only)
