@@ -1,19 +1,23 @@
 """A vision-language model's time to first token with fewer image tokens, and the ceiling its
-token counts allow: Qwen2.5-VL-7B and LLaVA-1.5-7B at their real shapes.
+token counts allow: Qwen2.5-VL-7B, Qwen3.5-9B and LLaVA-1.5-7B at their real shapes.
 
 The models come from tools/tiny_qwen_vl.py and tools/tiny_llava.py with random weights (speed
 does not depend on them), in bfloat16, with a prompt of about 40 text tokens:
 - "qwen2.5-vl-7b": the Qwen2.5-VL-7B-Instruct configuration, one 1288 x 728 image (92 x 52
   patches, 1196 image tokens) per prompt;
+- "qwen3.5-9b": the Qwen3.5-9B configuration (a gated-delta-net and full-attention language
+  model, a 27-block tower without windows), one 1280 x 736 image (80 x 46 patches of 16 px, 920
+  image tokens) per prompt;
 - "llava-1.5-7b": the LLaVA-1.5-7B configuration (CLIP ViT-L/14 at 336 px, Vicuna-7B), one
   336 x 336 image (576 image tokens) per prompt.
-On CUDA at batch 1 and 4. On the CPU at batch 1 only when TOKENPRUNE_BENCH_QWEN_7B=1 or
-TOKENPRUNE_BENCH_LLAVA_7B=1 (the weights take about 17 and 14 GB: run one of them alone, with
-`-k qwen` or `-k llava`). With TOKENPRUNE_BENCH_SMOKE=1 the tiny models at batch 1 and 2.
+On CUDA at batch 1 and 4. On the CPU at batch 1 only when TOKENPRUNE_BENCH_QWEN_7B=1,
+TOKENPRUNE_BENCH_QWEN35_9B=1 or TOKENPRUNE_BENCH_LLAVA_7B=1 (the weights take about 17, 19 and
+14 GB: run one of them alone, with `-k qwen2.5`, `-k qwen3.5` or `-k llava`). With
+TOKENPRUNE_BENCH_SMOKE=1 the tiny models at batch 1 and 2.
 
 Providers: "unpruned", and prune_image_tokens at ratio 0.25 and 0.1 (default selection, mmr).
-Qwen's are also pruned inside the tower at `layer` 7, 15 and -1 (its full-attention blocks
-7, 15 and 31; the smoke run: -1 only).
+Qwen's are also pruned inside the tower at `layer` 7, 15 and -1 (Qwen2.5-VL-7B's
+full-attention blocks 7, 15 and 31; any block of Qwen3.5's tower; the smoke run: -1 only).
 Measures, each a pytest-benchmark row with its extra_info:
 - ttft: one forward over the prompt with the image, to the first token's logits (the tower,
   the selection, the projector or merger, and the language model's prefill);
@@ -39,12 +43,15 @@ import torch
 pytest.importorskip("transformers")
 
 from tiny_llava import build_llava  # noqa: E402
-from tiny_qwen_vl import build_qwen_vl  # noqa: E402
+from tiny_qwen_vl import SIZES as QWEN_SIZES, build_qwen_vl  # noqa: E402
 
 import tokenprune  # noqa: E402
 
 SMOKE = os.environ.get("TOKENPRUNE_BENCH_SMOKE", "0") not in ("", "0")
-ON_CPU = {"qwen2.5-vl-7b": "TOKENPRUNE_BENCH_QWEN_7B", "llava-1.5-7b": "TOKENPRUNE_BENCH_LLAVA_7B"}
+ON_CPU = {"qwen2.5-vl-7b": "TOKENPRUNE_BENCH_QWEN_7B", "qwen3.5-9b": "TOKENPRUNE_BENCH_QWEN35_9B",
+          "llava-1.5-7b": "TOKENPRUNE_BENCH_LLAVA_7B"}
+# A Qwen size's image, (height, width): a multiple of its patch size x 2 (14 or 16 px patches).
+QWEN_IMAGE = {"qwen2.5-vl-7b": (728, 1288), "qwen3.5-9b": (736, 1280)}
 RATIOS = (None, 0.25, 0.1)
 LAYERS = (None, 7, 15, -1)  # Qwen2.5-VL-7B's full-attention blocks 7, 15 and 31
 PROMPT = ("what is the color of the big dog on the left of the picture , and how many people "
@@ -75,12 +82,13 @@ def vlm(request, env):
         side = model.config.vision_config.image_size
         text = f"USER: <image>\n{PROMPT} ASSISTANT:"
         return model, processor, random_image(side, side), "tiny llava" if SMOKE else size, text
-    model, processor = build_qwen_vl("qwen2_5_vl", "tiny" if SMOKE else size, seed=0,
+    family = QWEN_SIZES[size]
+    model, processor = build_qwen_vl(family, "tiny" if SMOKE else size, seed=0,
                                      dtype=dtype, device=env.device)
     text = (f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n"
             f"<|im_start|>assistant\n")
-    image = random_image(48, 64) if SMOKE else random_image(728, 1288)
-    return model, processor, image, "tiny qwen2.5-vl" if SMOKE else size, text
+    image = random_image(48, 64) if SMOKE else random_image(*QWEN_IMAGE[size])
+    return model, processor, image, f"tiny {family}" if SMOKE else size, text
 
 
 def language_model_positions(model, inputs):

@@ -65,7 +65,8 @@ def test_the_entry_point_registers_every_model():
         assert get_model(model_id).MODEL_ID == model_id
     assert get_model("tokenprune_llava_hf") is TokenpruneLlavaHf
     assert set(MODELS) == {"tokenprune_llava_hf", "tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl",
-                           "tokenprune_qwen3_vl", "tokenprune_gemma3", "tokenprune_internvl_hf"}
+                           "tokenprune_qwen3_vl", "tokenprune_qwen3_5", "tokenprune_gemma3",
+                           "tokenprune_internvl_hf"}
 
 
 @pytest.mark.parametrize("model_args, named", [
@@ -196,22 +197,30 @@ def test_lmms_sweep_bad_input_is_one_line(argv, says, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                                    "qwen3_5", "qwen3_5_moe"])
 def test_qwen_models_prune_lmms_evals_own(family, setup, tmp_path):
     """The base batches already: the answers without pruning are the base's, pruned ones are
-    the same at batch 1 and 2 (left padding), and the results count 2 image tokens per image."""
-    folder = save_qwen_vl(str(tmp_path / family), family)
+    the same at batch 1 and 2 (left padding), and the results count 2 image tokens per image.
+    The base is lmms-eval's model for the family (FAMILIES' lmms_model): its qwen3_vl and qwen3_5
+    load the MoE class when the pretrained name holds an active size such as "A1B"."""
+    from tokenprune.vlm import FAMILIES
+    base_model = FAMILIES[family].lmms_model
+    folder = save_qwen_vl(str(tmp_path / (f"{family}-A1B" if "moe" in family else family)),
+                          family)
     # Small images (the tiny model's 8-px patches), and the CPU: the base's "auto" needs CUDA.
     base_args = f"pretrained={folder},min_pixels=256,max_pixels=4096"
-    _, base, _ = evaluate(setup, family, base_args=base_args + ",device_map=cpu")
-    unpruned, ours, _ = evaluate(setup, f"tokenprune_{family}", base_args=base_args)
-    assert ours == base
+    if base_model == "qwen3_5":  # else it keeps only what follows </think>: nothing here
+        base_args += ",enable_thinking=False"
+    _, base, _ = evaluate(setup, base_model, base_args=base_args + ",device_map=cpu")
+    unpruned, ours, _ = evaluate(setup, f"tokenprune_{base_model}", base_args=base_args)
+    assert ours == base and any(answer != [""] for answer in base)  # answers to compare
     assert unpruned["throughput"]["avg_tokenprune_image_tokens_per_image"] > 2
     # The second setting prunes inside the tower (layer=-1: the tiny towers' last block).
     for setting in ("k_anchors=1,top_m=1", "k_anchors=1,top_m=1,layer=-1"):
-        pruned, single, _ = evaluate(setup, f"tokenprune_{family}", setting,
+        pruned, single, _ = evaluate(setup, f"tokenprune_{base_model}", setting,
                                      base_args=base_args)
-        _, batched, _ = evaluate(setup, f"tokenprune_{family}", setting, batch_size=2,
+        _, batched, _ = evaluate(setup, f"tokenprune_{base_model}", setting, batch_size=2,
                                  base_args=base_args)
         assert batched == single, setting
         # What shows that it pruned: this random model's answers may not change.

@@ -32,9 +32,40 @@ LLAVA_HF = ("pretrained", "revision", "device", "dtype", "batch_size", "trust_re
             "attn_implementation", "device_map", "chat_template", "use_cache", "max_frames_num")
 
 
+class SimpleQwen3VL(LmmsModel):
+    """lmms-eval 0.7.3's simple qwen3_vl (its arguments shortened): named arguments, then
+    **kwargs that it asserts to be empty."""
+
+    def __init__(self, pretrained="Qwen/Qwen3-VL-4B-Instruct", device="cuda", batch_size=1,
+                 min_pixels=200704, enable_thinking=None, **kwargs):
+        assert kwargs == {}, f"Unexpected kwargs: {kwargs}"
+
+
+class SimpleQwen3_5(SimpleQwen3VL):
+    """Its simple qwen3_5: other defaults for some, the rest handed on to qwen3_vl's."""
+
+    def __init__(self, pretrained="Qwen/Qwen3.5-4B", min_pixels=65536, max_frames=None,
+                 enable_thinking=True, **kwargs):
+        super().__init__(pretrained=pretrained, min_pixels=min_pixels,
+                         enable_thinking=enable_thinking, **kwargs)
+
+
+class ChatQwen3VL(SimpleQwen3VL):
+    """Its chat qwen3_vl: the simple one's __init__, inherited."""
+
+
+class ChatQwen3_5(ChatQwen3VL, SimpleQwen3_5):
+    """Its chat qwen3_5: the chat qwen3_vl and the simple qwen3_5, no __init__ of its own."""
+
+
 def test_the_base_arguments_are_the_named_parameters_of_its_init():
     assert declared_arguments(ChatLlavaHf) == LLAVA_HF
     assert declared_arguments(LmmsModel) == ()
+    # An __init__ that hands **kwargs on: its parent's named parameters count too.
+    assert declared_arguments(ChatQwen3_5) == ("pretrained", "min_pixels", "max_frames",
+                                               "enable_thinking", "device", "batch_size")
+    assert declared_arguments(ChatQwen3VL) == ("pretrained", "device", "batch_size",
+                                               "min_pixels", "enable_thinking")
 
 
 def test_a_misspelt_model_argument_is_refused_in_one_line_naming_the_allowed_ones():

@@ -18,9 +18,9 @@ import torch
 from tokenprune import prune_image_tokens, pruned_block, remove_pruning
 
 pytest.importorskip("transformers")
-from test_qwen_vl import PER_PROMPT, PROMPTS, inputs, kept_columns, unpruned  # noqa: E402
+from test_qwen_vl import (FAMILIES, PER_PROMPT, PROMPTS, inputs, kept_columns,  # noqa: E402
+                          unpruned)
 from test_qwen_vl_layer import LAYER, deep  # noqa: E402,F401  (the module-scoped fixture)
-from tiny_qwen_vl import FAMILIES  # noqa: E402
 
 STEPS = 3  # new tokens: the prefill and two decoding steps
 
@@ -102,11 +102,13 @@ def test_generate_gives_each_kept_token_its_unpruned_position(deep, family, laye
     assert any(not torch.equal(idx, torch.arange(len(idx))) for idx in kept)
 
 
-def reference_greedy(model, full, keep):
+def reference_greedy(model, full, keep, pieces=None):
     """Greedy decoding of STEPS tokens by the unpatched language model, called here on the
     unpruned prompt's input rows and positions with the dropped image rows taken out (left-padded),
-    each new token appended at the next position, the whole sequence run again at each step."""
-    embeds, positions, _, deepstack = unpruned(model, full)
+    each new token appended at the next position, the whole sequence run again at each step.
+    `pieces`: test_qwen_vl's `unpruned` pieces to take the rows from (default: the unpatched
+    model's own, for the selection at the last block)."""
+    embeds, positions, _, deepstack = pieces or unpruned(model, full)
     columns = kept_columns(full, model, keep)
     image = full["input_ids"] == model.config.image_token_id
     B, width = len(columns), max(map(len, columns))

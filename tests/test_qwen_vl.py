@@ -15,7 +15,11 @@ from tokenprune import UnsupportedModelError, prune_image_tokens, pruned_block, 
 
 pytest.importorskip("transformers")
 from helpers import processor_inputs  # noqa: E402
-from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402  (tests/conftest.py: tools/)
+from tiny_qwen_vl import QWEN3_TOWER, build_qwen_vl  # noqa: E402  (tests/conftest.py: tools/)
+
+# The families this file, test_qwen_vl_layer.py and test_qwen_generate.py run on; the ones built
+# on Qwen3-VL since (Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) are tests/test_qwen3_5.py's.
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
 # Left padding, several images in one prompt, images of different sizes, text after the last
@@ -46,7 +50,7 @@ def pictures_for(family):
     """The batch's random images in prompt order (prompt 1 has one, prompt 2 two, prompt 3
     one), of SIZES in the family's patches."""
     from PIL import Image
-    scale = 2 if family == "qwen3_vl" else 1  # 16-px patches: the same unit grids
+    scale = 2 if family in QWEN3_TOWER else 1  # 16-px patches: the same unit grids
     rng = np.random.default_rng(0)
     drawn = [Image.fromarray(rng.integers(0, 256, (h * scale, w * scale, 3), dtype=np.uint8))
              for h, w in SIZES]
@@ -301,10 +305,16 @@ def test_ratio_one_is_bit_identical_and_remove_pruning_restores(qwen, family):
 @pytest.mark.parametrize("layer", [None, -1])  # -1: pruning inside the tower leaves it too
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_video_passes_through_unpruned(qwen, family, layer):
-    model, processor, _ = qwen(family)
-    patch = 2 * 2 * 3 * (16 if family == "qwen3_vl" else 8) ** 2  # t x s x s x C x patch^2 / 2
+    video_passes_through(*qwen(family)[:2], layer)
+
+
+def video_passes_through(model, processor, layer):
+    """The features of a 4 x 4-patch video (4 tokens) pruned with `layer` equal the unpatched
+    model's, and nothing is selected (also used by test_qwen3_5.py)."""
+    patch = model.config.vision_config.patch_size
     grid = torch.tensor([[1, 4, 4]])
-    video = torch.randn(16, patch // 4 * 2, generator=torch.Generator().manual_seed(0))
+    # 16 patches, each t x C x patch^2 values (t = 2 frames, C = 3 colours)
+    video = torch.randn(16, 2 * 3 * patch ** 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model.model.get_video_features(video, grid).pooler_output
     prune_image_tokens(model, processor, ratio=0.25, layer=layer)

@@ -22,13 +22,16 @@ import torch
 from tokenprune import prune_image_tokens, pruned_block, remove_pruning
 
 pytest.importorskip("transformers")
-from test_qwen_vl import (batched_generate_equals_each_alone, expected_logits,  # noqa: E402
-                          inputs, pictures_for, unpruned)
-from tiny_qwen_vl import FAMILIES, build_qwen_vl  # noqa: E402
+from test_qwen_vl import (FAMILIES, batched_generate_equals_each_alone,  # noqa: E402
+                          expected_logits, inputs, pictures_for, unpruned)
+from tiny_qwen_vl import build_qwen_vl  # noqa: E402
 
 DEEP = {"qwen2_vl": dict(depth=3),
         "qwen2_5_vl": dict(depth=4, fullatt_block_indexes=[1, 3]),
-        "qwen3_vl": dict(depth=4, deepstack_visual_indexes=[0, 2])}
+        "qwen3_vl": dict(depth=4, deepstack_visual_indexes=[0, 2]),
+        # test_qwen3_5.py's, with this fixture
+        "qwen3_vl_moe": dict(depth=4, deepstack_visual_indexes=[0, 2]),
+        "qwen3_5": dict(depth=3), "qwen3_5_moe": dict(depth=3)}
 LAYER = 1
 WINDOW = 2  # units per window side in the tiny Qwen2.5-VL (32 px windows, 8 px patches, 2 x 2)
 HOW = dict(k_anchors=1, ratio=0.4, selection="cls")

@@ -1,5 +1,5 @@
 """`tokenprune generate`: answer a prompt about images with a vision-language model of a family
-in tokenprune/vlm/families.py (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen-VL, Gemma 3,
+in tokenprune/vlm/families.py (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen-VL, Qwen3.5, Gemma 3,
 InternVL, ...) whose language model sees fewer image tokens per image
 (tokenprune.prune_image_tokens), and say what that saved.
 

@@ -67,12 +67,22 @@ def _as_float(model_id, name, value):
 
 def declared_arguments(base_class):
     """The model arguments an lmms-eval model class takes: the named parameters of its
-    __init__. lmms-eval's models also take **kwargs, but only to assert that it is empty, so a
-    name outside these fails there, after a traceback that the command line exits 0 from."""
+    __init__. lmms-eval's models also take **kwargs, mostly only to assert that it is empty, so a
+    name outside these fails there, after a traceback that the command line exits 0 from. Some
+    hand **kwargs on to their parent's __init__ (qwen3_5 to qwen3_vl's), so the named parameters
+    of every __init__ up the class order count, until one that takes no **kwargs."""
     import inspect
-    parameters = list(inspect.signature(base_class.__init__).parameters.values())[1:]  # self
-    return tuple(p.name for p in parameters
-                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    names = []
+    for cls in base_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # self
+        names += [p.name for p in parameters if p.name not in names
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return tuple(names)
 
 
 def _unknown_argument(model_id, name, base_arguments, ours):

@@ -9,6 +9,7 @@ import torch
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 from . import PruningArgumentError, declared_arguments, split_pruning_arguments
+from ..towers import UnsupportedModelError
 from ..vlm import prune_image_tokens
 
 
@@ -46,7 +47,9 @@ class PruningPlugin:
         if pruning:
             try:
                 prune_image_tokens(model, processor, **pruning)
-            except ValueError as err:  # a layer outside the tower: one line, status 1
+            # A layer outside the tower, or a model class that is not its config's family's
+            # (an MoE checkpoint loaded as dense): one line, status 1.
+            except (ValueError, UnsupportedModelError) as err:
                 raise PruningArgumentError(self.MODEL_ID, str(err)) from None
         image_token = model.config.image_token_id
         generate = model.generate

@@ -7,7 +7,7 @@
 - base.py: what every family's pruning shares (hooks, wrapped methods, the processor's count,
   undoing it); units.py: the unit counts and grids;
 - one module per family: llava.py, llava_next.py, llava_onevision.py, qwen2_vl.py,
-  qwen2_5_vl.py, qwen3_vl.py.
+  qwen2_5_vl.py, qwen3_vl.py, qwen3_vl_moe.py, qwen3_5.py, qwen3_5_moe.py, gemma3.py, internvl.py.
 The unit selection itself is tokenprune.selection's, as for the ViTs. The names below are
 imported on first use, so that reading the family table imports nothing heavy.
 """

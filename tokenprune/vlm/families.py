@@ -41,6 +41,17 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "qwen3_vl",
            "Qwen3VLImageTokenPruning", "Qwen/Qwen3-VL-2B-Instruct",
            "qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL"),
+    # lmms-eval's qwen3_vl and qwen3_5 load the MoE class when the pretrained name has a size
+    # like "A3B" (its own rule), so one tokenprune model serves the dense and the MoE family.
+    Family("qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe",
+           "Qwen3VLMoeImageTokenPruning", "Qwen/Qwen3-VL-30B-A3B-Instruct",
+           "qwen3_vl", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_VL"),
+    Family("qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "qwen3_5",
+           "Qwen3_5ImageTokenPruning", "Qwen/Qwen3.5-9B",
+           "qwen3_5", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_5"),
+    Family("qwen3_5_moe", "Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe",
+           "Qwen3_5MoeImageTokenPruning", "Qwen/Qwen3.5-35B-A3B",
+           "qwen3_5", "tokenprune.lmms.qwen_vl.TokenpruneQwen3_5"),
     # lmms-eval 0.7.3 has a simple implementation for gemma3 only.
     Family("gemma3", "Gemma 3", "Gemma3ForConditionalGeneration", "gemma3",
            "Gemma3ImageTokenPruning", "google/gemma-3-4b-it",

@@ -15,13 +15,18 @@ def family_of(model):
     UnsupportedModelError naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILIES.get(model_type)
+    because = ""
     if family is not None:
         pruning = family.pruning_class()
         inner = pruning.inner_model(model)
         if inner is not None:
             return pruning, inner
+        # Another family's class loaded from this family's config (lmms-eval loads a dense
+        # class for an MoE checkpoint whose name lacks its "A3B"): say which classes it needs.
+        because = (f" (its config is {family.name}'s, {model_type!r}, whose classes are "
+                   f"{' and '.join(pruning.model_classes)})")
     why = NOT_YET.get(model_type)
-    because = f" ({why} are not supported yet)" if why else ""
+    because = f" ({why} are not supported yet)" if why else because
     raise UnsupportedModelError(f"tokenprune.prune_image_tokens cannot prune "
                                 f"{type(model).__name__}{because}; it supports {supported()}: "
                                 f"their *ForConditionalGeneration and *Model classes")
@@ -35,9 +40,10 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     """Make a vision-language model's language model receive fewer image tokens per image.
 
     `model`: a transformers model of a family in tokenprune.vlm.FAMILIES (LLaVA-1.5 with a CLIP
-    or SigLIP tower, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3,
-    InternVL, ...: tokenprune.vlm.FAMILIES lists them): its *ForConditionalGeneration or its
-    *Model. Other models raise UnsupportedModelError, which names the supported families.
+    or SigLIP tower, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+    Qwen3.5, Qwen3.5-MoE, Gemma 3, InternVL: tokenprune.vlm.FAMILIES lists them): its
+    *ForConditionalGeneration or its *Model. Other models raise UnsupportedModelError, which
+    names the supported families.
 
     How many: `ratio=None` keeps `k_anchors + top_m` per image (`top_m` is 54 when not given;
     at most all of them); `ratio` in (0, 1] keeps ceil(ratio * n) of an image's n tokens (a
@@ -84,8 +90,8 @@ def prune_image_tokens(model: Any, processor: Any = None, k_anchors: int = 10,
     tensor per image of its kept rows; `.layout(height, width).kept` an image's count.
 
     `processor`: the model's processor (the family's: LlavaProcessor, LlavaNextProcessor,
-    LlavaOnevisionProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor,
-    Gemma3Processor, InternVLProcessor) to patch as well, so that it writes the kept number of
+    LlavaOnevisionProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor (which
+    Qwen3-VL-MoE and Qwen3.5 use too), Gemma3Processor, InternVLProcessor) to patch as well, so that it writes the kept number of
     placeholders per image (pass it later with the same call to patch it then). For the LLaVA
     families, Gemma 3 and InternVL, prompts with another count of image tokens per image (an
     unpatched processor's) raise ValueError, which says what to do, when the model runs.
