@@ -11,7 +11,8 @@ setup(
     version=VERSION,
     description="Training-free visual token pruning for Vision Transformers (OpenCLIP, timm "
                 "and Hugging Face) and the image tokens of vision-language models (LLaVA-1.5, "
-                "Qwen2/2.5/3-VL), with fused Triton kernels",
+                "LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Qwen3.5, Gemma 3, InternVL), "
+                "with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
