@@ -447,8 +447,12 @@ def no_lmms_run(monkeypatch):
 @pytest.mark.parametrize("model, setting, message", [
     ("tokenprune_llava_hf", "layer=1",
      "--setting 'layer=1': layer is for the Qwen-VL models (tokenprune_qwen2_vl, "
-     "tokenprune_qwen2_5_vl, tokenprune_qwen3_vl); tokenprune_llava_hf prunes at the vision "
-     "block whose output LLaVA uses: leave layer out"),
+     "tokenprune_qwen2_5_vl, tokenprune_qwen3_vl, tokenprune_qwen3_5); tokenprune_llava_hf "
+     "prunes at the vision block whose output LLaVA uses: leave layer out"),
+    ("tokenprune_gemma3", "layer=1",
+     "--setting 'layer=1': layer is for the Qwen-VL models (tokenprune_qwen2_vl, "
+     "tokenprune_qwen2_5_vl, tokenprune_qwen3_vl, tokenprune_qwen3_5); tokenprune_gemma3 "
+     "prunes where its family's section of SPEC.md says: leave layer out"),
     ("tokenprune_qwen2_5_vl", "k_anchors=2,layer=0",
      "--setting 'k_anchors=2,layer=0': layer 0 is window-attention block 0 of Qwen2.5-VL's "
      "vision tower: layer must be one of its full-attention blocks [1, 3] (or [-3, -1])"),

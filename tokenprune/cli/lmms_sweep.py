@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 
-from ..lmms import MODELS
 from .common import CLIError, _check_writable
 from .generate import layer_problem
 
@@ -40,6 +39,19 @@ def check_lmms_sweep_args(args):
 LLAVA_MODEL = "tokenprune_llava_hf"
 
 
+def models_taking_layer():
+    """The lmms-eval models all of whose families can cut inside the vision tower (`layer`),
+    from tokenprune/vlm/families.py and each family's class (which imports torch)."""
+    from ..vlm.families import FAMILIES
+    taking = {}
+    for family in FAMILIES.values():
+        if family.lmms_model is not None:
+            model = f"tokenprune_{family.lmms_model}"
+            takes = family.pruning_class().layer_inside_tower
+            taking[model] = taking.get(model, True) and takes
+    return [model for model, takes in taking.items() if takes]
+
+
 def check_setting_layers(args):
     """Every setting's layer, before the first (unpruned) run: the LLaVA model takes none, and
     a Qwen-VL model's config (a pretrained= folder, or the Hugging Face cache) says which blocks
@@ -48,11 +60,13 @@ def check_setting_layers(args):
                   if "layer" in setting]
     if not with_layer:
         return
-    if args.model == LLAVA_MODEL:
+    taking = models_taking_layer()
+    if args.model not in taking:
         text, _ = with_layer[0]
+        where = ("at the vision block whose output LLaVA uses" if args.model == LLAVA_MODEL
+                 else "where its family's section of SPEC.md says")
         raise CLIError(f"--setting {text!r}: layer is for the Qwen-VL models "
-                       f"({', '.join(m for m in MODELS if m != LLAVA_MODEL)}); {LLAVA_MODEL} "
-                       "prunes at the vision block whose output LLaVA uses: leave layer out")
+                       f"({', '.join(taking)}); {args.model} prunes {where}: leave layer out")
     config = _pretrained_config(args.model_args)
     if config is None:
         return  # known once lmms-eval loads the model: its run then fails, in its log
