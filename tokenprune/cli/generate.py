@@ -177,7 +177,7 @@ def check_prompt_fits(args, config, processor, texts, images, per_answer):
     """The longest prompt (as the pruned model reads it, and unpruned with --compare) plus
     --max_new_tokens fits the language model's max_position_embeddings: checked with the
     processor, before the weights load."""
-    from ..qwen_vl import kept_count
+    from ..vlm.units import kept_count
     limit = max_positions(config)
     if limit is None:
         return
