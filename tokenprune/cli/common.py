@@ -21,6 +21,7 @@ from itertools import product
 from typing import NamedTuple
 
 from ..config import BACKENDS, CONTROLS, MMR_LAMBDA, SCORE_NORMS, SELECTIONS, PruneConfig
+from .swap import swapped
 
 PROG = "tokenprune"
 DEFAULT_DATASET_ROOT = "root"  # CLIP_benchmark's --dataset_root default
@@ -1126,10 +1127,9 @@ def loading_errors(model_name, pretrained, random_weights_noted=False, tokenizer
              "load_checkpoint": _step("load", factory.load_checkpoint, checkpoint_mismatch),
              "HFTokenizer": _step("tokenizer", make_tokenizer,
                                   lambda source, *args, **kwargs: (source, tokenizer_dir))}
-    from unittest import mock  # here, not at the top: it imports asyncio (70 ms of --help)
     logging.getLogger().addFilter(log_filter)
     try:
-        with mock.patch.multiple(factory, **steps):
+        with swapped([(factory, name, step) for name, step in steps.items()]):
             yield
     except CLIError:
         raise

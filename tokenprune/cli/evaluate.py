@@ -28,7 +28,6 @@ import time
 import types
 import warnings
 from contextlib import contextmanager
-from unittest import mock
 
 import torch
 from clip_benchmark import cli as cb_cli
@@ -45,6 +44,7 @@ from .common import (DEFAULT_DATASET_ROOT, PROG, PRUNING_DEFAULTS, SHIPPED_DATAS
                      add_tokenizer_argument, add_verbose_argument, check_blocks, check_model,
                      check_tokenizer, cpu_has_native_bfloat16, loading_errors, note,
                      prune_config, quiet_warnings)
+from .swap import swapped
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
@@ -73,7 +73,7 @@ def eval_parser():
 
     # Only clip_benchmark.cli sees the swap: its `argparse` becomes a copy with our class.
     argparse_copy = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": Capturing})
-    with mock.patch.object(cb_cli, "argparse", argparse_copy):
+    with swapped([(cb_cli, "argparse", argparse_copy)]):
         parser, _ = cb_cli.get_parser_args()
     Capturing.capturing = False
     for action in parser._actions:  # argparse keeps no public handle on its subparsers
@@ -345,19 +345,6 @@ def clip_benchmark_hooks(args, config):
         # The block's own no-op warning repeats the one _prepare printed, once per run.
         warnings.filterwarnings("ignore", message=NOOP_WARNING)
         yield session
-
-
-@contextmanager
-def swapped(swaps):
-    """Set module attributes, (module, name, value) each, for the duration of the block."""
-    originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    try:
-        for module, name, value in swaps:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in originals:
-            setattr(module, name, value)
 
 
 def run_eval(args):

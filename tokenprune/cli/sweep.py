@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from unittest import mock
 
 import torch
 
@@ -30,6 +29,7 @@ from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
 from .common import (SHIPPED_MODELS, CLIError, check_model, check_sweep_before_loading,
                      check_sweep_blocks, check_tokenizer, one_value, quiet_warnings,
                      schedule_text, sweep_lists)
+from .swap import swapped
 
 
 def check_sweep_args(args):
@@ -210,8 +210,8 @@ def _sweep_classification(state, original_evaluate, zsc):
 def _metrics(original_evaluate, zsc, logits, target, classifier, dataloader, device, amp):
     """CLIP_benchmark's own metrics of these logits: its evaluate(), with the classifier and
     the logits handed in instead of computed."""
-    with mock.patch.object(zsc, "zero_shot_classifier", lambda *a, **k: classifier), \
-            mock.patch.object(zsc, "run_classification", lambda *a, **k: (logits, target)):
+    with swapped([(zsc, "zero_shot_classifier", lambda *a, **k: classifier),
+                  (zsc, "run_classification", lambda *a, **k: (logits, target))]):
         return original_evaluate(None, dataloader, None, None, None, device, amp=amp)
 
 
@@ -648,7 +648,7 @@ def run_sweep(args):
     from clip_benchmark.metrics import zeroshot_classification as zsc
     from tqdm import tqdm
 
-    from .evaluate import clip_benchmark_hooks, swapped
+    from .evaluate import clip_benchmark_hooks  # imports clip_benchmark: seconds
 
     lists = check_sweep_args(args)
     base = copy(args)
