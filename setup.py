@@ -21,8 +21,8 @@ setup(
     # Face's `kernels` package (which transformers imports) always wins over it, even from the repo
     # root. tokenprune/kernels is a link to that folder: the kernels install, and import in an
     # editable install, as the namespace subpackage tokenprune.kernels (docs/design.md).
-    packages=["tokenprune", "tokenprune.towers", "tokenprune.vlm", "tokenprune.cli", "tokenprune.kernels",
-              "tokenprune.lmms"],
+    packages=["tokenprune", "tokenprune.towers", "tokenprune.vlm", "tokenprune.cli",
+              "tokenprune.cli.commands", "tokenprune.kernels", "tokenprune.lmms"],
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
         # ResidualAttentionBlock with batch_first and VisionTransformer.transformer.resblocks;

@@ -13,7 +13,7 @@ import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tokenprune.cli import clip_benchmark_flags, common, evaluate  # noqa: E402
+from tokenprune.cli import checks, clip_benchmark_flags, evaluate, loading, model_checks  # noqa: E402
 
 from helpers import CLASSES, TINY, TINY_CFG, run_main  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_missing_hub_tokenizer_after_loading_blames_the_tokenizer(tiny, hf_token
     import huggingface_hub.constants
     model, _ = hf_tokenized
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(common, "tokenizer_cached", lambda hub_id: True)  # the check passes
+    monkeypatch.setattr(model_checks, "tokenizer_cached", lambda hub_id: True)  # the check passes
 
     def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
@@ -151,7 +151,7 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, native):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
                        f"flags\t\t: {flags}\n")
-    assert common.cpu_has_native_bfloat16(str(cpuinfo)) is native
+    assert checks.cpu_has_native_bfloat16(str(cpuinfo)) is native
 
 
 def test_random_weights_note_suggests_the_models_own_tags(tmp_path, capsys, no_loading):
@@ -295,7 +295,7 @@ def test_mismatch_names_the_builds_and_the_index(tiny, tmp_path, capsys, monkeyp
     """Raised while the model loads (inside the loading-error translation): the same line, with
     the torchvision series made for the installed torch (0.(minor + 15) for torch 2.x) and the
     index of torch's own build."""
-    monkeypatch.setattr(common, "installed_version", installed.get)
+    monkeypatch.setattr(loading, "installed_version", installed.get)
     monkeypatch.setattr(open_clip, "create_model_and_transforms",
                         lambda *args, **kwargs: import_torchvision_fails())
     # --no_amp: on a CPU without native bfloat16 the advice to add it is a line of its own.

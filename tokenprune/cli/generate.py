@@ -21,7 +21,9 @@ import time
 import warnings
 
 from ..config import IMAGE_TOKEN_ARGUMENTS, IMAGE_TOKEN_TOP_M, image_token_config
-from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
+from .checks import check_device
+from .common import DEBUG_ENV, CLIError, note
+from .loading import torchvision_mismatch_message
 
 from ..vlm.families import FAMILIES
 

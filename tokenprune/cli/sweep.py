@@ -4,7 +4,8 @@ CLIP_benchmark's own `run()` loads the model and the dataset and builds the zero
 classifier; its `run_classification` is swapped for one that encodes each batch with the
 library's engine (tokenprune.sweep.GridEncoder), and CLIP_benchmark's `evaluate` turns every
 configuration's logits into metrics. So every grid point gets the numbers
-`tokenprune eval --enable_pruning` gives. summary.md and the plot are drawn by sweep_report.py.
+`tokenprune eval --enable_pruning` gives. summary.md and the plot are drawn by sweep_report.py;
+the flags are checked before this module is imported (tokenprune/cli/commands/sweep.py).
 """
 import csv
 import functools
@@ -25,19 +26,20 @@ from ..patch import visual_tower
 from ..sweep import (GridEncoder, block_widths, grid_points, mean_tokens, relative_cost,
                      tower_blocks, tower_patches)
 from ..towers import find_tower
-from .common import SWEEP_OUTPUT_FILES as OUTPUT_FILES
-from .common import (SHIPPED_MODELS, CLIError, check_model, check_sweep_before_loading,
-                     check_sweep_blocks, check_tokenizer, one_value, quiet_warnings, sweep_lists)
+from .checks import one_value
+from .common import CLIError
+from .loading import quiet_warnings
+from .model_checks import check_model, check_sweep_blocks, check_tokenizer
+from .shipped_rules import SHIPPED_MODELS
 from .swap import swapped
-from .sweep_report import plot, simpler_choice_findings, summary_markdown
+from .sweep_report import OUTPUT_FILES, plot, simpler_choice_findings, summary_markdown
 
 
 def check_sweep_args(args):
-    """Everything that can be checked before a model loads; returns the checked lists."""
+    """What needs CLIP_benchmark or OpenCLIP to check, before the model loads: the task of the
+    dataset, the model's pretrained tag and tower, its text tokenizer."""
     from clip_benchmark.datasets.builder import get_dataset_default_task
 
-    lists = sweep_lists(args)
-    check_sweep_before_loading(args, lists)  # also checked before this module was imported
     model, pretrained, dataset = (one_value(args, name)
                                   for name in ("model", "pretrained", "dataset"))
     task = args.task
@@ -51,7 +53,6 @@ def check_sweep_args(args):
     if model not in SHIPPED_MODELS:  # a shipped model was checked with its dataset before
         check_model(model, pretrained, pruning_flag="")
         check_tokenizer(model, args.tokenizer)
-    return lists
 
 
 class _Sweep:
@@ -299,8 +300,9 @@ def write_outputs(output_dir, meta, result):
 
 # ----- run ----------------------------------------------------------------------------------
 
-def run_sweep(args):
-    """`tokenprune sweep`: check the flags, run the grid through CLIP_benchmark, write."""
+def run_sweep(args, lists):
+    """`tokenprune sweep` once its flags are checked (`lists`: the grid's, from
+    commands/sweep.py's sweep_lists): the grid through CLIP_benchmark, then the files."""
     from copy import copy
 
     from clip_benchmark import cli as cb_cli
@@ -309,7 +311,7 @@ def run_sweep(args):
 
     from .evaluate import clip_benchmark_hooks  # imports clip_benchmark: seconds
 
-    lists = check_sweep_args(args)
+    check_sweep_args(args)
     base = copy(args)
     for name in ("model", "pretrained", "dataset", "language"):
         setattr(base, name, one_value(args, name))

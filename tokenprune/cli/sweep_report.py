@@ -1,4 +1,4 @@
-"""What `tokenprune sweep` writes about its grid: summary.md (the table, the
+"""What `tokenprune sweep` writes about its grid (OUTPUT_FILES): summary.md (the table, the
 findings where a simpler choice wins, which cut or schedule wins at each budget), the plot of
 the primary metric against kept tokens, and the statistics they rest on (the noise margin, Wilson
 intervals). Plain Python: matplotlib is imported only to draw. tokenprune/cli/sweep.py runs the
@@ -7,7 +7,10 @@ import math
 import os
 
 from ..config import CONTROLS
-from .common import schedule_text
+from .flags import schedule_text
+
+# What `tokenprune sweep` writes into --output_dir.
+OUTPUT_FILES = ("results.csv", "results.json", "accuracy_vs_tokens.png", "summary.md")
 
 
 def _weights(meta):

@@ -22,8 +22,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..patch import remove_pruning, replace_last_block
 from ..towers import find_tower
-from .common import (CLIError, check_blocks, check_device, note, prune_config, schedule_text,
-                     use_shipped_model)
+from .checks import check_device
+from .common import CLIError, note
+from .flags import prune_config, schedule_text
+from .model_checks import check_blocks
+from .shipped_rules import use_shipped_model
 from .visualize_model import (clip_model_input, kept_tokens, shipped_inputs, shipped_model_input,
                               shipped_regime, stage_kept_tokens)
 

@@ -10,8 +10,11 @@ from PIL import Image
 from ..patch import UnsupportedModelError, pruned_blocks, replace_last_block
 from ..reference import anchor_indices, head_mean_attention
 from ..towers import find_tower
-from .common import (DEMO_MODEL, SHIPPED_MODELS, CLIError, check_blocks, check_device, check_model,
-                     loading_errors, note, pretrained_hint)
+from .checks import check_device
+from .common import CLIError, note
+from .loading import loading_errors
+from .model_checks import check_blocks, check_model, pretrained_hint
+from .shipped_rules import DEMO_MODEL, SHIPPED_MODELS
 
 RANDOM_WEIGHTS_SEED = 0  # an OpenCLIP model without --pretrained: the same weights every run
 
