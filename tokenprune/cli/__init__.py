@@ -23,6 +23,7 @@ import sys
 import traceback
 
 from .. import __version__
+from ..vlm.families import FAMILIES
 from .commands import COMMANDS
 from .common import DEBUG_ENV, PROG, CLIError, OneLineParser
 from .loading import torchvision_mismatch_message
@@ -36,11 +37,12 @@ def build_parser():
     """The light parser: every command's flags, nothing heavy imported. A command's parser is
     `parser.subcommands[name]`; parsing sets `which`, the command's name (as CLIP_benchmark's
     own parser does for its commands)."""
-    parser = OneLineParser(prog=PROG, description="Training-free visual token pruning for Vision "
-                                            "Transformers (OpenCLIP, timm, Hugging Face) and for "
-                                            "the image tokens of vision-language models "
-                                            "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Flags "
-                                            "take hyphens or underscores.")
+    families = ", ".join(family.name for family in FAMILIES.values())
+    parser = OneLineParser(prog=PROG, description=f"Training-free visual token pruning for Vision "
+                                                  f"Transformers (OpenCLIP, timm, Hugging Face) "
+                                                  f"and for the image tokens of vision-language "
+                                                  f"models ({families}). Flags take hyphens or "
+                                                  f"underscores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for command in COMMANDS:

@@ -1,26 +1,28 @@
 """`tokenprune generate`: answer a prompt about images with a vision-language model whose
 language model sees fewer image tokens. Its flags are declared here (the pruning ones:
 flags.add_image_token_flags); tokenprune/cli/generate.py checks them before torch is imported,
-then loads and runs the model.
+then loads and runs the model. The families it runs are tokenprune.vlm.families.FAMILIES.
 """
+from ...vlm.families import FAMILIES
 from ..flags import add_device_flag, add_image_token_flags
 
+FAMILY_NAMES = ", ".join(family.name for family in FAMILIES.values())
+
 NAME = "generate"
-HELP = ("answer a prompt about images with a LLaVA-1.5 or Qwen2/2.5/3-VL model that sees fewer "
-        "image tokens")
-DESCRIPTION = ("Answer --prompt about each --image (one batch) with a LLaVA-1.5 or Qwen2/2.5/3-VL "
-               "model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) whose language model receives k_anchors + "
-               "top_m image tokens per image, or with --ratio R ceil(R * n) of an image's n; "
-               "prints each answer, "
+HELP = (f"answer a prompt about images with a vision-language model ({FAMILY_NAMES}) that "
+        "sees fewer image tokens")
+DESCRIPTION = (f"Answer --prompt about each --image (one batch) with a vision-language model "
+               f"({FAMILY_NAMES}) whose language model receives k_anchors + top_m image tokens "
+               "per image, or with --ratio R ceil(R * n) of an image's n; prints each answer, "
                "the image tokens per image before and after, and the time to the first token. "
                "--compare runs the unpruned model too. Works offline on a saved folder.")
 
 
 def add_arguments(parser):
+    examples = ", ".join(family.example for family in FAMILIES.values())
     parser.add_argument("--model", required=True,
-                        help="a LLaVA or Qwen-VL model: hub id (llava-hf/llava-1.5-7b-hf, "
-                             "Qwen/Qwen2.5-VL-7B-Instruct) or a folder saved with "
-                             "save_pretrained (model and processor)")
+                        help=f"a model of a family above: a hub id (such as {examples}) or a "
+                             "folder saved with save_pretrained (model and processor)")
     parser.add_argument("--image", action="append", required=True, metavar="FILE",
                         help="image file; repeat the flag for several (one batch, one answer "
                              "each)")
