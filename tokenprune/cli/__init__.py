@@ -38,11 +38,10 @@ def build_parser():
     `parser.subcommands[name]`; parsing sets `which`, the command's name (as CLIP_benchmark's
     own parser does for its commands)."""
     families = ", ".join(family.name for family in FAMILIES.values())
-    parser = OneLineParser(prog=PROG, description=f"Training-free visual token pruning for Vision "
-                                                  f"Transformers (OpenCLIP, timm, Hugging Face) "
-                                                  f"and for the image tokens of vision-language "
-                                                  f"models ({families}). Flags take hyphens or "
-                                                  f"underscores.")
+    parser = OneLineParser(prog=PROG, description=(
+        "Training-free visual token pruning for Vision Transformers (OpenCLIP, timm, Hugging "
+        f"Face) and for the image tokens of vision-language models ({families}). Flags take "
+        "hyphens or underscores."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for command in COMMANDS:

@@ -7,7 +7,8 @@ Where a pruning flag's parts come from:
   which are also the model arguments of tokenprune's lmms-eval models (tokenprune/lmms/);
 - its default: PruneConfig's, or ImageTokenConfig's for `generate`;
 - what it accepts, in --help: the words of the config's own check (`allowed`);
-- what it means, and what a sweep's list of it holds: FLAGS, the only text written here.
+- what it means (to `generate` too, where that differs: --layer is a Qwen-VL vision block),
+  and what a sweep's list of it holds: FLAGS, the only text written here.
 The config checks the values (prune_config here; the sweep's lists; generate's
 image_token_config). A command that does not take a flag does not add it.
 
@@ -25,6 +26,7 @@ from .common import CLIError
 class Flag(NamedTuple):
     means: str                  # for every command that takes the flag
     grid: Optional[str] = None  # what `tokenprune sweep`'s list of it holds; None: one value
+    vlm: Optional[str] = None   # what it means to `generate`, where that differs
 
 
 FLAGS = {
@@ -40,7 +42,11 @@ FLAGS = {
                          "seed's formula) or 'minmax' (each rescaled to [0, 1] first)",
                          grid=f"any of {', '.join(SCORE_NORMS)}"),
     "--layer": Flag("the pruned block of the image tower, counting from 0",
-                    grid="block indices, negative from the end"),
+                    grid="block indices, negative from the end",
+                    vlm="Qwen-VL only: select at this vision block and run it and the later "
+                        "blocks on the kept tokens only (negative counts from the end; "
+                        "Qwen2.5-VL: a full-attention block); default: the last block's input, "
+                        "every block on every patch (docs/vlm.md)"),
     "--backend": Flag("'auto' (Triton on CUDA, else PyTorch), 'triton' or 'reference'"),
     "--selection": Flag("which patches are kept (docs/selections.md): 'score' (the anchors, then "
                         "the seed's importance/diversity score), 'cls' (the k + m the class "
@@ -60,11 +66,6 @@ FLAGS = {
                             "commas, as eval's --schedule (e.g. 3:10:90,6:10:50 6:10:50; one "
                             "stage is a single cut); summary.md says which wins at each budget"),
 }
-# generate's --layer is a Qwen-VL vision block, which prune_image_tokens says how it cuts at.
-VLM_LAYER = ("Qwen-VL only: select at this vision block and run it and the later blocks on the "
-             "kept tokens only (negative counts from the end; Qwen2.5-VL: a full-attention "
-             "block); default: the last block's input, every block on every patch (docs/vlm.md)")
-
 # The PruneConfig fields that eval, visualize and sweep take, in --help's order (not `seed`:
 # the random selection's seed is 0 in eval; sweep's --seed is CLIP_benchmark's).
 VIT_FLAGS = ("k_anchors", "top_m", "alpha", "score_norm", "layer", "backend", "selection",
@@ -190,9 +191,9 @@ def add_image_token_flags(parser):
              "ratio": "none: k_anchors + top_m"}
     for name, kind in IMAGE_TOKEN_ARGUMENTS.items():
         option = f"--{name}"
-        if name == "layer":
+        if name == "layer":  # checked once the model is known: no config says what it takes
             group.add_argument(option, type=kind, default=IMAGE_TOKEN_DEFAULTS[name],
-                               help=VLM_LAYER)
+                               help=FLAGS[option].vlm)
             continue
         group.add_argument(option, type=kind, choices=CHOICES.get(name),
                            default=IMAGE_TOKEN_DEFAULTS[name],
