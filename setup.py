@@ -1,4 +1,6 @@
+import importlib.util
 import re
+import sys
 
 from setuptools import setup
 
@@ -6,13 +8,25 @@ from setuptools import setup
 with open("tokenprune/__init__.py", encoding="utf-8") as f:
     VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
+
+def vlm_families():
+    """The vision-language families' names ("LLaVA-1.5, Qwen2-VL, ..."), from the table that
+    every list of them reads (tokenprune/vlm/families.py, FAMILIES), loaded as a file of its
+    own: it imports only the standard library, and the package need not be importable here."""
+    spec = importlib.util.spec_from_file_location("tokenprune_vlm_families",
+                                                  "tokenprune/vlm/families.py")
+    families = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = families  # dataclasses looks its module up while it builds
+    spec.loader.exec_module(families)
+    return ", ".join(family.name for family in families.FAMILIES.values())
+
+
 setup(
     name="tokenprune",
     version=VERSION,
     description="Training-free visual token pruning for Vision Transformers (OpenCLIP, timm "
-                "and Hugging Face) and the image tokens of vision-language models (LLaVA-1.5, "
-                "LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Qwen3.5, Gemma 3, InternVL), "
-                "with fused Triton kernels",
+                "and Hugging Face) and the image tokens of vision-language models "
+                f"({vlm_families()}), with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -22,8 +36,8 @@ setup(
     # Face's `kernels` package (which transformers imports) always wins over it, even from the repo
     # root. tokenprune/kernels is a link to that folder: the kernels install, and import in an
     # editable install, as the namespace subpackage tokenprune.kernels (docs/design.md).
-    packages=["tokenprune", "tokenprune.towers", "tokenprune.vlm", "tokenprune.cli", "tokenprune.kernels",
-              "tokenprune.lmms"],
+    packages=["tokenprune", "tokenprune.towers", "tokenprune.vlm", "tokenprune.cli",
+              "tokenprune.cli.commands", "tokenprune.kernels", "tokenprune.lmms"],
     install_requires=[
         "torch>=2.1",  # scaled_dot_product_attention with dropout_p and the stable sort we rely on
         # ResidualAttentionBlock with batch_first and VisionTransformer.transformer.resblocks;

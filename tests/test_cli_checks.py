@@ -251,14 +251,14 @@ def test_misspelt_dataset_is_refused_first_with_the_closest_names(tiny, tmp_path
 
 def test_clip_benchmark_dataset_names_are_read_from_its_builder():
     from clip_benchmark.datasets.builder import dataset_collection
-    from tokenprune.cli.common import clip_benchmark_datasets
+    from tokenprune.cli.dataset_names import clip_benchmark_datasets
     known = clip_benchmark_datasets()
     assert {"cifar10", "imagenet1k", "mscoco_captions", "dummy"} <= known.names
     assert not {"train", "test", "en"} & known.names  # other strings of build_dataset
     assert {"wds/", "tfds/", "vtab/", "sugar_crepe"} <= set(known.prefixes)
     assert {"cifar100", "svhn"} <= known.vtab_names
     assert known.collections == set(dataset_collection)
-    from tokenprune.cli.common import _dataset_known
+    from tokenprune.cli.dataset_names import _dataset_known
     assert all(_dataset_known(name, known)  # every dataset of every collection is accepted
                for names in dataset_collection.values() for name in names)
 
@@ -415,22 +415,22 @@ def test_openclip_configs_are_read_as_open_clip_reads_them(monkeypatch):
     import sys
 
     import open_clip
-    from tokenprune.cli import common
-    assert set(common.known_openclip_models()) == set(open_clip.list_models())
+    from tokenprune.cli import model_checks
+    assert set(model_checks.known_openclip_models()) == set(open_clip.list_models())
     expected = {name: open_clip.get_model_config(name) for name in ("ViT-B-16", "RN50",
                                                                    "EVA02-B-16")}
     monkeypatch.delitem(sys.modules, "open_clip")
-    assert {name: common.openclip_config(name) for name in expected} == expected
-    assert common.openclip_config("ViT-B-61") is None
-    assert set(common.known_openclip_models()) >= set(expected)
-    assert common.check_model_config("ViT-B-16") == 12
-    assert common.check_model_config("EVA02-B-16") is None  # a timm tower: known once built
+    assert {name: model_checks.openclip_config(name) for name in expected} == expected
+    assert model_checks.openclip_config("ViT-B-61") is None
+    assert set(model_checks.known_openclip_models()) >= set(expected)
+    assert model_checks.check_model_config("ViT-B-16") == 12
+    assert model_checks.check_model_config("EVA02-B-16") is None  # a timm tower: known once built
 
 
 def test_shipped_cards_are_the_regimes_cards():
-    from tokenprune.cli import common
+    from tokenprune.cli import shipped_rules
     from tokenprune.proxy import REGIMES
-    assert common.SHIPPED_CARDS == {name: regime.card for name, regime in REGIMES.items()}
+    assert shipped_rules.SHIPPED_CARDS == {name: regime.card for name, regime in REGIMES.items()}
 
 
 @pytest.fixture

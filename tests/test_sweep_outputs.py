@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from tokenprune.cli import main  # noqa: E402
-from tokenprune.cli import sweep as sweep_command  # noqa: E402
+from tokenprune.cli import sweep_report  # noqa: E402
 
 from helpers import TINY  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_blocks_count_from_one_in_summary_rows_and_plot(timed):
     assert summary.count("\n| 1 of 2 (index 0) |") == 2
     assert summary.count("\n| 2 of 2 (index 1) |") == 2
     assert "| 0 of 2" not in summary
-    figure = sweep_command.plot_figure(meta, {**meta, "primary": meta["primary_metric"]})
+    figure = sweep_report.plot_figure(meta, {**meta, "primary": meta["primary_metric"]})
     labels = [line.get_label() for line in figure.axes[0].get_lines()]
     assert sum("block 1 of 2" in label for label in labels) == 2 + 2  # alphas, controls
     assert sum("block 2 of 2" in label for label in labels) == 2 + 2
@@ -105,7 +105,7 @@ def style(line):
 def test_plot_shows_every_series_and_the_legend_matches():
     import matplotlib.colors as mcolors
     meta = {"model": "ViT-B-16", "pretrained": "x.pt", "dataset": "wds/toy"}
-    figure = sweep_command.plot_figure(meta, flat_result())
+    figure = sweep_report.plot_figure(meta, flat_result())
     ax = figure.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     score = [line for label, line in lines.items() if "alpha" in label]
@@ -152,7 +152,7 @@ def test_legend_covers_no_point():
     """The legend lies beside the axes (so over no point, wherever the points are), inside the
     saved figure."""
     meta = {"model": "ViT-B-16", "pretrained": "x.pt", "dataset": "wds/toy"}
-    figure = sweep_command.plot_figure(meta, flat_result())
+    figure = sweep_report.plot_figure(meta, flat_result())
     figure.canvas.draw()
     ax = figure.axes[0]
     legend = ax.get_legend().get_window_extent()
@@ -169,7 +169,7 @@ def test_points_carry_95_percent_wilson_intervals():
     import numpy as np
     meta = {"model": "ViT-B-16", "pretrained": "x.pt", "dataset": "wds/toy"}
     result = flat_result()
-    figure = sweep_command.plot_figure(meta, result)
+    figure = sweep_report.plot_figure(meta, result)
     ax = figure.axes[0]
     series = [line for line in ax.get_lines() if "alpha" in line.get_label()
               or "control" in line.get_label()]
@@ -205,7 +205,7 @@ def one_budget_result():
 def test_a_one_budget_sweep_draws_a_readable_plot(tmp_path, meta):
     """One budget: x limits around it (not 16.985 to 17.015), whole tick labels without an
     offset, every error bar on its marker, and the title inside the figure."""
-    figure = sweep_command.plot_figure(meta, one_budget_result())
+    figure = sweep_report.plot_figure(meta, one_budget_result())
     figure.canvas.draw()
     ax = figure.axes[0]
     left, right = ax.get_xlim()

@@ -10,7 +10,7 @@ from open_clip.transformer import VisionTransformer
 
 from tokenprune import PruneConfig, pruned_blocks, remove_pruning, replace_last_block
 from tokenprune import sweep
-from tokenprune.cli import sweep as sweep_command
+from tokenprune.cli import sweep_report
 
 from helpers import TINY, run_main
 
@@ -136,7 +136,7 @@ def test_summary_names_the_winner_at_each_budget():
             winner_row("cls", 0.50, [(3, 100, 0), (6, 60, 0)], 96.0),
             winner_row("score", 0.62, [(11, 10, 50)], 185.7, alpha=0.5)]
     result = {"rows": rows, "primary": "acc1", "images": 1000, "tokens": 197, "num_blocks": 12}
-    lines = sweep_command.schedule_winners(result)
+    lines = sweep_report.schedule_winners(result)
     assert [line.split(":")[0] for line in lines] == ["at most 96.0 tokens per block",
                                                       "at most 129.0 tokens per block",
                                                       "at most 185.7 tokens per block"]
@@ -145,7 +145,7 @@ def test_summary_names_the_winner_at_each_budget():
         in lines[0]
     assert "block 7 of 12 (index 6), k=10, m=50, alpha=0.5" in lines[1].split(";")[0]
     assert "block 7 of 12 (index 6)" in lines[2].split(";")[0]  # 0.70 beats the last block's
-    summary = sweep_command.summary_markdown(
+    summary = sweep_report.summary_markdown(
         {"model": "m", "pretrained": "p", "dataset": "d", "date": "today", "device": "cpu",
          "amp": False, "batch_size": 8}, result)
     assert "## Which cut or schedule wins at each budget" in summary
@@ -175,7 +175,7 @@ def test_sweep_over_schedules_writes_rows_and_the_winners(tiny, tmp_path, capsys
         [[0, 24, 0], [1, 8, 0]], [], [[0, 48, 0], [1, 16, 0]]]
     # The plot: the schedules at blocks 0 and 1 are a series of their own, beside the cut.
     meta = json.loads((out / "results.json").read_text())
-    figure = sweep_command.plot_figure(meta, {**meta, "primary": meta["primary_metric"]})
+    figure = sweep_report.plot_figure(meta, {**meta, "primary": meta["primary_metric"]})
     labels = {line.get_label(): line for line in figure.axes[0].get_lines()}
     schedules = labels["blocks 1, 2 of 2 (a schedule), alpha 0.5, none"]
     assert list(schedules.get_xdata()) == [9, 17]
@@ -189,7 +189,7 @@ def test_sweep_over_schedules_writes_rows_and_the_winners(tiny, tmp_path, capsys
                    key=lambda r: (r["acc1"], -r["mean_tokens"]))
         line = next(line for line in summary.splitlines()
                     if line.startswith(f"- at most {budget:.1f} tokens per block: "))
-        assert f"{sweep_command._placed_label(best)} ({best['acc1']:.4f}" in line, line
+        assert f"{sweep_report._placed_label(best)} ({best['acc1']:.4f}" in line, line
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -289,3 +289,12 @@ def image_token_config(k_anchors=10, top_m=None, alpha=0.5, score_norm="none", b
     return ImageTokenConfig(k_anchors=k_anchors, top_m=top_m, ratio=ratio, alpha=alpha,
                             score_norm=score_norm, backend=backend, selection=selection,
                             mmr_lambda=mmr_lambda)
+
+
+# prune_image_tokens' pruning arguments and the kind of value each takes (`layer`, the Qwen-VL
+# vision block to select at, is not an ImageTokenConfig field): the flags of `tokenprune
+# generate` and the model arguments of tokenprune's lmms-eval models are these
+# (tokenprune/cli/flags.py, tokenprune/lmms/).
+IMAGE_TOKEN_ARGUMENTS = {"k_anchors": int, "top_m": int, "ratio": float, "alpha": float,
+                         "selection": str, "mmr_lambda": float, "score_norm": str,
+                         "backend": str, "layer": int}

@@ -56,6 +56,9 @@ EVAL_FLAGS = (
     (("--wds_cache_dir",), "wds_cache_dir", None, "store", str, None, None),
 )
 
+# CLIP_benchmark's --dataset_root default: the folder `root` in the working folder.
+DEFAULT_DATASET_ROOT = next(row[-1] for row in EVAL_FLAGS if row[0] == ("--dataset_root",))
+
 # Their help text, by first option string (None: they give none); `tokenprune eval --help`
 # shows it from here, with HELP_OVERRIDES in its place where theirs misleads or is missing.
 EVAL_HELP = {

@@ -28,7 +28,6 @@ import time
 import types
 import warnings
 from contextlib import contextmanager
-from unittest import mock
 
 import torch
 from clip_benchmark import cli as cb_cli
@@ -39,12 +38,14 @@ from ..selection import resolve_backend
 from ..towers import find_tower
 from . import shipped
 from .build import json_safe
-from .clip_benchmark_flags import AMP_HELP
-from .common import (DEFAULT_DATASET_ROOT, PROG, PRUNING_DEFAULTS, SHIPPED_DATASETS,
-                     SHIPPED_MODELS, CLIError, OneLineParser, add_pruning_arguments,
-                     add_tokenizer_argument, add_verbose_argument, check_blocks, check_model,
-                     check_tokenizer, cpu_has_native_bfloat16, loading_errors, note,
-                     prune_config, quiet_warnings)
+from .checks import cpu_has_native_bfloat16
+from .clip_benchmark_flags import AMP_HELP, DEFAULT_DATASET_ROOT
+from .common import PROG, CLIError, OneLineParser, note
+from .flags import PRUNING_DEFAULTS, add_tokenprune_eval_flags, prune_config
+from .loading import loading_errors, quiet_warnings
+from .model_checks import check_blocks, check_model, check_tokenizer
+from .shipped_rules import SHIPPED_DATASETS, SHIPPED_MODELS
+from .swap import swapped
 
 NOOP_WARNING = r"k_anchors \+ top_m = \d+ >= \d+ patch tokens"
 WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset loader decodes
@@ -54,7 +55,8 @@ WDS_IMAGE_EXTENSIONS = (".webp", ".png", ".jpg", ".jpeg")  # what its WebDataset
 
 def eval_parser():
     """CLIP_benchmark's own parser (subcommands `eval` and `build`), built by its own code, with
-    the pruning flags and --verbose added to `eval`.
+    what tokenprune adds to `eval` (flags.add_tokenprune_eval_flags: the pruning flags,
+    --tokenizer, --verbose), as on the light parser.
 
     `clip_benchmark.cli.get_parser_args()` builds the parser and parses sys.argv in one go;
     we let it build with our parser class, whose parse_args is a no-op while capturing, and
@@ -73,7 +75,7 @@ def eval_parser():
 
     # Only clip_benchmark.cli sees the swap: its `argparse` becomes a copy with our class.
     argparse_copy = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": Capturing})
-    with mock.patch.object(cb_cli, "argparse", argparse_copy):
+    with swapped([(cb_cli, "argparse", argparse_copy)]):
         parser, _ = cb_cli.get_parser_args()
     Capturing.capturing = False
     for action in parser._actions:  # argparse keeps no public handle on its subparsers
@@ -83,21 +85,16 @@ def eval_parser():
     else:
         raise RuntimeError("CLIP_benchmark's parser has no subcommands; is clip-benchmark >= "
                            "1.6 installed?")
-    evaluate.description = ("CLIP_benchmark's eval plus the pruning flags. Flags take hyphens "
-                            "or underscores.")
     for action in evaluate._actions:
         if action.dest == "amp":  # its own help ("whether to use mixed precision") reads inverted
             action.help = AMP_HELP
-    add_pruning_arguments(evaluate)
-    add_tokenizer_argument(evaluate)
-    add_verbose_argument(evaluate)
+    add_tokenprune_eval_flags(evaluate)
     return parser
 
 
 def parse_eval_args(argv):
     """The namespace of an `eval ...` command line, from CLIP_benchmark's own parser."""
     return eval_parser().parse_args(argv)
-
 
 
 def _flags(config):
@@ -345,19 +342,6 @@ def clip_benchmark_hooks(args, config):
         # The block's own no-op warning repeats the one _prepare printed, once per run.
         warnings.filterwarnings("ignore", message=NOOP_WARNING)
         yield session
-
-
-@contextmanager
-def swapped(swaps):
-    """Set module attributes, (module, name, value) each, for the duration of the block."""
-    originals = [(module, name, getattr(module, name)) for module, name, _ in swaps]
-    try:
-        for module, name, value in swaps:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in originals:
-            setattr(module, name, value)
 
 
 def run_eval(args):

@@ -21,8 +21,10 @@ import re
 import time
 import warnings
 
-from ..config import IMAGE_TOKEN_TOP_M, image_token_config
-from .common import CLIError, DEBUG_ENV, check_device, note, torchvision_mismatch_message
+from ..config import IMAGE_TOKEN_ARGUMENTS, IMAGE_TOKEN_TOP_M, image_token_config
+from .checks import check_device
+from .common import DEBUG_ENV, CLIError, note
+from .loading import torchvision_mismatch_message
 
 from ..vlm.families import FAMILIES, supported
 
@@ -34,10 +36,9 @@ SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 # ----- checks made before anything is imported or loaded ------------------------------------
 
 def pruning_arguments(args):
-    """prune_image_tokens' keywords from the flags."""
-    return dict(k_anchors=args.k_anchors, top_m=args.top_m, alpha=args.alpha,
-                score_norm=args.score_norm, backend=args.backend, selection=args.selection,
-                mmr_lambda=args.mmr_lambda, ratio=args.ratio)
+    """prune_image_tokens' keywords from the flags (IMAGE_TOKEN_ARGUMENTS), but `layer`, which
+    image_token_config does not take: run_generate passes it itself."""
+    return {name: getattr(args, name) for name in IMAGE_TOKEN_ARGUMENTS if name != "layer"}
 
 
 def pruning_settings(args):

@@ -1,7 +1,7 @@
 """The shipped small ViTs and their held-out canvases (tokenprune/proxy.py) as a model and a
 dataset that CLIP_benchmark's zero-shot classification runs: `tokenprune eval --model
 tokenprune:proxy-vit-large --dataset tokenprune:digits-large` (the names: SHIPPED_MODELS and
-SHIPPED_DATASETS in common.py).
+SHIPPED_DATASETS in shipped_rules.py, which says what runs with what).
 
 The shipped ViTs have a class head (10 logits) and no text tower. CLIP_benchmark scores an
 image as 100 * normalize(encode_image(image)) @ classifier, the classifier's column c being the
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..proxy import heldout_set, load_proxy_model, preprocess, proxy_card
-from .common import SHIPPED_DATASETS, SHIPPED_MODELS
+from .shipped_rules import SHIPPED_DATASETS, SHIPPED_MODELS
 
 CLASSES = [str(digit) for digit in range(10)]  # the head's outputs, in order
 TEMPLATES = ["{c}"]  # one prompt per class: its name, which the tokenizer reads back

@@ -18,12 +18,12 @@ This module imports nothing heavy: lmms-eval reads the entry point each time it 
 """
 from numbers import Integral, Real
 
+from ..config import IMAGE_TOKEN_ARGUMENTS
 from ..vlm.families import FAMILIES
 
-# name -> the kind of value; prune_image_tokens' own keywords.
-PRUNING_ARGUMENTS = {"k_anchors": "int", "top_m": "int", "ratio": "float", "alpha": "float",
-                     "selection": "str", "mmr_lambda": "float", "score_norm": "str",
-                     "backend": "str", "layer": "int"}
+# name -> the kind of value ("int", "float", "str"): prune_image_tokens' own arguments, as
+# `tokenprune generate` takes them too (tokenprune.config.IMAGE_TOKEN_ARGUMENTS).
+PRUNING_ARGUMENTS = {name: kind.__name__ for name, kind in IMAGE_TOKEN_ARGUMENTS.items()}
 
 # model id -> (the lmms-eval model it wraps, our class), from tokenprune/vlm/families.py. Each
 # wraps the implementation that lmms-eval runs for the base's name: the chat one where the base

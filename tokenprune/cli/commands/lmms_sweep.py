@@ -1,18 +1,58 @@
-"""tokenprune lmms-sweep: the unpruned model and a list of pruning settings on the same
-lmms-eval tasks, one table and one plot (the engine: tokenprune/lmms/sweep.py)."""
+"""`tokenprune lmms-sweep`: the unpruned model and a list of pruning settings on the same
+lmms-eval tasks, one table and one plot (the engine: tokenprune/lmms/sweep.py). Everything that
+can be is checked before lmms-eval runs; the settings' pruning arguments are lmms-eval's model
+arguments of tokenprune's models (tokenprune.lmms.PRUNING_ARGUMENTS)."""
 import importlib.util
 import json
 import os
 
-from .common import CLIError, _check_writable
-from .generate import layer_problem
+from ...lmms import MODELS, PRUNING_ARGUMENTS
+from ..checks import check_writable
+from ..common import CLIError
+
+NAME = "lmms-sweep"
+HELP = ("answer quality in lmms-eval: the unpruned model and pruning settings on the same tasks, "
+        "one table and one plot")
+DESCRIPTION = ("Runs lmms-eval (pip install \"tokenprune[lmms]\") on --tasks with the unpruned "
+               "model, then with each --setting; writes summary.md, results.csv, results.json "
+               "and score_vs_image_tokens.png into --out. Settings already run there are not "
+               "run again. Arguments after -- go to lmms-eval as they are (e.g. -- --limit 100 "
+               "--include_path DIR).")
+PASS_ON = "lmms_args"  # what follows `--` on the command line: lmms-eval's own arguments
+# lmms-eval's model for LLaVA-1.5: the one whose base has no `layer` (Qwen-VL's do).
+LLAVA_MODEL = "tokenprune_llava_hf"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default=LLAVA_MODEL,
+                        help=f"tokenprune's lmms-eval model: {', '.join(MODELS)} (default "
+                             "%(default)s)")
+    parser.add_argument("--model_args", required=True,
+                        help="lmms-eval's --model_args for the base model, without pruning "
+                             "arguments, e.g. pretrained=llava-hf/llava-1.5-7b-hf")
+    parser.add_argument("--tasks", required=True, help="lmms-eval tasks, e.g. mme,pope")
+    parser.add_argument("--setting", action="append", required=True, metavar="ARGS",
+                        help="pruning arguments of one run, e.g. k_anchors=8,top_m=56 or "
+                             "ratio=0.25,selection=cls; repeat the flag for each setting (the "
+                             f"arguments: {', '.join(PRUNING_ARGUMENTS)})")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="prompts per generate call (default %(default)s)")
+    parser.add_argument("--out", default="lmms_sweep",
+                        help="output folder (default %(default)s); its finished runs are kept")
+
+
+def check(args, argv):
+    check_lmms_sweep_args(args)
+
+
+def run(args, argv):
+    run_lmms_sweep(args)
 
 
 def check_lmms_sweep_args(args):
     """Everything that can be checked before lmms-eval runs: the model, the settings, the
     folder; lmms-eval installed."""
-    from ..lmms import MODELS, PRUNING_ARGUMENTS
-    from ..lmms.sweep import parse_setting
+    from ...lmms.sweep import parse_setting
     if args.model not in MODELS:
         raise CLIError(f"--model {args.model}: not one of tokenprune's lmms-eval models "
                        f"({', '.join(MODELS)})")
@@ -30,19 +70,15 @@ def check_lmms_sweep_args(args):
     check_setting_layers(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out {args.out}: a file, not a folder")
-    _check_writable("--out", args.out, args.out, create=True)
+    check_writable("--out", args.out, args.out, create=True)
     if importlib.util.find_spec("lmms_eval") is None:
         raise CLIError('lmms-eval is not installed: pip install "tokenprune[lmms]"')
-
-
-# lmms-eval's model for LLaVA-1.5: the one whose base has no `layer` (Qwen-VL's do).
-LLAVA_MODEL = "tokenprune_llava_hf"
 
 
 def models_taking_layer():
     """The lmms-eval models all of whose families can cut inside the vision tower (`layer`),
     from tokenprune/vlm/families.py and each family's class (which imports torch)."""
-    from ..vlm.families import FAMILIES
+    from ...vlm.families import FAMILIES
     taking = {}
     for family in FAMILIES.values():
         if family.lmms_model is not None:
@@ -67,6 +103,7 @@ def check_setting_layers(args):
                  else "where its family's section of SPEC.md says")
         raise CLIError(f"--setting {text!r}: layer is for the Qwen-VL models "
                        f"({', '.join(taking)}); {args.model} prunes {where}: leave layer out")
+    from ..generate import layer_problem
     config = _pretrained_config(args.model_args)
     if config is None:
         return  # known once lmms-eval loads the model: its run then fails, in its log
@@ -107,7 +144,7 @@ def _pretrained_config(model_args):
 
 
 def run_lmms_sweep(args):
-    from ..lmms.sweep import run_sweep
+    from ...lmms.sweep import run_sweep
     os.makedirs(args.out, exist_ok=True)
     rows = run_sweep(args.model, args.model_args, args.tasks, args.settings, args.out,
                      args.batch_size, args.lmms_args)
