@@ -177,7 +177,7 @@ def findings(meta, rows):
     """The lines `tokenprune sweep` would print for this regime (where a control or another
     selection keeps more than every setting of the seed's score, beyond the noise), from its
     own function on these rows."""
-    from tokenprune.cli import sweep as sweep_command
+    from tokenprune.cli import sweep_report as sweep_command
 
     sweep_rows = [{"kind": "unpruned", "pruned": False, "block": None,
                    "kept_tokens": 1 + meta["patches"], "acc1": rows[0]["accuracy"]}]
